@@ -1,0 +1,41 @@
+"""takeover: move live network services between running Python processes.
+
+The runtimes live in :mod:`takeover.asyncio` (and, later, ``takeover.twisted``);
+this package exports what they share: the errors, the registry and the
+recipient's result type.
+"""
+
+from ._errors import (
+    AuthenticationError,
+    ChannelClosedError,
+    MigrationRefusedError,
+    MigrationTimeoutError,
+    NoSuchServiceError,
+    ProtocolError,
+    SerializationError,
+    ServiceBusyError,
+    TakeoverError,
+)
+from ._protocol import Limits
+from .recipient import Taken
+from .registry import Registry, Service, ServiceState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ChannelClosedError",
+    "Limits",
+    "MigrationRefusedError",
+    "MigrationTimeoutError",
+    "NoSuchServiceError",
+    "ProtocolError",
+    "Registry",
+    "SerializationError",
+    "Service",
+    "ServiceBusyError",
+    "ServiceState",
+    "TakeoverError",
+    "Taken",
+    "__version__",
+]

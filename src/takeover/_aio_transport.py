@@ -1,0 +1,504 @@
+"""asyncio transports and servers that can be paused, pickled and adopted.
+
+asyncio's own selector transports cannot be paused for writing and keep
+their unsent output in a private buffer, so takeover brings its own, built
+on ``loop.add_reader``/``add_writer`` like asyncio's are. The differences
+that matter for migration:
+
+* ``quiesce()`` unregisters the socket from the selector and stops writing;
+  output the protocol writes meanwhile is buffered, never lost.
+* The transport pickles: its socket (as a descriptor slot), its protocol, its
+  unsent output and its flags travel; the event loop does not.
+* ``release()`` (originator, after commit) unregisters and closes this
+  process's descriptor with a plain ``close()``: no ``shutdown()``, no
+  SO_LINGER, so the connection, now the recipient's, is untouched.
+* On the recipient, ``start()`` first writes the carried output, then
+  resumes reading: bytes leave in the order the protocol wrote them.
+
+A protocol needs no change. It may define three optional hooks:
+``takeover_quiesce()`` (originator, before the graph is pickled: cancel
+timers), ``takeover_resume()`` (originator, after a rollback: re-arm them) and
+``takeover_adopted()`` (recipient, after commit, before any I/O: re-arm them
+there). A server's protocol factory may define the same hooks (a factory
+that is a class is not called).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("takeover.asyncio")
+
+_READ_SIZE = 256 * 1024
+_HIGH_WATER = 64 * 1024
+
+
+def _hook(obj: Any, name: str) -> None:
+    if isinstance(obj, type):
+        return
+    method = getattr(obj, name, None)
+    if callable(method):
+        method()
+
+
+class MigratableTransport(asyncio.Transport):
+    """A stream transport over a connected socket that can migrate."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        server: MigratableServer | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__()
+        sock.setblocking(False)
+        self._sock = sock
+        self._protocol = protocol
+        self._server = server
+        self._loop: asyncio.AbstractEventLoop | None = loop
+        self._buffer = bytearray()
+        self._closing = False
+        self._lost = False
+        self._eof_received = False
+        self._eof_pending = False
+        self._eof_written = False
+        self._reading_paused = False
+        self._protocol_paused = False
+        self._high_water = _HIGH_WATER
+        self._low_water = _HIGH_WATER // 4
+        self._quiesced = True
+        self._lost_pending = False
+        self._extra: dict[str, Any] = {}
+        for key, getter in (("peername", sock.getpeername), ("sockname", sock.getsockname)):
+            try:
+                self._extra[key] = getter()
+            except OSError:
+                pass
+
+    # -- pickling -----------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_loop"] = None
+        state["_buffer"] = bytes(self._buffer)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._buffer = bytearray(self._buffer)
+        self._quiesced = True
+
+    # -- asyncio.Transport ----------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._reading_paused or self._closing:
+            return
+        self._reading_paused = True
+        if not self._quiesced and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused or self._closing:
+            return
+        self._reading_paused = False
+        if not self._quiesced and not self._eof_received and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._read_ready)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high_water = _HIGH_WATER if high is None else high
+        self._low_water = self._high_water // 4 if low is None else low
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+        if self._eof_pending or self._eof_written:
+            raise RuntimeError("cannot write after write_eof()")
+        if self._closing or self._lost or not data:
+            return
+        if not self._buffer and not self._quiesced:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal_error(exc)
+                return
+            data = memoryview(data)[sent:]
+            if not data:
+                return
+            assert self._loop is not None
+            self._loop.add_writer(self._sock.fileno(), self._write_ready)
+        self._buffer += data
+        self._maybe_pause_protocol()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_pending or self._eof_written:
+            return
+        self._eof_pending = True
+        if not self._buffer and not self._quiesced:
+            self._shutdown_write()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if not self._quiesced and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        if not self._buffer:
+            self._schedule_connection_lost(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    # -- I/O ------------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal_error(exc)
+            return
+        if data:
+            self._protocol.data_received(data)  # type: ignore[attr-defined]
+            return
+        self._eof_received = True
+        assert self._loop is not None
+        self._loop.remove_reader(self._sock.fileno())
+        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        if not keep_open:
+            self.close()
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            assert self._loop is not None
+            self._loop.remove_writer(self._sock.fileno())
+            self._buffer.clear()
+            self._fatal_error(exc)
+            return
+        del self._buffer[:sent]
+        self._maybe_resume_protocol()
+        if self._buffer:
+            return
+        assert self._loop is not None
+        self._loop.remove_writer(self._sock.fileno())
+        if self._closing:
+            self._schedule_connection_lost(None)
+        elif self._eof_pending:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        self._eof_pending = False
+        self._eof_written = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _maybe_pause_protocol(self) -> None:
+        if len(self._buffer) > self._high_water and not self._protocol_paused:
+            self._protocol_paused = True
+            try:
+                self._protocol.pause_writing()
+            except Exception:
+                log.exception("protocol.pause_writing() failed")
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and len(self._buffer) <= self._low_water:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception:
+                log.exception("protocol.resume_writing() failed")
+
+    def _fatal_error(self, exc: BaseException) -> None:
+        if not isinstance(exc, (ConnectionError, OSError)):
+            log.error("fatal error on transport %r", self, exc_info=exc)
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._buffer.clear()
+        self._closing = True
+        if not self._quiesced and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        self._schedule_connection_lost(exc)
+
+    def _schedule_connection_lost(self, exc: BaseException | None) -> None:
+        if self._quiesced:
+            # In transit: whichever process ends up owning the connection
+            # reports the loss when it starts.
+            self._lost_pending = True
+            return
+        assert self._loop is not None
+        self._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        if self._quiesced:
+            self._lost_pending = True
+            return
+        self._lost = True
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+            if self._server is not None:
+                self._server._detach(self)
+
+    # -- migration --------------------------------------------------------------
+
+    def _quiesce(self) -> None:
+        if self._quiesced:
+            return
+        self._quiesced = True
+        if self._loop is not None and not self._lost:
+            fd = self._sock.fileno()
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+
+    def _start(self) -> None:
+        """Begin (or resume) I/O: carried output first, then reading."""
+        if not self._quiesced or self._lost:
+            return
+        self._quiesced = False
+        assert self._loop is not None
+        if self._lost_pending or (self._closing and not self._buffer):
+            self._lost_pending = False
+            self._loop.call_soon(self._connection_lost, None)
+            return
+        fd = self._sock.fileno()
+        if self._buffer:
+            self._write_ready()
+            if self._buffer:
+                self._loop.add_writer(fd, self._write_ready)
+        elif self._eof_pending:
+            self._shutdown_write()
+        if not (self._closing or self._reading_paused or self._eof_received or self._lost):
+            self._loop.add_reader(fd, self._read_ready)
+
+    def _release(self) -> None:
+        """Commit, originator side: drop this process's descriptor only."""
+        self._quiesce()
+        self._lost = True
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        peer = self._extra.get("peername")
+        state = "quiesced" if self._quiesced else "closing" if self._closing else "open"
+        return f"<MigratableTransport fd={self._sock.fileno()} peer={peer} {state}>"
+
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class MigratableServer:
+    """A listening socket, its protocol factory and every connection it accepted.
+
+    This is the service object that moves: pickling it pickles the factory,
+    each connection's transport and protocol, and whatever they refer to
+    (a chat room shared by every connection, say).
+
+    Args:
+        sock: a bound, listening stream socket.
+        protocol_factory: called once per accepted connection; it must pickle
+            (a class, a module-level function, an object with ``__call__``
+            or a bound method of one).
+        name: the service's name in the migration server.
+        loop: the event loop (default: the running one).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: ProtocolFactory,
+        name: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.service_name = name
+        self.protocol_factory = protocol_factory
+        self._sock: socket.socket | None = sock
+        self._loop: asyncio.AbstractEventLoop | None = loop or asyncio.get_running_loop()
+        self._transports: dict[MigratableTransport, None] = {}
+        self._serving = False
+        self._quiesced = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_loop"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._quiesced = True
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening socket (as a list, like ``asyncio.Server.sockets``)."""
+        return [self._sock] if self._sock is not None else []
+
+    @property
+    def connections(self) -> list[MigratableTransport]:
+        """Transports of the connections this server currently holds."""
+        return list(self._transports)
+
+    def describe(self) -> dict[str, Any]:
+        address: Any = None
+        if self._sock is not None:
+            try:
+                address = self._sock.getsockname()
+            except OSError:
+                pass
+        if isinstance(address, tuple):
+            address = f"{address[0]}:{address[1]}"
+        return {"kind": "asyncio", "address": address, "connections": len(self._transports)}
+
+    # -- serving ---------------------------------------------------------------
+
+    def _accept_ready(self) -> None:
+        assert self._sock is not None and self._loop is not None
+        for _ in range(128):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: leave the connection queued and retry soon.
+                log.warning("accept failed on %s: %s", self.service_name, exc)
+                return
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                protocol = self.protocol_factory()
+            except Exception:
+                log.exception("protocol factory of %s failed", self.service_name)
+                conn.close()
+                continue
+            transport = MigratableTransport(conn, protocol, self, self._loop)
+            self._transports[transport] = None
+            transport._quiesced = False
+            protocol.connection_made(transport)
+            if not transport._closing:
+                transport._quiesced = True
+                transport._start()
+
+    def _detach(self, transport: MigratableTransport) -> None:
+        self._transports.pop(transport, None)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (connections stay open)."""
+        if self._sock is None:
+            return
+        if not self._quiesced and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+
+    def close_connections(self) -> None:
+        """Close every connection, as ``transport.close()`` would."""
+        for transport in list(self._transports):
+            transport.close()
+
+    # -- the Service interface ----------------------------------------------------
+
+    def quiesce(self) -> None:
+        if self._quiesced:
+            return
+        self._quiesced = True
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        for transport in self._transports:
+            transport._quiesce()
+        _hook(self.protocol_factory, "takeover_quiesce")
+        for transport in self._transports:
+            _hook(transport._protocol, "takeover_quiesce")
+
+    def resume(self) -> None:
+        _hook(self.protocol_factory, "takeover_resume")
+        for transport in list(self._transports):
+            _hook(transport._protocol, "takeover_resume")
+        self._run()
+
+    def release(self) -> None:
+        self.quiesce()
+        for transport in self._transports:
+            transport._release()
+        self._transports.clear()
+        if self._sock is not None:
+            self._sock.close()
+
+    def adopt(self, runtime: Any) -> None:
+        loop = runtime if runtime is not None else asyncio.get_running_loop()
+        self._loop = loop
+        if self._sock is not None:
+            self._sock.setblocking(False)
+        for transport in self._transports:
+            transport._loop = loop
+            transport._sock.setblocking(False)
+
+    def start(self) -> None:
+        _hook(self.protocol_factory, "takeover_adopted")
+        for transport in list(self._transports):
+            _hook(transport._protocol, "takeover_adopted")
+        self._run()
+
+    def discard(self) -> None:
+        for transport in self._transports:
+            transport._sock.close()
+        self._transports.clear()
+        if self._sock is not None:
+            self._sock.close()
+
+    def _run(self) -> None:
+        self._quiesced = False
+        for transport in list(self._transports):
+            transport._start()
+        if self._sock is not None:
+            assert self._loop is not None
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            # Connections that queued while the service was paused.
+            self._accept_ready()
+
+    def __repr__(self) -> str:
+        return f"<MigratableServer {self.service_name!r} {self.describe()}>"

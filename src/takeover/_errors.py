@@ -1,0 +1,101 @@
+"""The exception tree.
+
+Every error takeover raises derives from :class:`TakeoverError` and, where a
+builtin means the same thing, from that builtin too, so that ``except
+TimeoutError`` or ``except PermissionError`` keeps working. Errors travel
+between processes (an originator tells a recipient why it refused), so each
+one pickles: ``__reduce__`` rebuilds it from its message alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TakeoverError(Exception):
+    """Base class of every error raised by takeover.
+
+    ``code`` is the short, stable name that travels in ERROR frames and that
+    the command line prints; the message says what happened and what to do.
+    """
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(TakeoverError, ValueError):
+    """The peer sent something the control protocol does not allow."""
+
+    code = "protocol"
+
+
+class ChannelClosedError(TakeoverError, ConnectionError):
+    """The control channel closed before the conversation was over."""
+
+    code = "closed"
+
+
+class AuthenticationError(TakeoverError, PermissionError):
+    """The peer could not be authenticated (credentials, secret)."""
+
+    code = "permission"
+
+
+class NoSuchServiceError(TakeoverError, LookupError):
+    """The named service is not published by the originator."""
+
+    code = "no-such-service"
+
+
+class ServiceBusyError(TakeoverError):
+    """The service is already in transit to another recipient."""
+
+    code = "busy"
+
+
+class SerializationError(TakeoverError, TypeError):
+    """A service graph could not be pickled on the originator."""
+
+    code = "unpicklable"
+
+
+class MigrationRefusedError(TakeoverError):
+    """The recipient could not rebuild or adopt the service graph."""
+
+    code = "refused"
+
+
+class MigrationTimeoutError(TakeoverError, TimeoutError):
+    """A step of the conversation took longer than its timeout."""
+
+    code = "timeout"
+
+
+ERRORS_BY_CODE: dict[str, type[TakeoverError]] = {
+    cls.code: cls
+    for cls in (
+        TakeoverError,
+        ProtocolError,
+        ChannelClosedError,
+        AuthenticationError,
+        NoSuchServiceError,
+        ServiceBusyError,
+        SerializationError,
+        MigrationRefusedError,
+        MigrationTimeoutError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> TakeoverError:
+    """Rebuild the exception an ERROR frame describes."""
+    return ERRORS_BY_CODE.get(code, TakeoverError)(message)

@@ -1,0 +1,296 @@
+"""The control protocol, with no I/O.
+
+Bytes go in, messages come out; messages go in, bytes come out. Nothing here
+touches a socket, an event loop or pickle: the runtimes move the bytes and the
+descriptors, ``_serialize`` makes the graph blob, and this module only frames
+messages and checks that each side says the right thing at the right time.
+
+Frames
+------
+Every frame is ``type (1 byte) | length (4 bytes, big-endian) | payload``.
+A payload is ``json length (4 bytes) | UTF-8 JSON object | blob``; only GRAPH
+carries a blob (the pickled service graph). JSON is for everything a peer
+says before it is trusted with pickle: a malformed frame is a
+``ProtocolError``, never an unpickling.
+
+The conversation
+----------------
+The recipient connects and speaks first. Written from the originator's side
+(the recipient's machine is the same table with the directions swapped)::
+
+    start           --in HELLO-->        hello-received
+    hello-received  --out HELLO-->       idle
+    idle            --in LIST-->         listing  --out SERVICES--> idle
+    idle            --in TAKE-->         taking
+    taking          --out ERROR-->       idle              (busy, no such service, unpicklable)
+    taking          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
+    sending-fds     --out FDS-->         sending-fds ... await-ready once all are sent
+    await-ready     --in READY-->        committing
+    await-ready     --in REFUSED-->      idle              (rolled back)
+    committing      --out COMMIT-->      await-committed
+    await-committed --in COMMITTED-->    idle              (the service has moved)
+    any             --either BYE-->      closed
+
+ERROR may also be sent in ``start`` and ``hello-received`` (authentication
+refused), after which the channel closes. The commit point is the COMMIT
+frame: before the originator sends it, any failure rolls the service back; the
+recipient starts I/O only after reading it, and answers COMMITTED before doing
+so, so that the originator releases its copies only once the recipient owns
+the service.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
+
+DEFAULT_STEP_TIMEOUT = 30.0
+DEFAULT_MAX_FDS = 1_000_000
+
+_HEADER = struct.Struct("!BI")
+_JSON_LENGTH = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one side accepts from the other.
+
+    Attributes:
+        max_frame_size: the largest frame payload, in bytes.
+        max_fds: the most descriptors one service may bring.
+        step_timeout: seconds a side waits for the peer's next step while a
+            service is in transit (None: forever).
+    """
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_fds: int = DEFAULT_MAX_FDS
+    step_timeout: float | None = DEFAULT_STEP_TIMEOUT
+
+
+class Kind(enum.IntEnum):
+    """Frame types."""
+
+    HELLO = 1
+    LIST = 2
+    SERVICES = 3
+    TAKE = 4
+    GRAPH = 5
+    FDS = 6
+    READY = 7
+    REFUSED = 8
+    COMMIT = 9
+    COMMITTED = 10
+    ERROR = 11
+    BYE = 12
+
+
+class Role(enum.Enum):
+    ORIGINATOR = "originator"
+    RECIPIENT = "recipient"
+
+
+@dataclass
+class Message:
+    """One frame: its kind, its JSON body and, for GRAPH, the blob."""
+
+    kind: Kind
+    body: dict[str, Any] = field(default_factory=dict)
+    blob: bytes = b""
+
+    def encode(self) -> bytes:
+        """The frame's bytes."""
+        return encode(self.kind, self.body, self.blob)
+
+
+def encode(kind: Kind, body: dict[str, Any] | None = None, blob: bytes = b"") -> bytes:
+    """Frame a message."""
+    text = json.dumps(body or {}, separators=(",", ":")).encode()
+    payload_length = _JSON_LENGTH.size + len(text) + len(blob)
+    return b"".join(
+        (_HEADER.pack(kind, payload_length), _JSON_LENGTH.pack(len(text)), text, blob)
+    )
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages, refusing anything malformed.
+
+    Args:
+        max_frame_size: the largest payload accepted; a bigger one is a
+            ``ProtocolError`` raised from its header, before it is buffered.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add ``data`` and return every message it completed."""
+        self._buffer += data
+        return list(self._drain())
+
+    def _drain(self) -> Iterator[Message]:
+        while len(self._buffer) >= _HEADER.size:
+            kind_number, length = _HEADER.unpack_from(self._buffer)
+            try:
+                kind = Kind(kind_number)
+            except ValueError:
+                raise ProtocolError(f"unknown frame type {kind_number}") from None
+            if length > self.max_frame_size:
+                raise ProtocolError(
+                    f"{kind.name} frame of {length} bytes exceeds the limit of "
+                    f"{self.max_frame_size} bytes"
+                )
+            if len(self._buffer) < _HEADER.size + length:
+                return
+            payload = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
+            del self._buffer[: _HEADER.size + length]
+            yield _decode_payload(kind, payload)
+
+
+def _decode_payload(kind: Kind, payload: bytes) -> Message:
+    if len(payload) < _JSON_LENGTH.size:
+        raise ProtocolError(f"{kind.name} frame is too short to hold its body")
+    (text_length,) = _JSON_LENGTH.unpack_from(payload)
+    end = _JSON_LENGTH.size + text_length
+    if end > len(payload):
+        raise ProtocolError(f"{kind.name} frame body overruns the frame")
+    try:
+        body = json.loads(payload[_JSON_LENGTH.size : end].decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{kind.name} frame body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind.name} frame body is not a JSON object")
+    blob = payload[end:]
+    if blob and kind is not Kind.GRAPH:
+        raise ProtocolError(f"{kind.name} frame carries {len(blob)} unexpected bytes")
+    return Message(kind, body, blob)
+
+
+# (state, direction seen from the originator, kind) -> next state
+_IN, _OUT = "in", "out"
+_TRANSITIONS: dict[tuple[str, str, Kind], str] = {
+    ("start", _IN, Kind.HELLO): "hello-received",
+    ("start", _OUT, Kind.ERROR): "closed",
+    ("hello-received", _OUT, Kind.HELLO): "idle",
+    ("hello-received", _OUT, Kind.ERROR): "closed",
+    ("idle", _IN, Kind.LIST): "listing",
+    ("listing", _OUT, Kind.SERVICES): "idle",
+    ("idle", _IN, Kind.TAKE): "taking",
+    ("taking", _OUT, Kind.ERROR): "idle",
+    ("taking", _OUT, Kind.GRAPH): "sending-fds",
+    ("sending-fds", _OUT, Kind.FDS): "sending-fds",
+    ("await-ready", _IN, Kind.READY): "committing",
+    ("await-ready", _IN, Kind.REFUSED): "idle",
+    ("committing", _OUT, Kind.COMMIT): "await-committed",
+    ("await-committed", _IN, Kind.COMMITTED): "idle",
+}
+
+
+class Conversation:
+    """One side's view of the conversation: checks the order of messages.
+
+    ``send`` and ``receive`` both validate a message against the state
+    machine above and advance it; a message out of turn raises
+    ``ProtocolError`` naming the state and the message.
+    """
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = "start"
+        self.fds_expected = 0
+
+    def send(self, message: Message) -> bytes:
+        """Advance on an outgoing message and return its frame."""
+        self._advance(message, outgoing=True)
+        return message.encode()
+
+    def receive(self, message: Message) -> None:
+        """Advance on an incoming message."""
+        self._advance(message, outgoing=False)
+
+    def _advance(self, message: Message, *, outgoing: bool) -> None:
+        if message.kind is Kind.BYE:
+            self.state = "closed"
+            return
+        from_originator = outgoing == (self.role is Role.ORIGINATOR)
+        direction = _OUT if from_originator else _IN
+        key = (self.state, direction, message.kind)
+        nxt = _TRANSITIONS.get(key)
+        if nxt is None and message.kind is Kind.ERROR and from_originator:
+            # An originator may give up on any step; the channel then closes.
+            nxt = "closed"
+        if nxt is None:
+            who = "originator" if from_originator else "recipient"
+            raise ProtocolError(
+                f"unexpected {message.kind.name} from the {who} in state {self.state!r}"
+            )
+        if message.kind is Kind.GRAPH:
+            self.fds_expected = _count(message.body, "fds")
+            nxt = "sending-fds" if self.fds_expected else "await-ready"
+        elif message.kind is Kind.FDS:
+            count = _count(message.body, "count")
+            if count == 0 or count > self.fds_expected:
+                raise ProtocolError(
+                    f"FDS frame carries {count} descriptors, {self.fds_expected} were announced"
+                )
+            self.fds_expected -= count
+            nxt = "sending-fds" if self.fds_expected else "await-ready"
+        self.state = nxt
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{key!r} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def hello(role: Role, *, pid: int, pickle_protocol: int, python: str, **extra: Any) -> Message:
+    """The HELLO message a side sends about itself."""
+    return Message(
+        Kind.HELLO,
+        {
+            "protocol": PROTOCOL_VERSION,
+            "role": role.value,
+            "pid": pid,
+            "pickle_protocol": pickle_protocol,
+            "python": python,
+            **extra,
+        },
+    )
+
+
+def check_hello(message: Message, expected_role: Role) -> dict[str, Any]:
+    """Validate a peer's HELLO and return its body."""
+    body = message.body
+    if message.kind is not Kind.HELLO:
+        raise ProtocolError(f"expected HELLO, got {message.kind.name}")
+    if body.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"peer speaks control protocol {body.get('protocol')!r}, this side speaks "
+            f"{PROTOCOL_VERSION}: upgrade the older takeover"
+        )
+    if body.get("role") != expected_role.value:
+        raise ProtocolError(f"peer says it is a {body.get('role')!r}, not a {expected_role.value}")
+    _count(body, "pid")
+    _count(body, "pickle_protocol")
+    return body
+
+
+def error(exc_code: str, message: str) -> Message:
+    """An ERROR message."""
+    return Message(Kind.ERROR, {"code": exc_code, "message": message})

@@ -1,0 +1,204 @@
+"""The ``takeover`` command line (also ``python -m takeover``).
+
+    takeover list CONTROL [--json]
+    takeover take CONTROL [--service NAME]... [--json]
+
+``take`` is the generic recipient: it needs none of the application's code on
+its command line, since the graph names the modules and the script it needs.
+Every failure prints one line, ``takeover: error: <reason>``, and exits with a
+non-zero status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import TakeoverError
+from .recipient import Taken, select
+
+EXIT_FAILURE = 1
+EXIT_PARTIAL = 3
+
+log = logging.getLogger("takeover.cli")
+
+
+class CommandError(Exception):
+    """A failure the command line reports in one line."""
+
+
+def _describe_connect_error(control: str, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no migration server at {control}: the path does not exist"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"no migration server is listening at {control} (a stale socket file?)"
+    if isinstance(exc, PermissionError):
+        return f"permission denied opening {control}: run as the user that owns it"
+    return f"cannot connect to {control}: {exc}"
+
+
+async def _connect(control: str) -> Any:
+    from .asyncio import connect
+
+    try:
+        return await connect(control)
+    except TakeoverError:
+        raise
+    except OSError as exc:
+        raise CommandError(_describe_connect_error(control, exc)) from exc
+
+
+async def _list(args: argparse.Namespace) -> int:
+    session = await _connect(args.control)
+    try:
+        services = await session.list()
+    finally:
+        await session.close()
+    if args.json:
+        for service in services:
+            print(json.dumps(service, sort_keys=True))
+        return 0
+    if not services:
+        print(f"no services published at {args.control}")
+        return 0
+    rows = [("SERVICE", "STATE", "CONNECTIONS", "KIND", "ADDRESS")]
+    rows += [
+        (
+            str(s.get("name")),
+            str(s.get("state")),
+            str(s.get("connections", "")),
+            str(s.get("kind", "")),
+            str(s.get("address", "")),
+        )
+        for s in services
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _report(taken: Taken, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "taken", **taken.summary()}, sort_keys=True), flush=True)
+    else:
+        print(
+            f"took {taken.name}: {taken.connections} connections, "
+            f"paused {taken.pause_ms:.3f} ms, {taken.fds} fds, {taken.graph_bytes} bytes",
+            flush=True,
+        )
+
+
+async def _take(args: argparse.Namespace) -> int:
+    from .asyncio import MigrationServer
+
+    loop = asyncio.get_running_loop()
+    session = await _connect(args.control)
+    taken: list[Taken] = []
+    failures: list[str] = []
+    try:
+        listed = await session.list()
+        if not listed:
+            raise CommandError(f"the migration server at {args.control} publishes no services")
+        names = select(listed, args.service)
+        for name in names:
+            try:
+                result = await session.take(name, loop)
+            except TakeoverError as exc:
+                failures.append(name)
+                print(f"takeover: error: {exc}", file=sys.stderr, flush=True)
+                continue
+            taken.append(result)
+            _report(result, args.json)
+    finally:
+        await session.close()
+    if not taken:
+        return EXIT_FAILURE
+    everything = {t.name for t in taken} == {str(s.get("name")) for s in listed}
+    control = args.control if everything else f"{args.control}.{os.getpid()}"
+    migration = MigrationServer(control, replace=everything)
+    await migration.start()
+    for result in taken:
+        migration.publish(result.service)
+    if args.json:
+        print(json.dumps({"event": "serving", "control": migration.path, "pid": os.getpid()}))
+    else:
+        print(f"serving {len(taken)} service(s) at {migration.path} (pid {os.getpid()})")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    waiter = asyncio.ensure_future(migration.wait_empty())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for future in (waiter, stopper):
+        future.cancel()
+    for name in migration.registry.names():
+        service: Any = migration.registry.withdraw(name)
+        service.close_connections()
+        service.close()
+    await migration.aclose()
+    # Let connection_lost callbacks run before the loop goes away.
+    await asyncio.sleep(0)
+    return EXIT_PARTIAL if failures else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="takeover",
+        description="Move live network services between running Python processes.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="show the services a migration server publishes")
+    p.add_argument("control", metavar="CONTROL", help="the migration server's socket path")
+    p.add_argument("--json", action="store_true", help="one JSON object per service")
+    p.set_defaults(run=_list)
+
+    p = commands.add_parser(
+        "take", help="take services into this process, serve them, and publish them again"
+    )
+    p.add_argument("control", metavar="CONTROL", help="the migration server's socket path")
+    p.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a service to take (repeatable; default: all)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=_take)
+
+    p = commands.add_parser("demo", help="run the demonstration")
+    p.set_defaults(run=None, sync=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="takeover[%(process)d] %(name)s: %(message)s")
+    try:
+        if args.run is None:
+            return int(args.sync(args))
+        return int(asyncio.run(args.run(args)))
+    except (TakeoverError, CommandError) as exc:
+        print(f"takeover: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

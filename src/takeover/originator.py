@@ -1,0 +1,177 @@
+"""The originator's half of a migration: serve one control connection.
+
+This is the "janitor" of the 2004 paper: every service handed to a recipient
+is either committed (released here, forgotten by the registry) or rolled back
+(resumed here, AVAILABLE again), whatever the recipient does. The rules:
+
+* nothing is quiesced before the recipient has been authenticated and has
+  asked for a service by name;
+* until COMMIT has been sent, any failure — a refusal, a malformed frame, a
+  timeout, a closed channel, an exception here — resumes the service;
+* after COMMIT, the originator waits for COMMITTED (sent by the recipient
+  before it starts any I/O) or for the channel to close. A closed channel
+  without COMMITTED means the recipient never started (it died, or gave up
+  before reading COMMIT), so the service resumes here; COMMITTED means the
+  recipient owns it, and only then are this process's descriptors closed.
+  There is no timeout on that last wait: rolling back while the recipient
+  might still read COMMIT could leave two processes serving one service.
+
+The runtime supplies the channel; this module never touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import time
+from typing import Any
+
+from . import _faults, _protocol
+from ._auth import check_peer
+from ._channel import Channel
+from ._errors import (
+    AuthenticationError,
+    MigrationRefusedError,
+    MigrationTimeoutError,
+    NoSuchServiceError,
+    ProtocolError,
+    ServiceBusyError,
+    TakeoverError,
+)
+from ._fds import batches
+from ._protocol import Conversation, Kind, Limits, Message, Role
+from ._serialize import dumps, main_path
+from .registry import Registry
+
+log = logging.getLogger("takeover.originator")
+
+
+async def serve_channel(
+    channel: Channel, registry: Registry, *, limits: Limits = Limits()
+) -> None:
+    """Hold the conversation with one recipient until it says BYE or leaves.
+
+    Every service this connection takes is committed or rolled back before
+    this returns or raises.
+    """
+    conversation = Conversation(Role.ORIGINATOR)
+
+    async def send(message: Message, fds: list[int] | None = None) -> None:
+        conversation.send(message)
+        await channel.send(message, fds or ())
+
+    try:
+        check_peer(channel.peer, role="recipient")
+    except AuthenticationError as exc:
+        log.warning("%s", exc)
+        await send(_protocol.error(exc.code, str(exc)))
+        return
+    message = await channel.receive(limits.step_timeout)
+    conversation.receive(message)
+    peer = _protocol.check_hello(message, Role.RECIPIENT)
+    pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
+    await send(
+        _protocol.hello(
+            Role.ORIGINATOR,
+            pid=os.getpid(),
+            pickle_protocol=pickle_protocol,
+            python=sys.version,
+            implementation=sys.implementation.name,
+        )
+    )
+    log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
+    while True:
+        message = await channel.receive(None)
+        conversation.receive(message)
+        if message.kind is Kind.BYE:
+            return
+        if message.kind is Kind.LIST:
+            await send(Message(Kind.SERVICES, {"services": registry.describe()}))
+        elif message.kind is Kind.TAKE:
+            name = message.body.get("service")
+            if not isinstance(name, str):
+                raise ProtocolError(f"TAKE names no service: {message.body!r}")
+            await _move(channel, conversation, registry, name, pickle_protocol, limits, send)
+
+
+async def _move(
+    channel: Channel,
+    conversation: Conversation,
+    registry: Registry,
+    name: str,
+    pickle_protocol: int,
+    limits: Limits,
+    send: Any,
+) -> None:
+    try:
+        service = registry.begin_transit(name)
+    except (NoSuchServiceError, ServiceBusyError) as exc:
+        log.info("refused to move %r: %s", name, exc)
+        await send(_protocol.error(exc.code, str(exc)))
+        return
+    quiesced = committed = False
+    try:
+        service.quiesce()
+        quiesced = True
+        quiesced_at = time.monotonic()
+        _faults.checkpoint("originator.quiesced")
+        try:
+            dumped = dumps(service, pickle_protocol)
+        except TakeoverError as exc:
+            log.warning("cannot move %r: %s", name, exc)
+            await send(_protocol.error(exc.code, str(exc)))
+            return
+        fds = dumped.fds
+        if len(fds) > limits.max_fds:
+            message = f"service {name!r} holds {len(fds)} descriptors, the limit is {limits.max_fds}"
+            await send(_protocol.error("limit", message))
+            return
+        meta = {
+            "service": name,
+            "fds": len(fds),
+            "size": len(dumped.blob),
+            "main_path": main_path(),
+            "quiesced_at": quiesced_at,
+            "pickle_protocol": pickle_protocol,
+            "originator_pid": os.getpid(),
+        }
+        await send(Message(Kind.GRAPH, meta, dumped.blob))
+        _faults.checkpoint("originator.graph-sent")
+        for batch in batches(fds):
+            await send(Message(Kind.FDS, {"count": len(batch)}), batch)
+        _faults.checkpoint("originator.fds-sent")
+        reply = await channel.receive(limits.step_timeout)
+        conversation.receive(reply)
+        if reply.kind is Kind.REFUSED:
+            reason = str(reply.body.get("reason", "no reason given"))
+            raise MigrationRefusedError(f"the recipient refused {name!r}: {reason}")
+        await send(Message(Kind.COMMIT, {"service": name}))
+        _faults.checkpoint("originator.commit-sent")
+        while True:
+            try:
+                reply = await channel.receive(limits.step_timeout)
+                break
+            except MigrationTimeoutError:
+                log.warning(
+                    "service %r: COMMIT sent, still waiting for the recipient's COMMITTED; "
+                    "it stays paused here until the recipient answers or goes away",
+                    name,
+                )
+        conversation.receive(reply)
+        committed = True
+    except TakeoverError as exc:
+        log.warning("move of %r rolled back: %s", name, exc)
+        raise
+    finally:
+        if committed:
+            service.release()
+            registry.withdraw(name)
+            log.info("service %r committed to the recipient and released here", name)
+        elif quiesced:
+            service.resume()
+            registry.end_transit(name)
+            log.info("service %r resumed here", name)
+        else:
+            registry.end_transit(name)

@@ -1,0 +1,233 @@
+"""The recipient's half of a migration: ask for services and adopt them.
+
+For each service: TAKE, receive the graph and its descriptors, rebuild the
+graph, adopt it into this process's runtime *without starting any I/O*, say
+READY, wait for COMMIT, say COMMITTED, and only then start. If anything fails
+before COMMIT, the adopted copy is discarded (descriptors closed, nothing
+shut down) and the originator, which still holds its own copy, resumes.
+
+The runtime supplies the channel and the object passed to ``adopt``; this
+module never touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _faults, _protocol
+from ._auth import check_peer
+from ._channel import Channel
+from ._errors import (
+    ChannelClosedError,
+    MigrationRefusedError,
+    NoSuchServiceError,
+    ProtocolError,
+    TakeoverError,
+    error_from_code,
+)
+from ._protocol import Conversation, Kind, Limits, Message, Role
+from ._serialize import loads
+from .registry import Service
+
+log = logging.getLogger("takeover.recipient")
+
+
+@dataclass
+class Taken:
+    """One service that moved to this process.
+
+    Attributes:
+        name: the service's name.
+        service: the adopted, running service object.
+        connections: established connections that moved with it.
+        pause_ms: how long the service was paused, from the originator's
+            quiesce to this side's start (both read the same monotonic clock
+            on one host).
+        graph_bytes: size of the pickled graph.
+        fds: descriptors that moved.
+    """
+
+    name: str
+    service: Service
+    connections: int
+    pause_ms: float
+    graph_bytes: int
+    fds: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "service": self.name,
+            "connections": self.connections,
+            "pause_ms": round(self.pause_ms, 3),
+            "graph_bytes": self.graph_bytes,
+            "fds": self.fds,
+        }
+
+
+class RecipientSession:
+    """A recipient's conversation with one originator.
+
+    Use :meth:`open` first, then :meth:`list` and :meth:`take` as needed, and
+    :meth:`close` at the end.
+    """
+
+    def __init__(self, channel: Channel, *, limits: Limits = Limits()) -> None:
+        self.channel = channel
+        self.limits = limits
+        self.conversation = Conversation(Role.RECIPIENT)
+        self.originator: dict[str, Any] = {}
+        self.pickle_protocol = pickle.HIGHEST_PROTOCOL
+
+    async def _send(self, message: Message) -> None:
+        self.conversation.send(message)
+        await self.channel.send(message)
+
+    async def _receive(self, timeout: float | None) -> Message:
+        message = await self.channel.receive(timeout)
+        self.conversation.receive(message)
+        if message.kind is Kind.ERROR:
+            raise error_from_code(
+                str(message.body.get("code", "error")),
+                str(message.body.get("message", "the originator reported an error")),
+            )
+        if message.kind is Kind.BYE:
+            raise ChannelClosedError("the originator ended the conversation")
+        return message
+
+    async def open(self) -> dict[str, Any]:
+        """Check the originator and exchange HELLOs; return its HELLO."""
+        check_peer(self.channel.peer, role="originator")
+        await self._send(
+            _protocol.hello(
+                Role.RECIPIENT,
+                pid=os.getpid(),
+                pickle_protocol=pickle.HIGHEST_PROTOCOL,
+                python=sys.version,
+                implementation=sys.implementation.name,
+            )
+        )
+        message = await self._receive(self.limits.step_timeout)
+        self.originator = _protocol.check_hello(message, Role.ORIGINATOR)
+        self.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, self.originator["pickle_protocol"])
+        return self.originator
+
+    async def list(self) -> list[dict[str, Any]]:
+        """The originator's services: name, state, kind, connections..."""
+        await self._send(Message(Kind.LIST))
+        reply = await self._receive(self.limits.step_timeout)
+        services = reply.body.get("services")
+        if not isinstance(services, list):
+            raise ProtocolError("SERVICES frame lists no services")
+        return services
+
+    async def take(self, name: str, runtime: Any) -> Taken:
+        """Move service ``name`` into this process and start it.
+
+        Args:
+            name: the service to take.
+            runtime: what the service's ``adopt`` needs (the asyncio loop,
+                the Twisted reactor).
+
+        Raises:
+            NoSuchServiceError, ServiceBusyError: the originator said so.
+            MigrationRefusedError: the graph could not be rebuilt or adopted
+                here; the originator has been told and resumes the service.
+            ChannelClosedError: the originator went away before COMMIT; the
+                service was not started here.
+        """
+        await self._send(Message(Kind.TAKE, {"service": name}))
+        graph_message = await self._receive(self.limits.step_timeout)
+        meta = graph_message.body
+        fds: list[int] = []
+        count = meta.get("fds")
+        if not isinstance(count, int) or count > self.limits.max_fds:
+            raise ProtocolError(
+                f"service {name!r} brings {count!r} descriptors; the limit is {self.limits.max_fds}"
+            )
+        while len(fds) < count:
+            batch = await self._receive(self.limits.step_timeout)
+            fds.extend(self.channel.take_fds(int(batch.body["count"])))
+        _faults.checkpoint("recipient.fds-received")
+        service: Service | None = None
+        try:
+            main = meta.get("main_path")
+            graph = loads(graph_message.blob, fds, main=main if isinstance(main, str) else None)
+            if not isinstance(graph, Service):
+                raise MigrationRefusedError(
+                    f"the graph of {name!r} is a {type(graph).__qualname__}, not a takeover service"
+                )
+            service = graph
+            service.adopt(runtime)
+        except TakeoverError as exc:
+            if service is not None:
+                service.discard()
+            log.warning("refusing %r: %s", name, exc)
+            await self._send(Message(Kind.REFUSED, {"service": name, "reason": str(exc)}))
+            raise MigrationRefusedError(f"cannot take {name!r}: {exc}") from exc
+        except BaseException:
+            if service is not None:
+                service.discard()
+            raise
+        _faults.checkpoint("recipient.adopted")
+        try:
+            await self._send(Message(Kind.READY, {"service": name}))
+            _faults.checkpoint("recipient.ready-sent")
+            await self._receive(self.limits.step_timeout)  # COMMIT
+        except BaseException as exc:
+            service.discard()
+            if isinstance(exc, ChannelClosedError):
+                raise ChannelClosedError(
+                    f"the originator went away before committing {name!r}; "
+                    "the service was not started here"
+                ) from exc
+            raise
+        _faults.checkpoint("recipient.commit-received")
+        try:
+            await self._send(Message(Kind.COMMITTED, {"service": name}))
+        except ChannelClosedError:
+            # The originator is gone after COMMIT: the service is ours either way.
+            log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
+        service.start()
+        started_at = time.monotonic()
+        quiesced_at = meta.get("quiesced_at")
+        pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
+        described = service.describe()
+        return Taken(
+            name=name,
+            service=service,
+            connections=int(described.get("connections", 0)),
+            pause_ms=pause,
+            graph_bytes=len(graph_message.blob),
+            fds=count,
+        )
+
+    async def close(self) -> None:
+        """Say BYE (if the channel is still up) and close it."""
+        try:
+            if self.conversation.state == "idle":
+                await self._send(Message(Kind.BYE))
+        except TakeoverError:
+            pass
+        finally:
+            self.channel.close()
+
+
+def select(services: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[str]:
+    """The names to take: ``wanted`` (checked), or every listed service."""
+    names = [str(s.get("name")) for s in services]
+    if not wanted:
+        return names
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise NoSuchServiceError(
+            f"no service named {', '.join(map(repr, missing))} "
+            f"(published: {', '.join(names) or 'none'})"
+        )
+    return list(wanted)

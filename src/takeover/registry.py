@@ -1,0 +1,135 @@
+"""Published services and their states.
+
+A service is AVAILABLE while its process serves it, IN_TRANSIT from the moment
+a recipient asks for it until the move commits (the service is then forgotten)
+or rolls back (AVAILABLE again). Only one recipient can hold a service in
+transit; a second one is told it is busy.
+
+The registry knows nothing of event loops: a runtime's service object
+implements :class:`Service` and the registry only calls it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import NoSuchServiceError, ServiceBusyError
+
+
+@runtime_checkable
+class Service(Protocol):
+    """What a runtime implements for a migratable service.
+
+    Originator side, in order: ``quiesce`` (stop every read, write, accept and
+    callback, so the graph can be pickled consistently), then ``resume``
+    (rollback: undo ``quiesce``) or ``release`` (commit: drop this process's
+    copy of every descriptor without shutting anything down).
+
+    Recipient side: ``adopt`` (attach to this process's event loop without
+    starting any I/O), then ``start`` (after commit) or ``discard`` (the move
+    failed before commit: close the descriptors without shutting them down).
+    """
+
+    service_name: str
+
+    def describe(self) -> dict[str, Any]: ...
+    def quiesce(self) -> None: ...
+    def resume(self) -> None: ...
+    def release(self) -> None: ...
+    def adopt(self, runtime: Any) -> None: ...
+    def start(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+class ServiceState(enum.Enum):
+    AVAILABLE = "available"
+    IN_TRANSIT = "in-transit"
+
+
+class Registry:
+    """The services a process publishes for migration, by name."""
+
+    def __init__(self) -> None:
+        self._services: dict[str, Service] = {}
+        self._states: dict[str, ServiceState] = {}
+        self._on_empty: list[Callable[[], None]] = []
+
+    def publish(self, service: Service) -> None:
+        """Make ``service`` available under its ``service_name``.
+
+        Raises:
+            ValueError: a service of that name is already published.
+        """
+        name = service.service_name
+        if name in self._services:
+            raise ValueError(f"a service named {name!r} is already published")
+        self._services[name] = service
+        self._states[name] = ServiceState.AVAILABLE
+
+    def withdraw(self, name: str) -> Service:
+        """Forget a service (it moved away or its owner closed it)."""
+        service = self._services.pop(name)
+        del self._states[name]
+        if not self._services:
+            callbacks, self._on_empty = self._on_empty, []
+            for callback in callbacks:
+                callback()
+        return service
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._services
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    def names(self) -> list[str]:
+        return list(self._services)
+
+    def get(self, name: str) -> Service:
+        try:
+            return self._services[name]
+        except KeyError:
+            known = ", ".join(sorted(self._services)) or "none"
+            raise NoSuchServiceError(
+                f"no service named {name!r} here (published: {known})"
+            ) from None
+
+    def state(self, name: str) -> ServiceState:
+        self.get(name)
+        return self._states[name]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What LIST answers: name, state and the service's own metadata."""
+        return [
+            {**service.describe(), "name": name, "state": self._states[name].value}
+            for name, service in self._services.items()
+        ]
+
+    def begin_transit(self, name: str) -> Service:
+        """Mark ``name`` IN_TRANSIT and return it.
+
+        Raises:
+            NoSuchServiceError: nothing of that name is published.
+            ServiceBusyError: it is already in transit to another recipient.
+        """
+        service = self.get(name)
+        if self._states[name] is ServiceState.IN_TRANSIT:
+            raise ServiceBusyError(
+                f"service {name!r} is busy: it is already moving to another recipient; "
+                "try again when that move has finished"
+            )
+        self._states[name] = ServiceState.IN_TRANSIT
+        return service
+
+    def end_transit(self, name: str) -> None:
+        """Rollback: ``name`` is AVAILABLE again."""
+        self._states[name] = ServiceState.AVAILABLE
+
+    def when_empty(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the last service has been withdrawn."""
+        if not self._services:
+            callback()
+        else:
+            self._on_empty.append(callback)
