@@ -35,7 +35,7 @@ __all__ = [
     "Service",
     "ServiceBusyError",
     "ServiceState",
-    "TakeoverError",
     "Taken",
+    "TakeoverError",
     "__version__",
 ]

@@ -248,12 +248,12 @@ class MigratableTransport(asyncio.Transport):
             except Exception:
                 log.exception("protocol.resume_writing() failed")
 
-    def _fatal_error(self, exc: BaseException) -> None:
+    def _fatal_error(self, exc: Exception) -> None:
         if not isinstance(exc, (ConnectionError, OSError)):
             log.error("fatal error on transport %r", self, exc_info=exc)
         self._force_close(exc)
 
-    def _force_close(self, exc: BaseException | None) -> None:
+    def _force_close(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._buffer.clear()
@@ -263,7 +263,7 @@ class MigratableTransport(asyncio.Transport):
             self._loop.remove_writer(self._sock.fileno())
         self._schedule_connection_lost(exc)
 
-    def _schedule_connection_lost(self, exc: BaseException | None) -> None:
+    def _schedule_connection_lost(self, exc: Exception | None) -> None:
         if self._quiesced:
             # In transit: whichever process ends up owning the connection
             # reports the loss when it starts.
@@ -272,7 +272,7 @@ class MigratableTransport(asyncio.Transport):
         assert self._loop is not None
         self._loop.call_soon(self._connection_lost, exc)
 
-    def _connection_lost(self, exc: BaseException | None) -> None:
+    def _connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
             return
         if self._quiesced:

@@ -78,7 +78,7 @@ def recv_with_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+def send_with_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:
     """Send ``data`` with ``fds`` attached to its first byte; return bytes sent.
 
     The caller sends whatever was not sent with plain ``send``: the

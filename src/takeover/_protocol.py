@@ -115,9 +115,7 @@ def encode(kind: Kind, body: dict[str, Any] | None = None, blob: bytes = b"") ->
     """Frame a message."""
     text = json.dumps(body or {}, separators=(",", ":")).encode()
     payload_length = _JSON_LENGTH.size + len(text) + len(blob)
-    return b"".join(
-        (_HEADER.pack(kind, payload_length), _JSON_LENGTH.pack(len(text)), text, blob)
-    )
+    return b"".join((_HEADER.pack(kind, payload_length), _JSON_LENGTH.pack(len(text)), text, blob))
 
 
 class FrameDecoder:

@@ -12,11 +12,12 @@ treatment:
 
 Classes defined in a script run as ``python app.py`` pickle as
 ``__main__.X``, and the recipient's ``__main__`` is another program. The graph
-carries the script's path (``main_path``); on first use the recipient loads
-that file as the module ``__takeover_main__`` (so its ``if __name__ ==
-"__main__"`` block does not run) and resolves ``__main__.X`` there. Objects
-rebuilt from it pickle as ``__takeover_main__.X`` when they move on, with the
-same path, so chains A -> B -> C work.
+says where the script came from (``main_reference``): for ``python -m NAME``
+the recipient imports NAME; for ``python app.py`` it loads that file, on
+first use, as the module ``__takeover_main__``. Either way the script's ``if
+__name__ == "__main__"`` block does not run, and ``__main__.X`` resolves
+there. Objects rebuilt from a loaded file pickle as ``__takeover_main__.X``
+when they move on, with the same path, so chains A -> B -> C work.
 
 Where the recipient can't rebuild something (a class it can't import, a
 descriptor missing) the error names it and every descriptor received is
@@ -64,15 +65,23 @@ def _reduce_module(module: types.ModuleType) -> tuple[Callable[..., Any], tuple[
     return (_import_module, (module.__name__,))
 
 
-def main_path() -> str | None:
-    """The file that this process's script classes come from, if any."""
-    for name in (MAIN_ALIAS, "__main__"):
-        module = sys.modules.get(name)
-        path = getattr(module, "__file__", None)
-        if path and name == MAIN_ALIAS:
-            return os.path.abspath(path)
-        if path and name == "__main__" and path.endswith(".py"):
-            return os.path.abspath(path)
+def main_reference() -> str | None:
+    """Where this process's script classes (``__main__.X``) come from.
+
+    ``module:NAME`` when the script was run as ``python -m NAME`` (the
+    recipient imports NAME), ``path:/abs/app.py`` when it was run as a file
+    (the recipient loads that file), None when there is no such script.
+    """
+    alias_path = getattr(sys.modules.get(MAIN_ALIAS), "__file__", None)
+    if isinstance(alias_path, str):
+        return f"path:{os.path.abspath(alias_path)}"
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None) and spec.name != "__main__":
+        return f"module:{spec.name}"
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path.endswith(".py"):
+        return f"path:{os.path.abspath(path)}"
     return None
 
 
@@ -126,21 +135,34 @@ def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
 
 
 # The script module the current load resolves __main__ against.
-_main_state: dict[str, str | None] = {"path": None}
+_main_state: dict[str, str | None] = {"reference": None}
 
 
 def _current_main() -> types.ModuleType | None:
-    path = _main_state["path"]
-    if path is None:
+    reference = _main_state["reference"]
+    if reference is None:
         return None
-    return load_main(path)
+    return load_main(reference)
 
 
-def load_main(path: str) -> types.ModuleType:
-    """Load the originator's script as ``__takeover_main__`` (once).
+def load_main(reference: str) -> types.ModuleType:
+    """The module that the originator's ``__main__`` classes resolve to here.
 
-    If this process's own ``__main__`` is that same file, it is used as is.
+    ``module:NAME`` is imported by name (its ``__main__`` block does not run,
+    since it is not ``__main__`` here). ``path:FILE`` is loaded once as
+    ``__takeover_main__``; if this process's own ``__main__`` is that same
+    file, it is used as is.
     """
+    kind, _, path = reference.partition(":")
+    if kind == "module":
+        try:
+            return importlib.import_module(path)
+        except Exception as exc:
+            raise MigrationRefusedError(
+                f"cannot import the originator's main module {path}: {type(exc).__name__}: {exc}"
+            ) from exc
+    if kind != "path" or not path:
+        raise ProtocolError(f"malformed main script reference {reference!r}")
     real = os.path.realpath(path)
     for name in (MAIN_ALIAS, "__main__"):
         module = sys.modules.get(name)
@@ -198,7 +220,7 @@ class _GraphUnpickler(pickle.Unpickler):
                 target: Any = _current_main()
                 if target is None:
                     raise MigrationRefusedError(
-                        "the originator sent no script path for its __main__ classes"
+                        "the originator did not say where its __main__ classes come from"
                     )
                 for part in name.split("."):
                     target = getattr(target, part)
@@ -224,8 +246,8 @@ def loads(blob: bytes, fds: Sequence[int], *, main: str | None = None) -> Any:
         ProtocolError: the blob or its descriptor references are malformed.
     """
     unpickler = _GraphUnpickler(io.BytesIO(blob), fds)
-    previous = _main_state["path"]
-    _main_state["path"] = main
+    previous = _main_state["reference"]
+    _main_state["reference"] = main
     try:
         graph = unpickler.load()
     except BaseException as exc:
@@ -241,6 +263,6 @@ def loads(blob: bytes, fds: Sequence[int], *, main: str | None = None) -> Any:
             ) from exc
         raise
     finally:
-        _main_state["path"] = previous
+        _main_state["reference"] = previous
     close_all([fd for slot, fd in enumerate(fds) if slot not in unpickler.sockets])
     return graph

@@ -24,7 +24,6 @@ import os
 import socket
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
 
 from . import _fds
 from ._aio_transport import MigratableServer, MigratableTransport, ProtocolFactory
@@ -177,9 +176,7 @@ async def start_server(
     for each accepted connection and the result must pickle.
     """
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
     family, kind, proto, _canon, address = infos[0]

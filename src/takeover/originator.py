@@ -42,15 +42,13 @@ from ._errors import (
 )
 from ._fds import batches
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import dumps, main_path
+from ._serialize import dumps, main_reference
 from .registry import Registry
 
 log = logging.getLogger("takeover.originator")
 
 
-async def serve_channel(
-    channel: Channel, registry: Registry, *, limits: Limits = Limits()
-) -> None:
+async def serve_channel(channel: Channel, registry: Registry, *, limits: Limits = Limits()) -> None:
     """Hold the conversation with one recipient until it says BYE or leaves.
 
     Every service this connection takes is committed or rolled back before
@@ -125,14 +123,14 @@ async def _move(
             return
         fds = dumped.fds
         if len(fds) > limits.max_fds:
-            message = f"service {name!r} holds {len(fds)} descriptors, the limit is {limits.max_fds}"
-            await send(_protocol.error("limit", message))
+            text = f"service {name!r} holds {len(fds)} descriptors; the limit is {limits.max_fds}"
+            await send(_protocol.error("limit", text))
             return
         meta = {
             "service": name,
             "fds": len(fds),
             "size": len(dumped.blob),
-            "main_path": main_path(),
+            "main": main_reference(),
             "quiesced_at": quiesced_at,
             "pickle_protocol": pickle_protocol,
             "originator_pid": os.getpid(),

@@ -157,7 +157,7 @@ class RecipientSession:
         _faults.checkpoint("recipient.fds-received")
         service: Service | None = None
         try:
-            main = meta.get("main_path")
+            main = meta.get("main")
             graph = loads(graph_message.blob, fds, main=main if isinstance(main, str) else None)
             if not isinstance(graph, Service):
                 raise MigrationRefusedError(
