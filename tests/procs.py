@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+APPS = os.path.join(ROOT, "tests", "apps")
 PYTHON = sys.executable
 
 

@@ -1,0 +1,85 @@
+"""Timers re-armed through the hooks; UNIX-stream services; the control socket's mode."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+
+from procs import APPS, Proc, PYTHON, takeover
+
+
+def _start_ticker(port: int, control: str, *extra: str) -> Proc:
+    proc = Proc(
+        [PYTHON, os.path.join(APPS, "ticker.py"), "--port", str(port), "--control", control, *extra]
+    )
+    proc.expect("control")
+    return proc
+
+
+def _ticks(sock: socket.socket, buffer: bytearray, count: int) -> list[tuple[int, int]]:
+    """Read ``count`` whole tick lines: (tick number, pid)."""
+    ticks: list[tuple[int, int]] = []
+    while len(ticks) < count:
+        while b"\n" not in buffer:
+            chunk = sock.recv(4096)
+            assert chunk, "the ticker closed the connection"
+            buffer += chunk
+        line, _, rest = bytes(buffer).partition(b"\n")
+        buffer[:] = rest
+        match = re.fullmatch(rb"tick (\d+) pid (\d+)", line)
+        assert match, line
+        ticks.append((int(match[1]), int(match[2])))
+    return ticks
+
+
+def _check_ticks_cross_move(client: socket.socket, origin_pid: int, recipient: Proc) -> None:
+    buffer = bytearray()
+    before = _ticks(client, buffer, 3)
+    assert all(pid == origin_pid for _, pid in before)
+    recipient.expect(r"^serving ")
+    after = _ticks(client, buffer, 40)
+    numbers = [n for n, _ in before + after]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+    assert after[-1][1] == recipient.pid
+
+
+def test_timer_rearmed_after_move(control, free_port, procs):
+    """A call_later timer keeps ticking in the new process, counting on without a gap."""
+    origin = _start_ticker(free_port, control)
+    procs.append(origin)
+    with socket.create_connection(("127.0.0.1", free_port)) as client:
+        recipient = takeover("take", control)
+        procs.append(recipient)
+        _check_ticks_cross_move(client, origin.pid, recipient)
+    assert origin.wait() == 0
+
+
+def test_unix_stream_service_moves(control, free_port, workdir, procs):
+    """A service listening on an AF_UNIX stream socket moves with its connections."""
+    path = os.path.join(workdir, "ticker.sock")
+    origin = _start_ticker(free_port, control, "--unix", path)
+    procs.append(origin)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+        recipient = takeover("take", control)
+        procs.append(recipient)
+        recipient.expect(r"^took ticker-unix: 1 connections")
+        _check_ticks_cross_move(client, origin.pid, recipient)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+        late.connect(path)
+        assert _ticks(late, bytearray(), 1)[0][1] == recipient.pid
+    assert origin.wait() == 0
+
+
+def test_control_socket_is_private(control, free_port, procs):
+    """The control socket is created 0600, and a recipient republishes it 0600."""
+    origin = _start_ticker(free_port, control)
+    procs.append(origin)
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    recipient = takeover("take", control)
+    procs.append(recipient)
+    recipient.expect(r"^serving ")
+    assert origin.wait() == 0
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
