@@ -30,8 +30,11 @@ class Echo(asyncio.Protocol):
 
 async def main(args: argparse.Namespace) -> None:
     server = await takeover.start_server(Echo, args.host, args.port, name="echo")
-    print(f"echo on {args.host}:{args.port}, control {args.control}", flush=True)
-    await takeover.serve_until_moved(server, control=args.control)
+    await takeover.serve_until_moved(
+        server,
+        control=args.control,
+        ready=lambda m: print(f"echo on {args.host}:{args.port}, control {m.path}", flush=True),
+    )
 
 
 if __name__ == "__main__":

@@ -127,10 +127,22 @@ class Proc:
                 self.popen.stdout.close()
 
 
-def run_example(name: str, port: int, control: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
+def run_example(
+    name: str, port: int, control: str, *extra: str, env: dict[str, str] | None = None
+) -> Proc:
     """Start ``examples/NAME.py`` and wait until it serves."""
-    proc = Proc([PYTHON, os.path.join(EXAMPLES, f"{name}.py"), "--port", str(port),
-                 "--control", control, *extra], env=env)
+    proc = Proc(
+        [
+            PYTHON,
+            os.path.join(EXAMPLES, f"{name}.py"),
+            "--port",
+            str(port),
+            "--control",
+            control,
+            *extra,
+        ],
+        env=env,
+    )
     proc.expect(r"control")
     return proc
 

@@ -7,7 +7,7 @@ import re
 import socket
 import stat
 
-from procs import APPS, Proc, PYTHON, takeover
+from procs import APPS, PYTHON, Proc, takeover
 
 
 def _start_ticker(port: int, control: str, *extra: str) -> Proc:
@@ -34,15 +34,21 @@ def _ticks(sock: socket.socket, buffer: bytearray, count: int) -> list[tuple[int
     return ticks
 
 
-def _check_ticks_cross_move(client: socket.socket, origin_pid: int, recipient: Proc) -> None:
+def _check_ticks_cross_move(
+    client: socket.socket, origin_pid: int, control: str, procs: list[Proc]
+) -> Proc:
+    """Read ticks from the originator, move the service, read ticks from the recipient."""
     buffer = bytearray()
     before = _ticks(client, buffer, 3)
     assert all(pid == origin_pid for _, pid in before)
+    recipient = takeover("take", control)
+    procs.append(recipient)
     recipient.expect(r"^serving ")
     after = _ticks(client, buffer, 40)
     numbers = [n for n, _ in before + after]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
     assert after[-1][1] == recipient.pid
+    return recipient
 
 
 def test_timer_rearmed_after_move(control, free_port, procs):
@@ -50,9 +56,7 @@ def test_timer_rearmed_after_move(control, free_port, procs):
     origin = _start_ticker(free_port, control)
     procs.append(origin)
     with socket.create_connection(("127.0.0.1", free_port)) as client:
-        recipient = takeover("take", control)
-        procs.append(recipient)
-        _check_ticks_cross_move(client, origin.pid, recipient)
+        _check_ticks_cross_move(client, origin.pid, control, procs)
     assert origin.wait() == 0
 
 
@@ -63,10 +67,8 @@ def test_unix_stream_service_moves(control, free_port, workdir, procs):
     procs.append(origin)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(path)
-        recipient = takeover("take", control)
-        procs.append(recipient)
-        recipient.expect(r"^took ticker-unix: 1 connections")
-        _check_ticks_cross_move(client, origin.pid, recipient)
+        recipient = _check_ticks_cross_move(client, origin.pid, control, procs)
+        assert re.search(r"^took ticker-unix: 1 connections", recipient.output(), re.M)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
         late.connect(path)
         assert _ticks(late, bytearray(), 1)[0][1] == recipient.pid

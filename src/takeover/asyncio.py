@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from . import _fds
@@ -389,15 +389,29 @@ async def take(
 
 
 async def serve_until_moved(
-    *services: Service, control: str, limits: Limits = Limits(), replace: bool = False
+    *services: Service,
+    control: str,
+    limits: Limits = Limits(),
+    replace: bool = False,
+    ready: Callable[[MigrationServer], object] | None = None,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
     The usual last line of a migratable program's ``main()``: when it
     returns, every connection belongs to another process and this one may
     exit.
+
+    Args:
+        services: the services to publish.
+        control: the control socket path.
+        limits: frame size, descriptor count and step timeout limits.
+        replace: rename over an existing control socket at ``control``.
+        ready: called once the control socket accepts recipients (to print
+            a "ready" line, say).
     """
     async with MigrationServer(control, limits=limits, replace=replace) as migration:
         for service in services:
             migration.publish(service)
+        if ready is not None:
+            ready(migration)
         await migration.wait_empty()

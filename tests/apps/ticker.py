@@ -63,8 +63,11 @@ async def main(args: argparse.Namespace) -> None:
     services = [await takeover.start_server(Ticker, "127.0.0.1", args.port, name="ticker")]
     if args.unix:
         services.append(await takeover.start_unix_server(Ticker, args.unix, name="ticker-unix"))
-    print(f"ticker on {args.port}, control {args.control}", flush=True)
-    await takeover.serve_until_moved(*services, control=args.control)
+    await takeover.serve_until_moved(
+        *services,
+        control=args.control,
+        ready=lambda m: print(f"ticker on {args.port}, control {m.path}", flush=True),
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ class Counter(asyncio.Protocol):
 async def serve(host: str, port: int, control: str) -> None:
     """Serve the counter on ``host:port`` until it has moved away."""
     server = await takeover.start_server(Tally(), host, port, name="counter")
-    print(f"counter on {host}:{port}, pid {os.getpid()}, control {control}", flush=True)
-    await takeover.serve_until_moved(server, control=control)
+    await takeover.serve_until_moved(
+        server,
+        control=control,
+        ready=lambda m: print(f"counter on {host}:{port}, pid {os.getpid()}, control {m.path}"),
+    )
 
 
 if __name__ == "__main__":
