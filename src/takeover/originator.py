@@ -33,7 +33,6 @@ from ._auth import check_peer
 from ._channel import Channel
 from ._errors import (
     AuthenticationError,
-    MigrationRefusedError,
     MigrationTimeoutError,
     NoSuchServiceError,
     ProtocolError,
@@ -143,8 +142,10 @@ async def _move(
         reply = await channel.receive(limits.step_timeout)
         conversation.receive(reply)
         if reply.kind is Kind.REFUSED:
+            # The conversation goes on: the recipient may ask for another service.
             reason = str(reply.body.get("reason", "no reason given"))
-            raise MigrationRefusedError(f"the recipient refused {name!r}: {reason}")
+            log.warning("the recipient refused %r, rolling back: %s", name, reason)
+            return
         await send(Message(Kind.COMMIT, {"service": name}))
         _faults.checkpoint("originator.commit-sent")
         while True:

@@ -32,6 +32,7 @@ from ._errors import (
     TakeoverError,
     error_from_code,
 )
+from ._fds import close_all
 from ._protocol import Conversation, Kind, Limits, Message, Role
 from ._serialize import loads
 from .registry import Service
@@ -151,9 +152,13 @@ class RecipientSession:
             raise ProtocolError(
                 f"service {name!r} brings {count!r} descriptors; the limit is {self.limits.max_fds}"
             )
-        while len(fds) < count:
-            batch = await self._receive(self.limits.step_timeout)
-            fds.extend(self.channel.take_fds(int(batch.body["count"])))
+        try:
+            while len(fds) < count:
+                batch = await self._receive(self.limits.step_timeout)
+                fds.extend(self.channel.take_fds(int(batch.body["count"])))
+        except BaseException:
+            close_all(fds)
+            raise
         _faults.checkpoint("recipient.fds-received")
         service: Service | None = None
         try:
