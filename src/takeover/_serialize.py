@@ -109,6 +109,13 @@ class _GraphPickler(pickle.Pickler):
         if isinstance(obj, socket.socket):
             if obj.fileno() < 0:
                 raise SerializationError(f"cannot migrate closed socket {obj!r}")
+            ssl = sys.modules.get("ssl")
+            if ssl is not None and isinstance(obj, ssl.SSLSocket):
+                # Its TLS session lives in this process's memory; the fd alone
+                # would give the recipient a stream of ciphertext.
+                raise SerializationError(
+                    f"cannot migrate TLS socket {obj!r}: TLS sessions cannot move yet"
+                )
             slot = self._slots.get(id(obj))
             if slot is None:
                 slot = self._slots[id(obj)] = len(self.sockets)

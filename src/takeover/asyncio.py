@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 from . import _fds
@@ -227,6 +228,23 @@ def _bind_control(path: str, backlog: int = 64) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def _path_lock(path: str) -> Iterator[None]:
+    """Serialize renames onto ``path`` with the check-and-unlink of its owner.
+
+    A recipient renames its socket over the control path while the process it
+    replaced may be closing and removing that same path if the inode is still
+    its own. Both steps hold an exclusive flock on the parent directory, so a
+    rename can't land between the other's ``stat`` and ``unlink``.
+    """
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class MigrationServer:
     """Publishes services for migration on an AF_UNIX control socket.
 
@@ -272,7 +290,8 @@ class MigrationServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             self._sock = _bind_control(temporary)
-            os.rename(temporary, self.path)
+            with _path_lock(self.path):
+                os.rename(temporary, self.path)
         else:
             self._sock = _bind_control(self.path)
         self._inode = os.stat(self.path).st_ino
@@ -288,9 +307,10 @@ class MigrationServer:
         assert self._empty is not None, "start() the migration server first"
         self.registry.when_empty(self._empty.set)
         await self._empty.wait()
-        # Let the conversation that moved the last service finish cleanly.
+        # Let the conversation that moved the last service finish cleanly
+        # (the recipient publishes the services again before it says BYE).
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+            await asyncio.wait(list(self._tasks), timeout=self.limits.step_timeout)
 
     def _accept_ready(self) -> None:
         assert self._sock is not None and self._loop is not None
@@ -326,8 +346,8 @@ class MigrationServer:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                # Another process may have renamed its own socket over the path.
+            # Another process may have renamed its own socket over the path.
+            with _path_lock(self.path), contextlib.suppress(FileNotFoundError):
                 if os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
         for task in list(self._tasks):

@@ -117,16 +117,19 @@ async def _take(args: argparse.Namespace) -> int:
                 continue
             taken.append(result)
             _report(result, args.json)
+        if not taken:
+            return EXIT_FAILURE
+        everything = {t.name for t in taken} == {str(s.get("name")) for s in listed}
+        control = args.control if everything else f"{args.control}.{os.getpid()}"
+        migration = MigrationServer(control, replace=everything)
+        for result in taken:
+            migration.publish(result.service)
+        # Publish (rename over CONTROL) before BYE: on BYE an originator left
+        # with nothing unlinks CONTROL if it still holds its own inode, and a
+        # rename landing between its stat() and unlink() would be deleted.
+        await migration.start()
     finally:
         await session.close()
-    if not taken:
-        return EXIT_FAILURE
-    everything = {t.name for t in taken} == {str(s.get("name")) for s in listed}
-    control = args.control if everything else f"{args.control}.{os.getpid()}"
-    migration = MigrationServer(control, replace=everything)
-    await migration.start()
-    for result in taken:
-        migration.publish(result.service)
     if args.json:
         print(json.dumps({"event": "serving", "control": migration.path, "pid": os.getpid()}))
     else:

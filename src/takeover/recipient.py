@@ -105,15 +105,22 @@ class RecipientSession:
     async def open(self) -> dict[str, Any]:
         """Check the originator and exchange HELLOs; return its HELLO."""
         check_peer(self.channel.peer, role="originator")
-        await self._send(
-            _protocol.hello(
-                Role.RECIPIENT,
-                pid=os.getpid(),
-                pickle_protocol=pickle.HIGHEST_PROTOCOL,
-                python=sys.version,
-                implementation=sys.implementation.name,
+        try:
+            await self._send(
+                _protocol.hello(
+                    Role.RECIPIENT,
+                    pid=os.getpid(),
+                    pickle_protocol=pickle.HIGHEST_PROTOCOL,
+                    python=sys.version,
+                    implementation=sys.implementation.name,
+                )
             )
-        )
+        except ChannelClosedError:
+            # An originator that refuses us (credentials) sends ERROR and closes
+            # at once, maybe before our HELLO arrives: its ERROR is then waiting
+            # to be read, and says why far better than the broken pipe does.
+            await self._receive(self.limits.step_timeout)
+            raise
         message = await self._receive(self.limits.step_timeout)
         self.originator = _protocol.check_hello(message, Role.ORIGINATOR)
         self.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, self.originator["pickle_protocol"])
@@ -173,7 +180,9 @@ class RecipientSession:
         except TakeoverError as exc:
             if service is not None:
                 service.discard()
-            log.warning("refusing %r: %s", name, exc)
+            # Info, not warning: the caller gets the reason in the exception
+            # (and `takeover take` prints it as its one error line).
+            log.info("refusing %r: %s", name, exc)
             await self._send(Message(Kind.REFUSED, {"service": name, "reason": str(exc)}))
             raise MigrationRefusedError(f"cannot take {name!r}: {exc}") from exc
         except BaseException:
