@@ -283,7 +283,9 @@ def check_hello(message: Message, expected_role: Role) -> dict[str, Any]:
             f"{PROTOCOL_VERSION}: upgrade the older takeover"
         )
     if body.get("role") != expected_role.value:
-        raise ProtocolError(f"peer says it is a {body.get('role')!r}, not a {expected_role.value}")
+        raise ProtocolError(
+            f"peer says its role is {body.get('role')!r}; expected {expected_role.value!r}"
+        )
     _count(body, "pid")
     _count(body, "pickle_protocol")
     return body

@@ -70,7 +70,8 @@ class Registry:
 
     def withdraw(self, name: str) -> Service:
         """Forget a service (it moved away or its owner closed it)."""
-        service = self._services.pop(name)
+        service = self.get(name)
+        del self._services[name]
         del self._states[name]
         if not self._services:
             callbacks, self._on_empty = self._on_empty, []
@@ -125,6 +126,7 @@ class Registry:
 
     def end_transit(self, name: str) -> None:
         """Rollback: ``name`` is AVAILABLE again."""
+        self.get(name)
         self._states[name] = ServiceState.AVAILABLE
 
     def when_empty(self, callback: Callable[[], None]) -> None:
