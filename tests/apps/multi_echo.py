@@ -1,0 +1,72 @@
+"""Line echo services "a" and (optionally) "b", for the end-to-end tests.
+
+    python tests/apps/multi_echo.py --port 8007 --control /tmp/c.sock
+    python tests/apps/multi_echo.py --port 8007 --port-b 8008 --control /tmp/c.sock \
+        --protocol-b some_module:SomeProtocol
+
+Each service's protocol is this file's ``Echo`` unless ``--protocol`` (for
+"a") or ``--protocol-b`` names a class ``MODULE:CLASS`` to import instead, so
+that a test can make a service whose class only this process can import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+from typing import Any
+
+import takeover.asyncio as takeover
+
+
+class Echo(asyncio.Protocol):
+    """Echoes each complete line; a partial line waits (and moves) until its end."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        if lines and self.transport is not None:
+            self.transport.write(b"\n".join(lines) + b"\n")
+
+
+def protocol_class(spec: str | None) -> Any:
+    """``Echo``, or the class that ``MODULE:CLASS`` names."""
+    if not spec:
+        return Echo
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+async def main(args: argparse.Namespace) -> None:
+    services = [
+        await takeover.start_server(protocol_class(args.protocol), args.host, args.port, name="a")
+    ]
+    if args.port_b is not None:
+        services.append(
+            await takeover.start_server(
+                protocol_class(args.protocol_b), args.host, args.port_b, name="b"
+            )
+        )
+    names = ", ".join(s.service_name for s in services)
+    await takeover.serve_until_moved(
+        *services,
+        control=args.control,
+        ready=lambda m: print(f"serving {names} on {args.host}, control {m.path}", flush=True),
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="service a's port")
+    parser.add_argument("--port-b", type=int, help="service b's port (no service b if absent)")
+    parser.add_argument("--protocol", help="service a's protocol class, MODULE:CLASS")
+    parser.add_argument("--protocol-b", help="service b's protocol class, MODULE:CLASS")
+    parser.add_argument("--control", required=True)
+    asyncio.run(main(parser.parse_args()))
