@@ -1,7 +1,7 @@
 """A line echo server that can move to another process with its connections.
 
-    python examples/echo.py --port 8007 --control /tmp/echo.sock
-    takeover take /tmp/echo.sock      # another process takes it; clients stay
+python examples/echo.py --port 8007 --control /tmp/echo.sock
+takeover take /tmp/echo.sock      # another process takes it; clients stay
 """
 
 from __future__ import annotations

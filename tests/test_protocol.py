@@ -522,7 +522,9 @@ def test_check_hello_rejects_missing_version():
 
 def test_check_hello_rejects_wrong_role():
     """A recipient talking to a recipient (or an originator to an originator) is refused."""
-    with pytest.raises(ProtocolError, match="peer says its role is 'recipient'; expected 'originator'"):
+    with pytest.raises(
+        ProtocolError, match="peer says its role is 'recipient'; expected 'originator'"
+    ):
         check_hello(recipient_hello(), Role.ORIGINATOR)
 
 

@@ -208,11 +208,12 @@ class RecipientSession:
         except ChannelClosedError:
             # The originator is gone after COMMIT: the service is ours either way.
             log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
+        # Count what moved before start() accepts what queued meanwhile.
+        described = service.describe()
         service.start()
         started_at = time.monotonic()
         quiesced_at = meta.get("quiesced_at")
         pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
-        described = service.describe()
         return Taken(
             name=name,
             service=service,
