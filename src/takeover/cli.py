@@ -143,11 +143,13 @@ async def _take(args: argparse.Namespace) -> int:
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
     for future in (waiter, stopper):
         future.cancel()
+    # Stop recipients first: a move in progress rolls back into this process,
+    # and only then are the services closed here.
+    await migration.aclose()
     for name in migration.registry.names():
         service: Any = migration.registry.withdraw(name)
         service.close_connections()
         service.close()
-    await migration.aclose()
     # Let connection_lost callbacks run before the loop goes away.
     await asyncio.sleep(0)
     return EXIT_PARTIAL if failures else 0
