@@ -25,6 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 from . import _fds
 from ._aio_transport import MigratableServer, MigratableTransport, ProtocolFactory
@@ -182,27 +183,30 @@ async def start_server(
         raise OSError(f"cannot resolve {host!r}")
     family, kind, proto, _canon, address = infos[0]
     sock = socket.socket(family, kind, proto)
-    try:
-        if reuse_address:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    server = MigratableServer(sock, protocol_factory, name, loop)
-    server.start()
-    return server
+    if reuse_address:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return _serve(sock, address, backlog, protocol_factory, name, loop)
 
 
 async def start_unix_server(
     protocol_factory: ProtocolFactory, path: str, *, name: str, backlog: int = 1024
 ) -> MigratableServer:
     """Listen on the AF_UNIX stream socket ``path`` as migratable service ``name``."""
-    loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    return _serve(sock, path, backlog, protocol_factory, name, asyncio.get_running_loop())
+
+
+def _serve(
+    sock: socket.socket,
+    address: Any,
+    backlog: int,
+    protocol_factory: ProtocolFactory,
+    name: str,
+    loop: asyncio.AbstractEventLoop,
+) -> MigratableServer:
+    """Bind and listen on ``sock`` (closing it on failure) and start serving."""
     try:
-        sock.bind(path)
+        sock.bind(address)
         sock.listen(backlog)
     except BaseException:
         sock.close()
