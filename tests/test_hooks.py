@@ -85,3 +85,24 @@ def test_control_socket_is_private(control, free_port, procs):
     recipient.expect(r"^serving ")
     assert origin.wait() == 0
     assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+
+
+def test_stale_control_socket_is_replaced(control, free_port, procs):
+    """A control socket left by a killed process is replaced; a live one is not."""
+    first = _start_ticker(free_port, control)
+    procs.append(first)
+    first.kill()
+    assert os.path.exists(control)
+    second = _start_ticker(free_port, control)
+    procs.append(second)
+    with socket.socket() as probe:
+        free = probe.bind(("127.0.0.1", 0)) or probe.getsockname()[1]
+    third = Proc(
+        [PYTHON, os.path.join(APPS, "ticker.py"), "--port", str(free), "--control", control]
+    )
+    procs.append(third)
+    assert third.wait() != 0
+    assert "already listening at" in third.output()
+    listing = takeover("list", control)
+    procs.append(listing)
+    listing.expect(r"^ticker\s+available")

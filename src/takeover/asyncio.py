@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -249,6 +250,32 @@ def _path_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _remove_stale(path: str) -> None:
+    """Remove a socket file at ``path`` that nothing listens on any more.
+
+    Raises:
+        FileExistsError: a migration server is listening there, or the path
+            is not a socket.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket; choose another control path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            log.info("removing stale control socket %s", path)
+            os.unlink(path)
+            return
+    raise FileExistsError(
+        f"a migration server is already listening at {path}; "
+        "take its services with `takeover take` or choose another control path"
+    )
+
+
 class MigrationServer:
     """Publishes services for migration on an AF_UNIX control socket.
 
@@ -297,7 +324,9 @@ class MigrationServer:
             with _path_lock(self.path):
                 os.rename(temporary, self.path)
         else:
-            self._sock = _bind_control(self.path)
+            with _path_lock(self.path):
+                _remove_stale(self.path)
+                self._sock = _bind_control(self.path)
         self._inode = os.stat(self.path).st_ino
         self._loop.add_reader(self._sock.fileno(), self._accept_ready)
         log.info("migration server listening on %s", self.path)
