@@ -106,3 +106,17 @@ def test_stale_control_socket_is_replaced(control, free_port, procs):
     listing = takeover("list", control)
     procs.append(listing)
     listing.expect(r"^ticker\s+available")
+
+
+def test_accept_backs_off_when_out_of_descriptors(control, free_port, procs):
+    """With no descriptor left, a connection waits in the queue and is served once one frees."""
+    origin = _start_ticker(free_port, control, "--spare-fds", "2")
+    procs.append(origin)
+    first = socket.create_connection(("127.0.0.1", free_port))
+    second = socket.create_connection(("127.0.0.1", free_port))
+    with first, second, socket.create_connection(("127.0.0.1", free_port)) as third:
+        assert _ticks(first, bytearray(), 1)
+        assert _ticks(second, bytearray(), 1)
+        origin.expect(r"accept failed on ticker: .*Too many open files.*retrying")
+        first.close()
+        assert _ticks(third, bytearray(), 1)[0][1] == origin.pid

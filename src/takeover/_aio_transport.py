@@ -35,6 +35,7 @@ log = logging.getLogger("takeover.asyncio")
 
 _READ_SIZE = 256 * 1024
 _HIGH_WATER = 64 * 1024
+_ACCEPT_RETRY = 1.0
 
 
 def _hook(obj: Any, name: str) -> None:
@@ -404,8 +405,11 @@ class MigratableServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: leave the connection queued and retry soon.
-                log.warning("accept failed on %s: %s", self.service_name, exc)
+                # EMFILE and friends: leave the connection queued and retry
+                # soon, rather than spin on a listener that stays readable.
+                log.warning("accept failed on %s: %s; retrying in 1 s", self.service_name, exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(_ACCEPT_RETRY, self._retry_accept)
                 return
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -422,6 +426,11 @@ class MigratableServer:
             if not transport._closing:
                 transport._quiesced = True
                 transport._start()
+
+    def _retry_accept(self) -> None:
+        if self._sock is not None and not self._quiesced and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            self._accept_ready()
 
     def _detach(self, transport: MigratableTransport) -> None:
         self._transports.pop(transport, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 from typing import Any
 
 import takeover.asyncio as takeover
@@ -63,11 +64,17 @@ async def main(args: argparse.Namespace) -> None:
     services = [await takeover.start_server(Ticker, "127.0.0.1", args.port, name="ticker")]
     if args.unix:
         services.append(await takeover.start_unix_server(Ticker, args.unix, name="ticker-unix"))
-    await takeover.serve_until_moved(
-        *services,
-        control=args.control,
-        ready=lambda m: print(f"ticker on {args.port}, control {m.path}", flush=True),
-    )
+
+    def ready(migration: takeover.MigrationServer) -> None:
+        if args.spare_fds is not None:
+            # Room for exactly that many more descriptors: accept() then
+            # fails with EMFILE, as on a server that ran out of them.
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + args.spare_fds, hard))
+        print(f"ticker on {args.port}, control {migration.path}", flush=True)
+
+    await takeover.serve_until_moved(*services, control=args.control, ready=ready)
 
 
 if __name__ == "__main__":
@@ -75,4 +82,5 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--control", required=True)
     parser.add_argument("--unix")
+    parser.add_argument("--spare-fds", type=int)
     asyncio.run(main(parser.parse_args()))
