@@ -1,0 +1,150 @@
+"""Helpers shared by the benchmark driver and the processes it starts.
+
+Nothing here runs at import time: the recipient loads the originator's script
+(``_echo_app.py``) by path, and that script imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+FD_MARGIN = 64
+"""Descriptors a process needs besides one per connection (stdio, epoll, control...)."""
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        target = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    else:
+        target = hard
+    if soft != target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def memory() -> dict[str, int]:
+    """This process's resident memory in kB: now, peak (VmHWM) and ru_maxrss."""
+    result = {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    result.update(proc_memory(os.getpid()))
+    return result
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in kB (empty if it is gone)."""
+    result: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    result[key.lower() + "_kb"] = int(value.split()[0])
+    except OSError:
+        pass
+    return result
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Print one JSON line for the driver."""
+    print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
+
+
+class Proc:
+    """A child process whose output lines are read in the background."""
+
+    def __init__(self, argv: Sequence[str], *, stdin: bool = False) -> None:
+        self.argv = list(argv)
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            text=True,
+            close_fds=True,
+        )
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def event(self, name: str, timeout: float) -> dict[str, Any]:
+        """Wait for the JSON line ``{"event": name, ...}`` and return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(
+                    f"{self.argv[1:]}: no {name!r} event within {timeout} s; output:\n"
+                    + "\n".join(self.lines)
+                )
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)
+                raise RuntimeError(
+                    f"{self.argv[1:]} exited ({self.popen.poll()}) before its {name!r} event; "
+                    "output:\n" + "\n".join(self.lines)
+                )
+            self.lines.append(line)
+            if line.startswith("{"):
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(data, dict) and data.get("event") == name:
+                    return data
+
+    def send_line(self, text: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(text + "\n")
+        self.popen.stdin.flush()
+
+    def wait(self, timeout: float) -> int:
+        status = self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def kill(self) -> None:
+        """Kill the process if it still runs, reap it and close its pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        try:
+            self.popen.wait(10)
+        finally:
+            self._reader.join(5)
+            for pipe in (self.popen.stdin, self.popen.stdout):
+                if pipe is not None:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+
+
+PYTHON = sys.executable

@@ -1,0 +1,106 @@
+"""The benchmark's originator: the line echo of examples/echo.py, instrumented.
+
+    python benchmarks/_echo_app.py --control PATH [--port 0]
+
+Prints ``{"event": "ready", "port": P}`` once it serves, and on exit (after
+its service moved away) ``{"event": "exit", "marks": {...}, "memory": {...}}``:
+monotonic timestamps of the phases of the move on this side and its peak RSS.
+
+The timing wrappers are installed in ``main()`` only: a recipient loads this
+file by path to find ``Echo`` and must not patch anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import time
+from typing import Any
+
+import _common
+
+import takeover.asyncio as takeover
+
+
+class Echo(asyncio.Protocol):
+    """Echoes each complete line; a partial line waits (and moves) until its end."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        if lines and self.transport is not None:
+            self.transport.write(b"\n".join(lines) + b"\n")
+
+
+def instrument(marks: dict[str, float]) -> None:
+    """Record when each phase of a move ends, on the shared monotonic clock."""
+    from takeover import originator
+    from takeover._aio_transport import MigratableServer
+    from takeover._protocol import Kind
+
+    def around(owner: Any, name: str, before: str | None, after: str) -> None:
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                marks.setdefault(before, time.monotonic())
+            try:
+                return real(*args, **kwargs)
+            finally:
+                marks.setdefault(after, time.monotonic())
+
+        setattr(owner, name, wrapper)
+
+    around(MigratableServer, "quiesce", "quiesce_start", "quiesce_end")
+    around(originator, "dumps", None, "dumps_end")
+    around(MigratableServer, "release", "release_start", "release_end")
+
+    real_send = takeover.AsyncioChannel.send
+    real_receive = takeover.AsyncioChannel.receive
+    sent = {Kind.GRAPH: "graph_sent", Kind.FDS: "fds_sent", Kind.COMMIT: "commit_sent"}
+    received = {Kind.TAKE: "take_received", Kind.READY: "ready_received"}
+    received[Kind.COMMITTED] = "committed_received"
+
+    async def send(self: Any, message: Any, fds: Any = ()) -> None:
+        await real_send(self, message, fds)
+        if message.kind in sent:
+            marks[sent[message.kind]] = time.monotonic()  # FDS: the last batch wins
+
+    async def receive(self: Any, timeout: float | None) -> Any:
+        message = await real_receive(self, timeout)
+        if message.kind in received:
+            marks[received[message.kind]] = time.monotonic()
+        return message
+
+    takeover.AsyncioChannel.send = send  # type: ignore[method-assign]
+    takeover.AsyncioChannel.receive = receive  # type: ignore[method-assign]
+
+
+async def main(args: argparse.Namespace) -> None:
+    marks: dict[str, float] = {}
+    instrument(marks)
+    server = await takeover.start_server(Echo, args.host, args.port, name="echo", backlog=4096)
+    port = server.sockets[0].getsockname()[1]
+    await takeover.serve_until_moved(
+        server,
+        control=args.control,
+        ready=lambda m: _common.emit("ready", port=port, nofile=list(limits)),
+    )
+    _common.emit("exit", marks=marks, memory=_common.memory())
+
+
+if __name__ == "__main__":
+    limits = _common.raise_nofile()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--control", required=True)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,106 @@
+"""The benchmark's recipient: take every service at CONTROL through the library API.
+
+    python benchmarks/_recipient.py CONTROL
+
+Does what ``takeover take --json`` does up to the commit, timed from inside:
+connect (with HELLO), LIST, then ``RecipientSession.take`` for each service.
+Prints ``{"event": "taken", ...}`` with ``Taken.summary()`` (``pause_ms`` is
+the library's own figure: the originator's quiesce to this side's start on the
+shared monotonic clock), the phase timestamps of this side and its timings;
+then serves until a line ``quit`` arrives on stdin, and prints
+``{"event": "exit", "memory": {...}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import time
+from typing import Any
+
+import _common
+
+import takeover.asyncio as takeover
+from takeover import recipient
+from takeover._aio_transport import MigratableServer
+from takeover._protocol import Kind
+
+
+def instrument(marks: dict[str, float]) -> None:
+    """Record when each phase of a move ends, on the shared monotonic clock."""
+
+    def around(owner: Any, name: str, after: str) -> None:
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            finally:
+                marks[after] = time.monotonic()
+
+        setattr(owner, name, wrapper)
+
+    around(recipient, "loads", "loads_end")
+    around(MigratableServer, "adopt", "adopt_end")
+    around(MigratableServer, "start", "start_end")
+
+    real_send = takeover.AsyncioChannel.send
+    real_receive = takeover.AsyncioChannel.receive
+    sent = {Kind.TAKE: "take_sent", Kind.READY: "ready_sent", Kind.COMMITTED: "committed_sent"}
+    received = {Kind.GRAPH: "graph_received", Kind.FDS: "fds_received"}
+    received[Kind.COMMIT] = "commit_received"
+
+    async def send(self: Any, message: Any, fds: Any = ()) -> None:
+        await real_send(self, message, fds)
+        if message.kind in sent:
+            marks[sent[message.kind]] = time.monotonic()
+
+    async def receive(self: Any, timeout: float | None) -> Any:
+        message = await real_receive(self, timeout)
+        if message.kind in received:
+            marks[received[message.kind]] = time.monotonic()  # FDS: the last batch wins
+        return message
+
+    takeover.AsyncioChannel.send = send  # type: ignore[method-assign]
+    takeover.AsyncioChannel.receive = receive  # type: ignore[method-assign]
+
+
+async def main(control: str) -> None:
+    loop = asyncio.get_running_loop()
+    marks: dict[str, float] = {}
+    instrument(marks)
+    before = _common.memory()
+    t0 = time.monotonic()
+    session = await takeover.connect(control)
+    t1 = time.monotonic()
+    try:
+        names = recipient.select(await session.list(), ())
+        t2 = time.monotonic()
+        taken = [await session.take(name, loop) for name in names]
+        t3 = time.monotonic()
+    finally:
+        await session.close()
+    for result in taken:
+        _common.emit(
+            "taken",
+            **result.summary(),
+            connect_ms=(t1 - t0) * 1000,
+            list_ms=(t2 - t1) * 1000,
+            take_ms=(t3 - t2) * 1000,
+            total_ms=(t3 - t0) * 1000,
+            started=t0,
+            marks=marks,
+            memory_before=before,
+        )
+    await loop.run_in_executor(None, sys.stdin.readline)
+    _common.emit("exit", memory=_common.memory())
+    for result in taken:
+        service: Any = result.service
+        service.close()
+
+
+if __name__ == "__main__":
+    _common.raise_nofile()
+    asyncio.run(main(sys.argv[1]))

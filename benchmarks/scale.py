@@ -1,0 +1,253 @@
+"""How a move scales with the number of connections, and how far it is from the floor.
+
+    python benchmarks/scale.py [--sizes 1,10,100,1000,10000] [--repeats 5] [--out DIR]
+
+For each size N and each of R runs: start the originator (``_echo_app.py``, a
+line echo, in its own process), open N idle TCP connections to it from this
+process, move the service to a recipient process (``_recipient.py``, the
+library API timed from inside), check that a sample of the connections still
+echo through the recipient, and collect:
+
+* pause: ``pause_ms`` as the recipient reports it (the originator's quiesce to
+  the recipient's start, shared monotonic clock),
+* take: the recipient's connect -> HELLO -> LIST -> TAKE ... committed and
+  started,
+* graph bytes, the phases of the move on both sides, and the peak RSS
+  (VmHWM) of both processes;
+
+and in the same run the floor (``_floor.py``): passing N + 1 descriptors over
+SCM_RIGHTS between two processes in batches of 253, and pickling and
+unpickling N protocol objects with nothing else.
+
+Writes ``DIR/NAME.json`` (every run) and ``DIR/NAME.md`` (see report.py).
+RLIMIT_NOFILE is raised to the hard limit in every process; a size that
+does not fit under the hard limit is skipped and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+import report  # noqa: E402
+
+TIMEOUT = 120.0
+SAMPLE = 16
+"""Connections checked to still echo after each move."""
+
+
+async def _connections(control: str) -> int:
+    import takeover.asyncio as takeover
+
+    session = await takeover.connect(control)
+    try:
+        services = await session.list()
+    finally:
+        await session.close()
+    return sum(int(s.get("connections", 0)) for s in services)
+
+
+def wait_connections(control: str, count: int, timeout: float) -> None:
+    """Wait until the originator has accepted ``count`` connections."""
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while time.monotonic() < deadline:
+        seen = asyncio.run(_connections(control))
+        if seen >= count:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"the originator accepted {seen} of {count} connections in {timeout} s")
+
+
+def open_clients(port: int, count: int) -> list[socket.socket]:
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
+
+
+def check_echo(clients: list[socket.socket]) -> int:
+    """Send a line on an even sample of ``clients`` and read it back; return how many."""
+    step = max(1, len(clients) // SAMPLE)
+    sample = clients[::step][:SAMPLE]
+    for i, client in enumerate(sample):
+        line = f"ping {i}\n".encode()
+        client.sendall(line)
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = client.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"connection {i} closed after the move")
+            got += chunk
+        if got != line:
+            raise RuntimeError(f"connection {i} echoed {got!r} for {line!r}")
+    return len(sample)
+
+
+def run_move(count: int) -> dict[str, Any]:
+    """One move of a service with ``count`` idle connections."""
+    workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
+    control = os.path.join(workdir, "c.sock")
+    procs: list[_common.Proc] = []
+    clients: list[socket.socket] = []
+    try:
+        originator = _common.Proc(
+            [_common.PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
+        )
+        procs.append(originator)
+        port = int(originator.event("ready", TIMEOUT)["port"])
+        setup = time.monotonic()
+        clients = open_clients(port, count)
+        wait_connections(control, count, TIMEOUT)
+        setup_s = time.monotonic() - setup
+        idle = _common.proc_memory(originator.pid)
+        recipient = _common.Proc(
+            [_common.PYTHON, os.path.join(_common.HERE, "_recipient.py"), control], stdin=True
+        )
+        procs.append(recipient)
+        taken = recipient.event("taken", TIMEOUT)
+        if taken["connections"] != count:
+            raise RuntimeError(f"{taken['connections']} connections moved, not {count}")
+        checked = check_echo(clients)
+        gone = originator.event("exit", TIMEOUT)
+        originator.wait(TIMEOUT)
+        recipient.send_line("quit")
+        ended = recipient.event("exit", TIMEOUT)
+        recipient.wait(TIMEOUT)
+    finally:
+        for proc in procs:
+            proc.kill()
+        for client in clients:
+            client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "connections": count,
+        "pause_ms": taken["pause_ms"],
+        "take_ms": taken["take_ms"],
+        "total_ms": taken["total_ms"],
+        "connect_ms": taken["connect_ms"],
+        "graph_bytes": taken["graph_bytes"],
+        "fds": taken["fds"],
+        "echo_checked": checked,
+        "setup_s": setup_s,
+        "originator_marks": gone["marks"],
+        "recipient_marks": taken["marks"],
+        "recipient_started": taken["started"],
+        "originator_idle_memory": idle,
+        "originator_memory": gone["memory"],
+        "recipient_memory_before": taken["memory_before"],
+        "recipient_memory": ended["memory"],
+    }
+
+
+def run_floor(count: int) -> dict[str, Any]:
+    proc = _common.Proc([_common.PYTHON, os.path.join(_common.HERE, "_floor.py"), str(count)])
+    try:
+        result = proc.event("floor", TIMEOUT)
+        proc.wait(TIMEOUT)
+    finally:
+        proc.kill()
+    return result
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "-C", _common.ROOT, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "memory_mb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20),
+        "nofile": [soft, hard],
+        "commit": commit,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,100,1000,10000", help="comma-separated N")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per size (R)")
+    parser.add_argument("--out", default=os.path.join(_common.HERE, "results"), help="directory")
+    parser.add_argument("--name", default="scale", help="writes NAME.json and NAME.md")
+    parser.add_argument("--command", help="the command to quote in the report (default: argv)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    _soft, hard = _common.raise_nofile()
+    command = args.command or " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
+    )
+    data: dict[str, Any] = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "sizes": sizes,
+        "skipped": {},
+        "runs": [],
+        "floors": [],
+    }
+    for count in sizes:
+        need = count + _common.FD_MARGIN
+        if hard != resource.RLIM_INFINITY and need > hard:
+            reason = f"RLIMIT_NOFILE hard limit {hard} is below the {need} descriptors needed"
+            print(f"N={count}: skipped: {reason}", file=sys.stderr, flush=True)
+            data["skipped"][str(count)] = reason
+            continue
+        for repeat in range(args.repeats):
+            move = run_move(count)
+            floor = run_floor(count)
+            data["runs"].append(move)
+            data["floors"].append(floor)
+            floor_ms = floor["fds_ms"] + floor["dumps_ms"] + floor["loads_ms"]
+            print(
+                f"N={count} run {repeat + 1}/{args.repeats}: pause {move['pause_ms']:.3f} ms, "
+                f"take {move['take_ms']:.3f} ms, graph {move['graph_bytes']} B, "
+                f"floor {floor_ms:.3f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    os.makedirs(args.out, exist_ok=True)
+    json_path, md_path = report.write(data, args.out, args.name)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
