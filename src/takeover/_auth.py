@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from ._errors import AuthenticationError
 
 _UCRED = struct.Struct("3i")
+# PyPy's socket module lacks the constant; 17 is its value on Linux.
+_SO_PEERCRED: int = getattr(socket, "SO_PEERCRED", 17)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
     """The peer's pid, uid and gid, or None where the socket is not AF_UNIX."""
     if sock.family != socket.AF_UNIX:
         return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return PeerCredentials(pid, uid, gid)
 
