@@ -135,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
     server = await takeover.start_server(RoomFactory(Room()), args.host, args.port, name="chat")
     await takeover.serve_until_moved(
         server,
-        control=args.control,
+        **takeover.control_options(args),
         ready=lambda m: print(f"chat on {args.host}:{args.port}, control {m.path}", flush=True),
     )
 
@@ -144,5 +144,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8023)
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     asyncio.run(main(parser.parse_args()))

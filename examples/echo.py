@@ -32,7 +32,7 @@ async def main(args: argparse.Namespace) -> None:
     server = await takeover.start_server(Echo, args.host, args.port, name="echo")
     await takeover.serve_until_moved(
         server,
-        control=args.control,
+        **takeover.control_options(args),
         ready=lambda m: print(f"echo on {args.host}:{args.port}, control {m.path}", flush=True),
     )
 
@@ -41,5 +41,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8007)
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     asyncio.run(main(parser.parse_args()))

@@ -207,7 +207,7 @@ async def main(args: argparse.Namespace) -> None:
     server = await takeover.start_server(factory, args.host, args.port, name="http")
     await takeover.serve_until_moved(
         server,
-        control=args.control,
+        **takeover.control_options(args),
         ready=lambda m: print(f"http on {args.host}:{args.port}, control {m.path}", flush=True),
     )
 
@@ -216,5 +216,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     asyncio.run(main(parser.parse_args()))

@@ -16,6 +16,7 @@ from ._errors import (
     ServiceBusyError,
     TakeoverError,
 )
+from ._options import add_control_options, control_options
 from ._protocol import Limits
 from .recipient import Taken
 from .registry import Registry, Service, ServiceState
@@ -38,4 +39,6 @@ __all__ = [
     "Taken",
     "TakeoverError",
     "__version__",
+    "add_control_options",
+    "control_options",
 ]

@@ -8,14 +8,23 @@ implementation that moves frames and descriptors for its event loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ._auth import PeerCredentials
 from ._protocol import Message
 
 
 class Channel(Protocol):
-    """One side of a control connection."""
+    """One side of a control connection.
+
+    ``local`` channels are AF_UNIX: the peer's credentials are known and
+    descriptors ride on the channel itself. Other channels (TCP) have no
+    credentials and carry descriptors over a separate AF_UNIX socket, the
+    *fd transport*, which only a process on the same host can reach.
+    """
+
+    local: bool
+    encrypted: bool
 
     @property
     def peer(self) -> PeerCredentials | None:
@@ -23,7 +32,7 @@ class Channel(Protocol):
         ...
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
-        """Send ``message``; ``fds`` (at most 253) ride on its first byte."""
+        """Send ``message``; ``fds`` (at most 253) travel with it."""
         ...
 
     async def receive(self, timeout: float | None) -> Message:
@@ -36,11 +45,31 @@ class Channel(Protocol):
         """
         ...
 
-    def take_fds(self, count: int) -> list[int]:
+    async def take_fds(self, count: int, timeout: float | None) -> list[int]:
         """The next ``count`` descriptors received, in order.
 
         Raises:
-            ProtocolError: fewer than ``count`` have arrived.
+            ProtocolError: fewer than ``count`` have arrived (local channel).
+            MigrationTimeoutError: they did not arrive in time (fd transport).
+        """
+        ...
+
+    async def offer_fd_transport(self) -> dict[str, Any]:
+        """Originator, non-local channel: listen for the recipient's fd
+        transport; return where and with which token to connect."""
+        ...
+
+    async def accept_fd_transport(self, timeout: float | None) -> None:
+        """Originator: wait until the fd transport is connected (no-op if
+        local or already connected)."""
+        ...
+
+    async def connect_fd_transport(self, offer: dict[str, Any], timeout: float | None) -> None:
+        """Recipient: connect to the originator's fd transport.
+
+        Raises:
+            ChannelClosedError: it can't be reached: the originator is on
+                another host.
         """
         ...
 

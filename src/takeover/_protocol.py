@@ -19,9 +19,15 @@ The recipient connects and speaks first. Written from the originator's side
 (the recipient's machine is the same table with the directions swapped)::
 
     start           --in HELLO-->        hello-received
-    hello-received  --out HELLO-->       idle
+    hello-received  --out HELLO-->       idle              (no secret configured)
+    hello-received  --out HELLO-->       authenticating    (HELLO says "auth")
+    authenticating  --in AUTH-->         auth-check        (the recipient's proof)
+    auth-check      --out AUTHED-->      idle              (or ERROR, and close)
     idle            --in LIST-->         listing  --out SERVICES--> idle
     idle            --in TAKE-->         taking
+    idle            --in CHECK-->        checking          (a dry run: nothing is paused)
+    checking        --out CHECKED-->     idle              (can it move; if not, what is in the way)
+    checking        --out ERROR-->       idle              (no such service)
     taking          --out ERROR-->       idle              (busy, no such service, unpicklable)
     taking          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
     sending-fds     --out FDS-->         sending-fds ... await-ready once all are sent
@@ -91,6 +97,10 @@ class Kind(enum.IntEnum):
     COMMITTED = 10
     ERROR = 11
     BYE = 12
+    CHECK = 13
+    CHECKED = 14
+    AUTH = 20
+    AUTHED = 21
 
 
 class Role(enum.Enum):
@@ -185,9 +195,14 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("start", _OUT, Kind.ERROR): "closed",
     ("hello-received", _OUT, Kind.HELLO): "idle",
     ("hello-received", _OUT, Kind.ERROR): "closed",
+    ("authenticating", _IN, Kind.AUTH): "auth-check",
+    ("auth-check", _OUT, Kind.AUTHED): "idle",
     ("idle", _IN, Kind.LIST): "listing",
     ("listing", _OUT, Kind.SERVICES): "idle",
     ("idle", _IN, Kind.TAKE): "taking",
+    ("idle", _IN, Kind.CHECK): "checking",
+    ("checking", _OUT, Kind.CHECKED): "idle",
+    ("checking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.GRAPH): "sending-fds",
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
@@ -236,6 +251,9 @@ class Conversation:
             raise ProtocolError(
                 f"unexpected {message.kind.name} from the {who} in state {self.state!r}"
             )
+        if message.kind is Kind.HELLO and from_originator and message.body.get("auth"):
+            # A secret is configured: the recipient must prove it before anything else.
+            nxt = "authenticating"
         if message.kind is Kind.GRAPH:
             self.fds_expected = _count(message.body, "fds")
             nxt = "sending-fds" if self.fds_expected else "await-ready"

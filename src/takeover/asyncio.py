@@ -17,8 +17,8 @@ process.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from . import _fds
+from ._aio_channel import AsyncioChannel, StreamChannel, parse_control
 from ._aio_transport import MigratableServer, MigratableTransport, ProtocolFactory
-from ._auth import PeerCredentials, peer_credentials
-from ._errors import ChannelClosedError, MigrationTimeoutError, ProtocolError, TakeoverError
-from ._protocol import FrameDecoder, Limits, Message
+from ._auth import TLSConfig, load_secret
+from ._channel import Channel
+from ._errors import AuthenticationError, ChannelClosedError, TakeoverError
+from ._options import add_control_options, control_options
+from ._protocol import Limits
 from .originator import serve_channel
 from .recipient import RecipientSession, Taken, select
 from .registry import Registry, Service
@@ -42,7 +44,12 @@ __all__ = [
     "MigratableServer",
     "MigratableTransport",
     "MigrationServer",
+    "StreamChannel",
+    "TLSConfig",
+    "add_control_options",
     "connect",
+    "control_options",
+    "load_secret",
     "serve_until_moved",
     "start_server",
     "start_unix_server",
@@ -50,118 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("takeover.asyncio")
-
-
-class AsyncioChannel:
-    """A control channel over a non-blocking AF_UNIX stream socket."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        limits: Limits = Limits(),
-    ) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._loop = loop or asyncio.get_running_loop()
-        self._decoder = FrameDecoder(limits.max_frame_size)
-        self._messages: collections.deque[Message] = collections.deque()
-        self._fds: collections.deque[int] = collections.deque()
-        self._eof = False
-        self._peer = peer_credentials(sock)
-
-    @property
-    def peer(self) -> PeerCredentials | None:
-        return self._peer
-
-    async def _wait(self, writable: bool) -> None:
-        fd = self._sock.fileno()
-        future: asyncio.Future[None] = self._loop.create_future()
-
-        def ready() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        if writable:
-            self._loop.add_writer(fd, ready)
-        else:
-            self._loop.add_reader(fd, ready)
-        try:
-            await future
-        finally:
-            if writable:
-                self._loop.remove_writer(fd)
-            else:
-                self._loop.remove_reader(fd)
-
-    async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
-        data = memoryview(message.encode())
-        try:
-            if fds:
-                while True:
-                    try:
-                        sent = _fds.send_with_fds(self._sock, data, fds)
-                        break
-                    except (BlockingIOError, InterruptedError):
-                        await self._wait(writable=True)
-                data = data[sent:]
-            while data:
-                try:
-                    sent = self._sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(writable=True)
-                    continue
-                data = data[sent:]
-        except OSError as exc:
-            if self._sock.fileno() < 0:
-                raise ChannelClosedError("the control channel was closed") from exc
-            raise ChannelClosedError(f"the control channel broke: {exc}") from exc
-
-    async def receive(self, timeout: float | None) -> Message:
-        try:
-            return await asyncio.wait_for(self._receive(), timeout)
-        except asyncio.TimeoutError:
-            raise MigrationTimeoutError(
-                f"the peer sent nothing for {timeout:g} s; giving up on this step"
-            ) from None
-
-    async def _receive(self) -> Message:
-        while not self._messages:
-            if self._eof:
-                raise ChannelClosedError("the peer closed the control channel")
-            try:
-                data, fds = _fds.recv_with_fds(self._sock, 256 * 1024)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
-                continue
-            except ProtocolError:
-                raise
-            except OSError as exc:
-                raise ChannelClosedError(f"the control channel broke: {exc}") from exc
-            self._fds.extend(fds)
-            if not data:
-                self._eof = True
-                if self._decoder.pending:
-                    raise ProtocolError(
-                        f"the peer closed the channel in the middle of a frame "
-                        f"({self._decoder.pending} bytes of it arrived)"
-                    )
-                continue
-            self._messages.extend(self._decoder.feed(data))
-        return self._messages.popleft()
-
-    def take_fds(self, count: int) -> list[int]:
-        if count > len(self._fds):
-            raise ProtocolError(
-                f"an FDS frame announced {count} descriptors but {len(self._fds)} arrived"
-            )
-        return [self._fds.popleft() for _ in range(count)]
-
-    def close(self) -> None:
-        _fds.close_all(list(self._fds))
-        self._fds.clear()
-        self._sock.close()
 
 
 async def start_server(
@@ -277,24 +172,49 @@ def _remove_stale(path: str) -> None:
 
 
 class MigrationServer:
-    """Publishes services for migration on an AF_UNIX control socket.
+    """Publishes services for migration on a control socket.
 
     Args:
-        path: where the control socket lives. It is created with mode 0600;
-            only the same user (or root) may take services, checked with
-            SO_PEERCRED on every connection.
+        control: an AF_UNIX socket path, or ``tcp:HOST:PORT``. A path is
+            created with mode 0600 and every peer is checked with
+            SO_PEERCRED (same user, or root). Over TCP a ``secret`` or
+            ``tls`` is mandatory, and descriptors still only move to a
+            process on this host.
         limits: frame size, descriptor count and step timeout limits.
-        replace: bind a temporary path and ``rename`` it over ``path``
-            (how a recipient takes over the control path of the process it
-            replaced). Otherwise ``path`` must not exist.
+        replace: for a path, bind a temporary path and ``rename`` it over
+            ``control`` (how a recipient takes over the control path of the
+            process it replaced); for TCP, retry binding the port until the
+            previous owner has released it. Otherwise a live server already
+            at ``control`` is an error (a stale socket file is replaced).
+        secret: a shared secret every recipient must prove it knows
+            (mutual HMAC-SHA256 challenge-response); see :func:`load_secret`.
+        tls: certificates for TLS over TCP; recipients must present one
+            signed by ``tls.ca``.
     """
 
-    def __init__(self, path: str, *, limits: Limits = Limits(), replace: bool = False) -> None:
-        self.path = os.path.abspath(path)
+    def __init__(
+        self,
+        control: str,
+        *,
+        limits: Limits = Limits(),
+        replace: bool = False,
+        secret: bytes | None = None,
+        tls: TLSConfig | None = None,
+    ) -> None:
+        self._kind, address = parse_control(control)
+        if self._kind == "tcp" and secret is None and tls is None:
+            raise AuthenticationError(
+                f"a TCP control channel ({control}) needs a shared secret or TLS"
+            )
+        self._address = address
+        self.path = os.path.abspath(control) if self._kind == "unix" else control
         self.limits = limits
+        self.secret = secret
+        self.tls = tls
         self.registry = Registry()
         self._replace = replace
         self._sock: socket.socket | None = None
+        self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -316,6 +236,9 @@ class MigrationServer:
         """Bind the control socket and begin accepting recipients."""
         self._loop = asyncio.get_running_loop()
         self._empty = asyncio.Event()
+        if self._kind == "tcp":
+            await self._start_tcp()
+            return
         if self._replace:
             temporary = f"{self.path}.{os.getpid()}.tmp"
             with contextlib.suppress(FileNotFoundError):
@@ -329,6 +252,30 @@ class MigrationServer:
                 self._sock = _bind_control(self.path)
         self._inode = os.stat(self.path).st_ino
         self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+        log.info("migration server listening on %s", self.path)
+
+    async def _start_tcp(self) -> None:
+        host, port = self._address
+        context = self.tls.context(server=True) if self.tls is not None else None
+        deadline = None if self.limits.step_timeout is None else self.limits.step_timeout
+        waited = 0.0
+        while True:
+            try:
+                self._server = await asyncio.start_server(
+                    self._serve_stream, host, port, ssl=context, reuse_address=True
+                )
+                break
+            except OSError as exc:
+                # The process this one replaces releases the port when its
+                # last conversation ends.
+                if not self._replace or exc.errno != errno.EADDRINUSE:
+                    raise
+                if deadline is not None and waited >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                waited += 0.05
+        bound = self._server.sockets[0].getsockname()
+        self.path = f"tcp:{host}:{bound[1]}"
         log.info("migration server listening on %s", self.path)
 
     def publish(self, service: Service) -> None:
@@ -355,14 +302,27 @@ class MigrationServer:
             except OSError as exc:
                 log.warning("migration server accept failed: %s", exc)
                 return
-            task = self._loop.create_task(self._serve(conn))
+            self._track(self._converse(AsyncioChannel(conn, self._loop, limits=self.limits)))
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        channel = StreamChannel(reader, writer, limits=self.limits)
+        task = asyncio.current_task()
+        if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        await self._converse(channel)
 
-    async def _serve(self, conn: socket.socket) -> None:
-        channel = AsyncioChannel(conn, self._loop, limits=self.limits)
+    def _track(self, coroutine: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _converse(self, channel: Channel) -> None:
         try:
-            await serve_channel(channel, self.registry, limits=self.limits)
+            await serve_channel(channel, self.registry, limits=self.limits, secret=self.secret)
         except ChannelClosedError:
             pass
         except TakeoverError as exc:
@@ -374,6 +334,9 @@ class MigrationServer:
 
     async def aclose(self) -> None:
         """Stop accepting recipients and remove the control path if still ours."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._sock is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._sock.fileno())
@@ -383,46 +346,80 @@ class MigrationServer:
             with _path_lock(self.path), contextlib.suppress(FileNotFoundError):
                 if os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
-        for task in list(self._tasks):
+        current = asyncio.current_task()
+        pending = [task for task in self._tasks if task is not current]
+        for task in pending:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        if pending:
+            await asyncio.wait(pending)
 
 
-async def connect(control: str, *, limits: Limits = Limits()) -> RecipientSession:
+async def connect(
+    control: str,
+    *,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
+) -> RecipientSession:
     """Open a control connection to the migration server at ``control``.
+
+    Args:
+        control: the originator's control socket path, or ``tcp:HOST:PORT``.
+        limits: frame size, descriptor count and step timeout limits.
+        secret: the shared secret, when the originator requires one (and
+            then the originator must prove it knows it too).
+        tls: certificates for TLS over TCP.
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
     Raises:
         FileNotFoundError, ConnectionRefusedError: nothing serves ``control``.
-        AuthenticationError: the originator runs as another user.
+        AuthenticationError: the originator runs as another user, or the
+            secrets differ, or only one side has one.
     """
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, control)
-    except BaseException:
-        sock.close()
-        raise
-    session = RecipientSession(AsyncioChannel(sock, loop, limits=limits), limits=limits)
+    kind, address = parse_control(control)
+    channel: Channel
+    if kind == "tcp":
+        context = tls.context(server=False) if tls is not None else None
+        if context is None and secret is None:
+            raise AuthenticationError(
+                f"a TCP control channel ({control}) needs a shared secret or TLS"
+            )
+        reader, writer = await asyncio.open_connection(*address, ssl=context)
+        channel = StreamChannel(reader, writer, limits=limits)
+    else:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        channel = AsyncioChannel(sock, loop, limits=limits)
+    session = RecipientSession(channel, limits=limits, secret=secret)
     try:
         await session.open()
     except BaseException:
-        session.channel.close()
+        channel.close()
         raise
     return session
 
 
 async def take(
-    control: str, services: Sequence[str] = (), *, limits: Limits = Limits()
+    control: str,
+    services: Sequence[str] = (),
+    *,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
 ) -> list[Taken]:
     """Move services from the migration server at ``control`` into this process.
 
     Args:
-        control: the originator's control socket path.
+        control: the originator's control socket path, or ``tcp:HOST:PORT``.
         services: names to take; every published service when empty.
+        limits, secret, tls: as for :func:`connect`.
 
     Returns:
         One :class:`~takeover.recipient.Taken` per service, each running in
@@ -432,7 +429,7 @@ async def take(
         TakeoverError: the first service that could not be taken; services
             taken before it keep running here.
     """
-    session = await connect(control, limits=limits)
+    session = await connect(control, limits=limits, secret=secret, tls=tls)
     try:
         names = select(await session.list(), services)
         loop = asyncio.get_running_loop()
@@ -446,6 +443,8 @@ async def serve_until_moved(
     control: str,
     limits: Limits = Limits(),
     replace: bool = False,
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
     ready: Callable[[MigrationServer], object] | None = None,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
@@ -459,10 +458,14 @@ async def serve_until_moved(
         control: the control socket path.
         limits: frame size, descriptor count and step timeout limits.
         replace: rename over an existing control socket at ``control``.
+        secret, tls: what recipients must authenticate with (see
+            :class:`MigrationServer`).
         ready: called once the control socket accepts recipients (to print
             a "ready" line, say).
     """
-    async with MigrationServer(control, limits=limits, replace=replace) as migration:
+    async with MigrationServer(
+        control, limits=limits, replace=replace, secret=secret, tls=tls
+    ) as migration:
         for service in services:
             migration.publish(service)
         if ready is not None:

@@ -2,6 +2,11 @@
 
     takeover list CONTROL [--json]
     takeover take CONTROL [--service NAME]... [--json]
+    takeover check CONTROL [--service NAME]... [--json]
+
+``check`` is a dry run: the originator pickles each service's graph and throws
+it away, pausing nothing, and says what would stop it from moving. It exits 0
+when every service checked can move, 1 otherwise.
 
 ``take`` is the generic recipient: it needs none of the application's code on
 its command line, since the graph names the modules and the script it needs.
@@ -22,7 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import TakeoverError
-from .recipient import Taken, select
+from ._options import add_security_options, security_options
+from .recipient import CheckResult, Taken, select
 
 EXIT_FAILURE = 1
 EXIT_PARTIAL = 3
@@ -44,19 +50,31 @@ def _describe_connect_error(control: str, exc: OSError) -> str:
     return f"cannot connect to {control}: {exc}"
 
 
-async def _connect(control: str) -> Any:
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        return security_options(args)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot read secret file {args.secret_file}: {exc}") from exc
+
+
+async def _connect(args: argparse.Namespace) -> Any:
     from .asyncio import connect
 
+    control = args.control
     try:
-        return await connect(control)
+        return await connect(control, **_security(args))
     except TakeoverError:
         raise
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
     except OSError as exc:
         raise CommandError(_describe_connect_error(control, exc)) from exc
 
 
 async def _list(args: argparse.Namespace) -> int:
-    session = await _connect(args.control)
+    session = await _connect(args)
     try:
         services = await session.list()
     finally:
@@ -100,7 +118,7 @@ async def _take(args: argparse.Namespace) -> int:
     from .asyncio import MigrationServer
 
     loop = asyncio.get_running_loop()
-    session = await _connect(args.control)
+    session = await _connect(args)
     taken: list[Taken] = []
     failures: list[str] = []
     try:
@@ -120,16 +138,25 @@ async def _take(args: argparse.Namespace) -> int:
         if not taken:
             return EXIT_FAILURE
         everything = {t.name for t in taken} == {str(s.get("name")) for s in listed}
-        control = args.control if everything else f"{args.control}.{os.getpid()}"
-        migration = MigrationServer(control, replace=everything)
+        tcp = args.control.startswith("tcp:")
+        if everything:
+            control = args.control
+        elif tcp:
+            control = args.control.rpartition(":")[0] + ":0"
+        else:
+            control = f"{args.control}.{os.getpid()}"
+        migration = MigrationServer(control, replace=everything, **_security(args))
         for result in taken:
             migration.publish(result.service)
-        # Publish (rename over CONTROL) before BYE: on BYE an originator left
-        # with nothing unlinks CONTROL if it still holds its own inode, and a
-        # rename landing between its stat() and unlink() would be deleted.
-        await migration.start()
+        if not tcp:
+            # Publish (rename over CONTROL) before BYE, so that the originator,
+            # which removes CONTROL on leaving if it is still its own, sees ours.
+            await migration.start()
     finally:
         await session.close()
+    if tcp:
+        # The originator releases the port once the conversation is over.
+        await migration.start()
     if args.json:
         print(json.dumps({"event": "serving", "control": migration.path, "pid": os.getpid()}))
     else:
@@ -155,10 +182,44 @@ async def _take(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failures else 0
 
 
+def _report_check(result: CheckResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.summary(), sort_keys=True), flush=True)
+    elif result.ok:
+        print(f"{result.name}: ok", flush=True)
+    else:
+        print(f"{result.name}: cannot move: {result.path}: {result.error}", flush=True)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    session = await _connect(args)
+    results: list[CheckResult] = []
+    try:
+        names = select(await session.list(), args.service)
+        for name in names:
+            result = await session.check(name)
+            results.append(result)
+            _report_check(result, args.json)
+    finally:
+        await session.close()
+    if not results and not args.json:
+        print(f"no services published at {args.control}")
+    return 0 if all(result.ok for result in results) else EXIT_FAILURE
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
     return run(args)
+
+
+def _control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "control",
+        metavar="CONTROL",
+        help="the migration server: a socket path, or tcp:HOST:PORT",
+    )
+    add_security_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("list", help="show the services a migration server publishes")
-    p.add_argument("control", metavar="CONTROL", help="the migration server's socket path")
+    _control_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per service")
     p.set_defaults(run=_list)
 
     p = commands.add_parser(
         "take", help="take services into this process, serve them, and publish them again"
     )
-    p.add_argument("control", metavar="CONTROL", help="the migration server's socket path")
+    _control_arguments(p)
     p.add_argument(
         "--service",
         action="append",
@@ -187,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=_take)
+
+    p = commands.add_parser(
+        "check", help="dry run: could each service move now? (nothing is paused or moved)"
+    )
+    _control_arguments(p)
+    p.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a service to check (repeatable; default: all)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per service")
+    p.set_defaults(run=_check)
 
     p = commands.add_parser("demo", help="run the demonstration")
     p.set_defaults(run=None, sync=_demo)

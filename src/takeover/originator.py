@@ -29,17 +29,19 @@ import time
 from typing import Any
 
 from . import _faults, _protocol
-from ._auth import check_peer
+from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
 from ._channel import Channel
 from ._errors import (
     AuthenticationError,
     MigrationTimeoutError,
     NoSuchServiceError,
     ProtocolError,
+    SerializationError,
     ServiceBusyError,
     TakeoverError,
 )
 from ._fds import batches
+from ._graphpath import check_graph
 from ._protocol import Conversation, Kind, Limits, Message, Role
 from ._serialize import dumps, main_reference
 from .registry import Registry
@@ -47,11 +49,24 @@ from .registry import Registry
 log = logging.getLogger("takeover.originator")
 
 
-async def serve_channel(channel: Channel, registry: Registry, *, limits: Limits = Limits()) -> None:
+async def serve_channel(
+    channel: Channel,
+    registry: Registry,
+    *,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+) -> None:
     """Hold the conversation with one recipient until it says BYE or leaves.
 
     Every service this connection takes is committed or rolled back before
     this returns or raises.
+
+    Args:
+        channel: the control connection.
+        registry: the services published here.
+        limits: frame size, descriptor count and step timeout limits.
+        secret: the shared secret a recipient must prove it knows (mutual
+            HMAC challenge-response); None for peer credentials only.
     """
     conversation = Conversation(Role.ORIGINATOR)
 
@@ -60,24 +75,13 @@ async def serve_channel(channel: Channel, registry: Registry, *, limits: Limits 
         await channel.send(message, fds or ())
 
     try:
-        check_peer(channel.peer, role="recipient")
+        peer = await _handshake(channel, conversation, send, limits, secret)
     except AuthenticationError as exc:
-        log.warning("%s", exc)
-        await send(_protocol.error(exc.code, str(exc)))
+        log.warning("refused a recipient: %s", exc)
+        if conversation.state != "closed":
+            await send(_protocol.error(exc.code, str(exc)))
         return
-    message = await channel.receive(limits.step_timeout)
-    conversation.receive(message)
-    peer = _protocol.check_hello(message, Role.RECIPIENT)
     pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
-    await send(
-        _protocol.hello(
-            Role.ORIGINATOR,
-            pid=os.getpid(),
-            pickle_protocol=pickle_protocol,
-            python=sys.version,
-            implementation=sys.implementation.name,
-        )
-    )
     log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
     while True:
         message = await channel.receive(None)
@@ -91,6 +95,89 @@ async def serve_channel(channel: Channel, registry: Registry, *, limits: Limits 
             if not isinstance(name, str):
                 raise ProtocolError(f"TAKE names no service: {message.body!r}")
             await _move(channel, conversation, registry, name, pickle_protocol, limits, send)
+        elif message.kind is Kind.CHECK:
+            name = message.body.get("service")
+            if not isinstance(name, str):
+                raise ProtocolError(f"CHECK names no service: {message.body!r}")
+            await _check(registry, name, pickle_protocol, send)
+
+
+async def _handshake(
+    channel: Channel,
+    conversation: Conversation,
+    send: Any,
+    limits: Limits,
+    secret: bytes | None,
+) -> dict[str, Any]:
+    """Check the recipient's credentials, exchange HELLOs and, with a secret,
+    run the mutual challenge-response. Returns the recipient's HELLO body.
+
+    Raises:
+        AuthenticationError: the recipient is refused; nothing was sent but
+            HELLO, and nothing of it was unpickled.
+    """
+    if channel.local:
+        check_peer(channel.peer, role="recipient")
+    elif secret is None and not channel.encrypted:
+        raise AuthenticationError(
+            "a control channel over TCP needs a shared secret or TLS; refusing the recipient"
+        )
+    message = await channel.receive(limits.step_timeout)
+    conversation.receive(message)
+    peer = _protocol.check_hello(message, Role.RECIPIENT)
+    pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
+    info: dict[str, Any] = {
+        "pid": os.getpid(),
+        "pickle_protocol": pickle_protocol,
+        "python": sys.version,
+        "implementation": sys.implementation.name,
+    }
+    if not channel.local:
+        # Where the recipient connects to receive descriptors (same host only).
+        info["fd_transport"] = await channel.offer_fd_transport()
+    if secret is None:
+        await send(_protocol.hello(Role.ORIGINATOR, **info))
+        return peer
+    if peer.get("auth") != AUTH_SCHEME:
+        raise AuthenticationError(
+            "this migration server requires a shared secret: "
+            "give the recipient the same --secret-file"
+        )
+    their_nonce = check_nonce(peer.get("nonce"), "recipient")
+    our_nonce = new_nonce()
+    await send(
+        _protocol.hello(
+            Role.ORIGINATOR,
+            **info,
+            auth=AUTH_SCHEME,
+            nonce=our_nonce,
+            proof=proof(secret, "originator", our_nonce, their_nonce),
+        )
+    )
+    message = await channel.receive(limits.step_timeout)
+    conversation.receive(message)
+    check_proof(secret, "recipient", their_nonce, our_nonce, message.body.get("proof"))
+    await send(Message(Kind.AUTHED))
+    return peer
+
+
+async def _check(registry: Registry, name: str, pickle_protocol: int, send: Any) -> None:
+    """Answer CHECK: could ``name`` move now? Nothing is paused, whatever its state."""
+    try:
+        service = registry.get(name)
+    except NoSuchServiceError as exc:
+        await send(_protocol.error(exc.code, str(exc)))
+        return
+    problem = check_graph(service, name, pickle_protocol)
+    if problem is not None:
+        log.info("checked %r: cannot move: %s", name, problem)
+    body = {
+        "service": name,
+        "ok": problem is None,
+        "path": None if problem is None else problem.path,
+        "error": None if problem is None else problem.error,
+    }
+    await send(Message(Kind.CHECKED, body))
 
 
 async def _move(
@@ -110,6 +197,14 @@ async def _move(
         return
     quiesced = committed = False
     try:
+        # Over TCP, the recipient connects the descriptor socket before TAKE.
+        await channel.accept_fd_transport(limits.step_timeout)
+        # The dry run: nothing is paused until the graph is known to pickle.
+        problem = check_graph(service, name, pickle_protocol)
+        if problem is not None:
+            log.warning("cannot move %r, left running: %s", name, problem)
+            await send(_protocol.error(SerializationError.code, problem.explain(name)))
+            return
         service.quiesce()
         quiesced = True
         quiesced_at = time.monotonic()

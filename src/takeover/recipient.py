@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _faults, _protocol
-from ._auth import check_peer
+from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
 from ._channel import Channel
 from ._errors import (
+    AuthenticationError,
     ChannelClosedError,
     MigrationRefusedError,
     NoSuchServiceError,
@@ -72,6 +73,27 @@ class Taken:
         }
 
 
+@dataclass
+class CheckResult:
+    """What a dry run of one service found (``RecipientSession.check``).
+
+    Attributes:
+        name: the service's name.
+        ok: its graph pickles: it can move now.
+        path: where the object that does not pickle sits in the graph, e.g.
+            ``echo.connections[3].protocol.on_done`` (None when ``ok``).
+        error: why that object cannot be pickled (None when ``ok``).
+    """
+
+    name: str
+    ok: bool
+    path: str | None = None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"service": self.name, "ok": self.ok, "path": self.path, "error": self.error}
+
+
 class RecipientSession:
     """A recipient's conversation with one originator.
 
@@ -79,9 +101,13 @@ class RecipientSession:
     :meth:`close` at the end.
     """
 
-    def __init__(self, channel: Channel, *, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, channel: Channel, *, limits: Limits = Limits(), secret: bytes | None = None
+    ) -> None:
         self.channel = channel
         self.limits = limits
+        self.secret = secret
+        self._fd_transport: dict[str, Any] | None = None
         self.conversation = Conversation(Role.RECIPIENT)
         self.originator: dict[str, Any] = {}
         self.pickle_protocol = pickle.HIGHEST_PROTOCOL
@@ -103,8 +129,23 @@ class RecipientSession:
         return message
 
     async def open(self) -> dict[str, Any]:
-        """Check the originator and exchange HELLOs; return its HELLO."""
-        check_peer(self.channel.peer, role="originator")
+        """Authenticate the originator and exchange HELLOs; return its HELLO.
+
+        Raises:
+            AuthenticationError: the originator runs as another user, fails
+                the shared-secret challenge, or does not authenticate while
+                this side has a secret (or the reverse).
+        """
+        if self.channel.local:
+            check_peer(self.channel.peer, role="originator")
+        elif self.secret is None and not self.channel.encrypted:
+            raise AuthenticationError(
+                "a control channel over TCP needs a shared secret (--secret-file) or TLS"
+            )
+        nonce = new_nonce()
+        extra: dict[str, Any] = {"nonce": nonce}
+        if self.secret is not None:
+            extra["auth"] = AUTH_SCHEME
         try:
             await self._send(
                 _protocol.hello(
@@ -113,6 +154,7 @@ class RecipientSession:
                     pickle_protocol=pickle.HIGHEST_PROTOCOL,
                     python=sys.version,
                     implementation=sys.implementation.name,
+                    **extra,
                 )
             )
         except ChannelClosedError:
@@ -124,6 +166,24 @@ class RecipientSession:
         message = await self._receive(self.limits.step_timeout)
         self.originator = _protocol.check_hello(message, Role.ORIGINATOR)
         self.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, self.originator["pickle_protocol"])
+        if self.secret is not None:
+            if self.originator.get("auth") != AUTH_SCHEME:
+                raise AuthenticationError(
+                    "the originator does not authenticate with a shared secret, but this side "
+                    "was given one: refusing to trust it (give both sides the same --secret-file)"
+                )
+            their_nonce = check_nonce(self.originator.get("nonce"), "originator")
+            check_proof(self.secret, "originator", their_nonce, nonce, self.originator.get("proof"))
+            await self._send(
+                Message(Kind.AUTH, {"proof": proof(self.secret, "recipient", nonce, their_nonce)})
+            )
+            await self._receive(self.limits.step_timeout)  # AUTHED
+        elif self.originator.get("auth"):
+            raise AuthenticationError(
+                "the originator requires a shared secret: pass the same --secret-file"
+            )
+        transport = self.originator.get("fd_transport")
+        self._fd_transport = transport if isinstance(transport, dict) else None
         return self.originator
 
     async def list(self) -> list[dict[str, Any]]:
@@ -150,6 +210,10 @@ class RecipientSession:
             ChannelClosedError: the originator went away before COMMIT; the
                 service was not started here.
         """
+        if self._fd_transport is not None:
+            # Over TCP: connect the local descriptor socket first (same host only).
+            await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)
+            self._fd_transport = None
         await self._send(Message(Kind.TAKE, {"service": name}))
         graph_message = await self._receive(self.limits.step_timeout)
         meta = graph_message.body
@@ -162,7 +226,9 @@ class RecipientSession:
         try:
             while len(fds) < count:
                 batch = await self._receive(self.limits.step_timeout)
-                fds.extend(self.channel.take_fds(int(batch.body["count"])))
+                fds.extend(
+                    await self.channel.take_fds(int(batch.body["count"]), self.limits.step_timeout)
+                )
         except BaseException:
             close_all(fds)
             raise
@@ -222,6 +288,25 @@ class RecipientSession:
             graph_bytes=len(graph_message.blob),
             fds=count,
         )
+
+    async def check(self, name: str) -> CheckResult:
+        """Ask whether service ``name`` could move now, without moving it.
+
+        The originator pickles the service's graph and throws the result
+        away: nothing is paused, and a service in transit may be checked too.
+
+        Raises:
+            NoSuchServiceError: the originator publishes no such service.
+        """
+        await self._send(Message(Kind.CHECK, {"service": name}))
+        reply = await self._receive(self.limits.step_timeout)
+        body = reply.body
+        ok, path, error = body.get("ok"), body.get("path"), body.get("error")
+        if not isinstance(ok, bool):
+            raise ProtocolError(f"CHECKED says neither yes nor no: {body!r}")
+        if not all(value is None or isinstance(value, str) for value in (path, error)):
+            raise ProtocolError(f"CHECKED path and error must be strings: {body!r}")
+        return CheckResult(name, ok, path, error)
 
     async def close(self) -> None:
         """Say BYE (if the channel is still up) and close it."""

@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
     names = ", ".join(s.service_name for s in services)
     await takeover.serve_until_moved(
         *services,
-        control=args.control,
+        **takeover.control_options(args),
         ready=lambda m: print(f"serving {names} on {args.host}, control {m.path}", flush=True),
     )
 
@@ -68,5 +68,5 @@ if __name__ == "__main__":
     parser.add_argument("--port-b", type=int, help="service b's port (no service b if absent)")
     parser.add_argument("--protocol", help="service a's protocol class, MODULE:CLASS")
     parser.add_argument("--protocol-b", help="service b's protocol class, MODULE:CLASS")
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     asyncio.run(main(parser.parse_args()))

@@ -74,13 +74,13 @@ async def main(args: argparse.Namespace) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + args.spare_fds, hard))
         print(f"ticker on {args.port}, control {migration.path}", flush=True)
 
-    await takeover.serve_until_moved(*services, control=args.control, ready=ready)
+    await takeover.serve_until_moved(*services, **takeover.control_options(args), ready=ready)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     parser.add_argument("--unix")
     parser.add_argument("--spare-fds", type=int)
     asyncio.run(main(parser.parse_args()))

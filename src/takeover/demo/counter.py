@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from typing import Any
 
 from .. import asyncio as takeover
 
@@ -52,12 +53,12 @@ class Counter(asyncio.Protocol):
             self.transport.write(reply.encode())
 
 
-async def serve(host: str, port: int, control: str) -> None:
+async def serve(host: str, port: int, options: dict[str, Any]) -> None:
     """Serve the counter on ``host:port`` until it has moved away."""
     server = await takeover.start_server(Tally(), host, port, name="counter")
     await takeover.serve_until_moved(
         server,
-        control=control,
+        **options,
         ready=lambda m: print(f"counter on {host}:{port}, pid {os.getpid()}, control {m.path}"),
     )
 
@@ -66,6 +67,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="takeover's demo service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8023)
-    parser.add_argument("--control", required=True)
+    takeover.add_control_options(parser)
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.control))
+    asyncio.run(serve(args.host, args.port, takeover.control_options(args)))
