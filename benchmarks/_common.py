@@ -66,6 +66,27 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
 
 
+def profiler() -> Any:
+    """A running cProfile profiler if $BENCH_PROFILE names a directory, else None."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def save_profile(profile: Any, role: str) -> None:
+    """Stop ``profile`` and save it as $BENCH_PROFILE/ROLE-PID.prof."""
+    if profile is None:
+        return
+    profile.disable()
+    directory = os.environ["BENCH_PROFILE"]
+    os.makedirs(directory, exist_ok=True)
+    profile.dump_stats(os.path.join(directory, f"{role}-{os.getpid()}.prof"))
+
+
 class Proc:
     """A child process whose output lines are read in the background."""
 

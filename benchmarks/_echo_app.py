@@ -74,10 +74,16 @@ def instrument(marks: dict[str, float]) -> None:
         if message.kind in sent:
             marks[sent[message.kind]] = time.monotonic()  # FDS: the last batch wins
 
+    profiling: list[Any] = []
+
     async def receive(self: Any, timeout: float | None) -> Any:
         message = await real_receive(self, timeout)
         if message.kind in received:
             marks[received[message.kind]] = time.monotonic()
+        if message.kind is Kind.TAKE:
+            profiling.append(_common.profiler())
+        elif message.kind is Kind.COMMITTED and profiling:
+            _common.save_profile(profiling.pop(), "originator")
         return message
 
     takeover.AsyncioChannel.send = send  # type: ignore[method-assign]

@@ -78,8 +78,10 @@ async def main(control: str) -> None:
     try:
         names = recipient.select(await session.list(), ())
         t2 = time.monotonic()
+        profiler = _common.profiler()
         taken = [await session.take(name, loop) for name in names]
         t3 = time.monotonic()
+        _common.save_profile(profiler, "recipient")
     finally:
         await session.close()
     for result in taken:

@@ -2,7 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/scale.json   # rewrites scale.md
 
-Every figure is the median over the runs of a size, with (min–max) after it.
+Every figure is the median over the runs of a size, with (min..max) after it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ PHASES: list[tuple[str, str, str, str, str]] = [
     ("COMMITTED + start", "r", "commit_received", "r", "start_end"),
 ]
 OUTSIDE: list[tuple[str, str, str, str, str]] = [
+    ("TAKE -> quiesce (dry run)", "o", "take_received", "o", "quiesce_start"),
     ("quiesce (before the pause)", "o", "quiesce_start", "o", "quiesce_end"),
     ("release (originator, after commit)", "o", "release_start", "o", "release_end"),
 ]
@@ -44,7 +45,7 @@ def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
     median, low, high = stats([v * scale for v in values])
     if len(values) == 1:
         return f"{median:.{digits}f}"
-    return f"{median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+    return f"{median:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
 def _floor_ms(floor: Row) -> float:
@@ -90,7 +91,8 @@ def render(data: Row) -> str:
     out = [
         "# takeover: scaling of a move with the number of connections",
         "",
-        f"Produced by `{data['command']}` on {data['date']} (commit {m.get('commit') or '?'}), "
+        f"Produced by `{data['command']}` on {data['date']} (commit {m.get('commit') or '?'}"
+        f"{', src/ modified' if m.get('src_dirty') else ''}), "
         f"{data['repeats']} run(s) per size.",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
@@ -102,7 +104,7 @@ def render(data: Row) -> str:
         "TCP connections to it opened by the driver, the service moved to a recipient process",
         "(`benchmarks/_recipient.py`, the library API timed from inside), a sample of the",
         "connections checked to still echo through the recipient. Figures are the median over",
-        "the runs with (min–max).",
+        "the runs with (min..max).",
         "",
         "- **pause**: `pause_ms` as the recipient reports it (`takeover take --json` prints the",
         "  same figure): from the end of the originator's quiesce to the end of the",

@@ -42,8 +42,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
-import report  # noqa: E402
+import _common
+import report
 
 TIMEOUT = 120.0
 SAMPLE = 16
@@ -186,8 +186,16 @@ def machine() -> dict[str, Any]:
             text=True,
             check=False,
         ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", _common.ROOT, "status", "--porcelain", "--", "src"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        )
     except OSError:
-        commit = ""
+        commit, dirty = "", False
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return {
         "cpu": model,
@@ -197,6 +205,7 @@ def machine() -> dict[str, Any]:
         "memory_mb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20),
         "nofile": [soft, hard],
         "commit": commit,
+        "src_dirty": dirty,
     }
 
 
