@@ -1,4 +1,4 @@
-"""The dry run: an unpicklable graph is named by path before anything is paused; ``takeover check``."""
+"""The dry run: what does not pickle is named by path before anything pauses; `takeover check`."""
 
 from __future__ import annotations
 
@@ -460,7 +460,7 @@ async def _in_process(control: str) -> None:
 
 
 def test_take_refused_by_dry_run_and_check_in_one_process(control):
-    """TAKE of an unpicklable graph is an ERROR naming the path, with nothing paused; CHECK agrees."""
+    """TAKE of an unpicklable graph is an ERROR naming its path, nothing paused; CHECK agrees."""
     Plain.quiesced = 0
     asyncio.run(_in_process(control))
 
@@ -585,12 +585,13 @@ def test_take_succeeds_once_the_object_is_dropped(fragile, clients, control, pro
 
 
 def test_check_a_service_in_transit(fragile, clients, control, procs):
-    """A service held in transit by a stalled recipient can still be checked; it stays in transit."""
+    """A service in transit to a stalled recipient can be checked; it stays in transit."""
     stalled = takeover("take", control, env={"TAKEOVER_FAULTS": "recipient.adopted=stop"})
     procs.append(stalled)
     wait_until(lambda: process_state(stalled.pid) == "T", what="the recipient to stop")
     assert run_cli("check", control) == (0, ["fragile: ok"])
     status, lines = run_cli("list", "--json", control)
+    assert status == 0, lines
     assert json.loads(lines[0])["state"] == "in-transit"
     stalled.kill()
     wait_until(

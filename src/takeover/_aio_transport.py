@@ -49,6 +49,9 @@ def _hook(obj: Any, name: str) -> None:
 class MigratableTransport(asyncio.Transport):
     """A stream transport over a connected socket that can migrate."""
 
+    # How the dry run names these attributes in a path (see _graphpath).
+    _takeover_path_names = {"_protocol": "protocol", "_sock": "socket", "_server": "server"}
+
     def __init__(
         self,
         sock: socket.socket,
@@ -348,6 +351,9 @@ class MigratableServer:
         name: the service's name in the migration server.
         loop: the event loop (default: the running one).
     """
+
+    # How the dry run names these attributes in a path (see _graphpath).
+    _takeover_path_names = {"_transports": "connections", "_sock": "socket"}
 
     def __init__(
         self,
