@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -385,7 +386,13 @@ async def connect(
             raise AuthenticationError(
                 f"a TCP control channel ({control}) needs a shared secret or TLS"
             )
-        reader, writer = await asyncio.open_connection(*address, ssl=context)
+        try:
+            reader, writer = await asyncio.open_connection(*address, ssl=context)
+        except ssl.SSLError as exc:
+            raise AuthenticationError(
+                f"TLS handshake with {control} failed: {exc.reason or exc}; check --tls-ca "
+                "against the certificate the originator presents"
+            ) from exc
         channel = StreamChannel(reader, writer, limits=limits)
     else:
         loop = asyncio.get_running_loop()
@@ -400,6 +407,16 @@ async def connect(
     session = RecipientSession(channel, limits=limits, secret=secret)
     try:
         await session.open()
+    except ChannelClosedError as exc:
+        channel.close()
+        if channel.encrypted:
+            # With TLS 1.3 the server checks our certificate after the
+            # handshake has completed here: a refusal shows as a closed channel.
+            raise AuthenticationError(
+                f"the originator at {control} closed the TLS connection before answering: it "
+                "probably refused this side's certificate (check --tls-cert against its CA)"
+            ) from exc
+        raise
     except BaseException:
         channel.close()
         raise
