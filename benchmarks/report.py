@@ -34,12 +34,20 @@ OUTSIDE: list[tuple[str, str, str, str, str]] = [
 ]
 
 
+RECIPIENTS = {
+    "library": "`benchmarks/_recipient.py`, the library API timed from inside",
+    "cli": "`python -m takeover take --json`; take, phases and memory before it are n/a",
+}
+
+
 def stats(values: Sequence[float]) -> tuple[float, float, float]:
     """Median, min and max."""
     return statistics.median(values), min(values), max(values)
 
 
-def cell(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+def cell(values: Sequence[float | None], digits: int = 3, scale: float = 1.0) -> str:
+    """``median (min..max)`` of the values that are there; ``n/a`` if none is."""
+    values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     median, low, high = stats([v * scale for v in values])
@@ -102,7 +110,7 @@ def render(data: Row) -> str:
         "",
         "Each run: a line-echo originator (`benchmarks/_echo_app.py`) in its own process, N idle",
         "TCP connections to it opened by the driver, the service moved to a recipient process",
-        "(`benchmarks/_recipient.py`, the library API timed from inside), a sample of the",
+        f"({RECIPIENTS.get(data.get('recipient', 'library'), '?')}), a sample of the",
         "connections checked to still echo through the recipient. Figures are the median over",
         "the runs with (min..max).",
         "",
@@ -129,8 +137,8 @@ def render(data: Row) -> str:
             [
                 str(size),
                 cell(pauses),
-                cell([r["take_ms"] for r in runs]),
-                cell([r["total_ms"] for r in runs]),
+                cell([r.get("take_ms") for r in runs]),
+                cell([r.get("total_ms") for r in runs]),
                 cell([r["graph_bytes"] for r in runs], 0),
                 cell(floor),
                 cell(ratio, 1),
@@ -160,7 +168,7 @@ def render(data: Row) -> str:
     for size, runs, floors in _by_size(data):
         floor = [_floor_ms(f) for f in floors]
         pauses = [r["pause_ms"] for r in runs]
-        takes = [r["take_ms"] for r in runs]
+        takes = [r.get("take_ms") for r in runs]
         rows.append(
             [
                 str(size),
@@ -171,7 +179,7 @@ def render(data: Row) -> str:
                 cell([f["pickle_bytes"] for f in floors], 0),
                 cell(floor),
                 cell([p / f for p, f in zip(pauses, floor) if f > 0], 1),
-                cell([t / f for t, f in zip(takes, floor) if f > 0], 1),
+                cell([t / f for t, f in zip(takes, floor) if f > 0 and t is not None], 1),
             ]
         )
     out += _table(
@@ -213,7 +221,7 @@ def render(data: Row) -> str:
                 str(size),
                 cell([r["originator_idle_memory"].get("vmrss_kb", 0) for r in runs], 1, 1 / 1024),
                 cell([r["originator_memory"]["vmhwm_kb"] for r in runs], 1, 1 / 1024),
-                cell([r["recipient_memory_before"]["vmrss_kb"] for r in runs], 1, 1 / 1024),
+                cell([r["recipient_memory_before"].get("vmrss_kb") for r in runs], 1, 1 / 1024),
                 cell([r["recipient_memory"]["vmhwm_kb"] for r in runs], 1, 1 / 1024),
             ]
         )

@@ -33,6 +33,7 @@ import platform
 import resource
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,8 +104,12 @@ def check_echo(clients: list[socket.socket]) -> int:
     return len(sample)
 
 
-def run_move(count: int) -> dict[str, Any]:
-    """One move of a service with ``count`` idle connections."""
+def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
+    """One move of a service with ``count`` idle connections.
+
+    ``recipient_kind``: ``library`` (``_recipient.py``, timed from inside) or
+    ``cli`` (``python -m takeover take --json``: pause and graph only).
+    """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
     procs: list[_common.Proc] = []
@@ -120,9 +125,11 @@ def run_move(count: int) -> dict[str, Any]:
         wait_connections(control, count, TIMEOUT)
         setup_s = time.monotonic() - setup
         idle = _common.proc_memory(originator.pid)
-        recipient = _common.Proc(
-            [_common.PYTHON, os.path.join(_common.HERE, "_recipient.py"), control], stdin=True
-        )
+        if recipient_kind == "cli":
+            argv = [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+        else:
+            argv = [_common.PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
+        recipient = _common.Proc(argv, stdin=True)
         procs.append(recipient)
         taken = recipient.event("taken", TIMEOUT)
         if taken["connections"] != count:
@@ -130,8 +137,13 @@ def run_move(count: int) -> dict[str, Any]:
         checked = check_echo(clients)
         gone = originator.event("exit", TIMEOUT)
         originator.wait(TIMEOUT)
-        recipient.send_line("quit")
-        ended = recipient.event("exit", TIMEOUT)
+        if recipient_kind == "cli":
+            recipient.event("serving", TIMEOUT)
+            ended = {"memory": _common.proc_memory(recipient.pid)}
+            recipient.popen.send_signal(signal.SIGTERM)
+        else:
+            recipient.send_line("quit")
+            ended = recipient.event("exit", TIMEOUT)
         recipient.wait(TIMEOUT)
     finally:
         for proc in procs:
@@ -141,20 +153,21 @@ def run_move(count: int) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "connections": count,
+        "recipient": recipient_kind,
         "pause_ms": taken["pause_ms"],
-        "take_ms": taken["take_ms"],
-        "total_ms": taken["total_ms"],
-        "connect_ms": taken["connect_ms"],
+        "take_ms": taken.get("take_ms"),
+        "total_ms": taken.get("total_ms"),
+        "connect_ms": taken.get("connect_ms"),
         "graph_bytes": taken["graph_bytes"],
         "fds": taken["fds"],
         "echo_checked": checked,
         "setup_s": setup_s,
         "originator_marks": gone["marks"],
-        "recipient_marks": taken["marks"],
-        "recipient_started": taken["started"],
+        "recipient_marks": taken.get("marks", {}),
+        "recipient_started": taken.get("started"),
         "originator_idle_memory": idle,
         "originator_memory": gone["memory"],
-        "recipient_memory_before": taken["memory_before"],
+        "recipient_memory_before": taken.get("memory_before", {}),
         "recipient_memory": ended["memory"],
     }
 
@@ -215,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per size (R)")
     parser.add_argument("--out", default=os.path.join(_common.HERE, "results"), help="directory")
     parser.add_argument("--name", default="scale", help="writes NAME.json and NAME.md")
+    parser.add_argument(
+        "--recipient",
+        choices=("library", "cli"),
+        default="library",
+        help="library: benchmarks/_recipient.py, timed inside (default); "
+        "cli: takeover take --json (pause and graph only)",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "repeats": args.repeats,
+        "recipient": args.recipient,
         "sizes": sizes,
         "skipped": {},
         "runs": [],
@@ -240,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             data["skipped"][str(count)] = reason
             continue
         for repeat in range(args.repeats):
-            move = run_move(count)
+            move = run_move(count, args.recipient)
             floor = run_floor(count)
             data["runs"].append(move)
             data["floors"].append(floor)
             floor_ms = floor["fds_ms"] + floor["dumps_ms"] + floor["loads_ms"]
             print(
                 f"N={count} run {repeat + 1}/{args.repeats}: pause {move['pause_ms']:.3f} ms, "
-                f"take {move['take_ms']:.3f} ms, graph {move['graph_bytes']} B, "
+                f"take {move['take_ms'] or 0:.3f} ms, graph {move['graph_bytes']} B, "
                 f"floor {floor_ms:.3f} ms",
                 file=sys.stderr,
                 flush=True,
