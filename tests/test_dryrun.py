@@ -465,6 +465,64 @@ def test_take_refused_by_dry_run_and_check_in_one_process(control):
     asyncio.run(_in_process(control))
 
 
+class SpoilsOnQuiesce(asyncio.Protocol):
+    """An echo protocol whose takeover_quiesce hook stores a lambda (removed on resume)."""
+
+    resumed = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def takeover_quiesce(self) -> None:
+        self.on_quiesce = lambda: None
+
+    def takeover_resume(self) -> None:
+        del self.on_quiesce
+        type(self).resumed += 1
+
+
+async def _spoiled_by_hook(control: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = await start_server(SpoilsOnQuiesce, "127.0.0.1", 0, name="echo")
+    migration = MigrationServer(control)
+    await migration.start()
+    migration.publish(server)
+    client = socket.socket()
+    client.setblocking(False)
+    session = None
+    try:
+        await loop.sock_connect(client, server.sockets[0].getsockname())
+        while not server.connections:
+            await asyncio.sleep(0.005)
+        session = await connect(control)
+        assert (await session.check("echo")).ok
+        with pytest.raises(SerializationError) as info:
+            await session.take("echo", loop)
+        assert f"echo.connections[0].protocol.on_quiesce: {LAMBDA}" in str(info.value)
+        assert SpoilsOnQuiesce.resumed == 1
+        assert migration.registry.state("echo") is ServiceState.AVAILABLE
+        await loop.sock_sendall(client, b"pong")
+        assert await loop.sock_recv(client, 10) == b"pong"
+    finally:
+        if session is not None:
+            await session.close()
+        client.close()
+        migration.registry.withdraw("echo")
+        server.close_connections()
+        server.close()
+        await migration.aclose()
+        await asyncio.sleep(0.01)
+
+
+def test_graph_spoiled_by_quiesce_hook_is_named_and_rolled_back(control):
+    """A graph a takeover_quiesce hook makes unpicklable is named by path and resumed."""
+    SpoilsOnQuiesce.resumed = 0
+    asyncio.run(_spoiled_by_hook(control))
+
+
 # -- real processes and the command line ----------------------------------------
 
 

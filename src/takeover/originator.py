@@ -212,8 +212,11 @@ async def _move(
         try:
             dumped = dumps(service, pickle_protocol)
         except TakeoverError as exc:
-            log.warning("cannot move %r: %s", name, exc)
-            await send(_protocol.error(exc.code, str(exc)))
+            # It pickled before quiescing: a takeover_quiesce hook changed that.
+            problem = check_graph(service, name, pickle_protocol)
+            text = str(exc) if problem is None else problem.explain(name)
+            log.warning("cannot move %r after quiescing it: %s", name, text)
+            await send(_protocol.error(exc.code, text))
             return
         fds = dumped.fds
         if len(fds) > limits.max_fds:
