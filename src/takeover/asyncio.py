@@ -408,7 +408,7 @@ async def connect(
     try:
         await session.open()
     except ChannelClosedError as exc:
-        channel.close()
+        session.abort()
         if channel.encrypted:
             # With TLS 1.3 the server checks our certificate after the
             # handshake has completed here: a refusal shows as a closed channel.
@@ -418,7 +418,7 @@ async def connect(
             ) from exc
         raise
     except BaseException:
-        channel.close()
+        session.abort()
         raise
     return session
 

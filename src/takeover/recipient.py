@@ -34,11 +34,16 @@ from ._errors import (
     error_from_code,
 )
 from ._fds import close_all
+from ._liveness import ProcessWatch
 from ._protocol import Conversation, Kind, Limits, Message, Role
 from ._serialize import loads
 from .registry import Service
 
 log = logging.getLogger("takeover.recipient")
+
+# How long a recipient waits, after the channel broke, for a dying
+# originator's pidfd to report its exit.
+_EXIT_GRACE = 1.0
 
 
 @dataclass
@@ -108,6 +113,7 @@ class RecipientSession:
         self.limits = limits
         self.secret = secret
         self._fd_transport: dict[str, Any] | None = None
+        self._watch: ProcessWatch | None = None
         self.conversation = Conversation(Role.RECIPIENT)
         self.originator: dict[str, Any] = {}
         self.pickle_protocol = pickle.HIGHEST_PROTOCOL
@@ -182,6 +188,8 @@ class RecipientSession:
             raise AuthenticationError(
                 "the originator requires a shared secret: pass the same --secret-file"
             )
+        pid = self.channel.peer.pid if self.channel.peer is not None else self.originator["pid"]
+        self._watch = ProcessWatch(pid)
         transport = self.originator.get("fd_transport")
         self._fd_transport = transport if isinstance(transport, dict) else None
         return self.originator
@@ -256,24 +264,38 @@ class RecipientSession:
                 service.discard()
             raise
         _faults.checkpoint("recipient.adopted")
+        orphaned = False
         try:
             await self._send(Message(Kind.READY, {"service": name}))
             _faults.checkpoint("recipient.ready-sent")
             await self._receive(self.limits.step_timeout)  # COMMIT
-        except BaseException as exc:
-            service.discard()
-            if isinstance(exc, ChannelClosedError):
+        except ChannelClosedError as exc:
+            # This side holds the whole graph and every descriptor. If the
+            # originator is dead, nobody else can serve the service: serve it.
+            # If it is alive, it rolled back and serves it again.
+            if self._watch is None or not await self._watch.exited(_EXIT_GRACE):
+                service.discard()
                 raise ChannelClosedError(
                     f"the originator went away before committing {name!r}; "
                     "the service was not started here"
                 ) from exc
+            orphaned = True
+            log.warning(
+                "the originator (pid %s) died before committing %r; this process holds the "
+                "whole service and serves it",
+                self._watch.pid,
+                name,
+            )
+        except BaseException:
+            service.discard()
             raise
-        _faults.checkpoint("recipient.commit-received")
-        try:
-            await self._send(Message(Kind.COMMITTED, {"service": name}))
-        except ChannelClosedError:
-            # The originator is gone after COMMIT: the service is ours either way.
-            log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
+        if not orphaned:
+            _faults.checkpoint("recipient.commit-received")
+            try:
+                await self._send(Message(Kind.COMMITTED, {"service": name}))
+            except ChannelClosedError:
+                # The originator is gone after COMMIT: the service is ours either way.
+                log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
         service.start()
@@ -316,7 +338,14 @@ class RecipientSession:
         except TakeoverError:
             pass
         finally:
-            self.channel.close()
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the channel at once, without BYE."""
+        self.channel.close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
 
 def select(services: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[str]:
