@@ -131,7 +131,10 @@ def find_unpicklable(
             return Unpicklable(path, _describe(obj, error))
         if depth >= max_depth:
             continue
-        children = list(_children(obj, protocol))
+        try:
+            children = list(_children(obj, protocol))
+        except Exception:  # a __reduce_ex__ that fails only the second time
+            continue
         keep.append(children)
         for label, child in reversed(children):
             stack.append((child, path + label, depth + 1))
