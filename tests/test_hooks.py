@@ -7,7 +7,7 @@ import re
 import socket
 import stat
 
-from procs import APPS, PYTHON, Proc, takeover
+from procs import APPS, PYTHON, Proc, process_state, takeover
 
 
 def _start_ticker(port: int, control: str, *extra: str) -> Proc:
@@ -120,3 +120,23 @@ def test_accept_backs_off_when_out_of_descriptors(control, free_port, procs):
         origin.expect(r"accept failed on ticker: .*Too many open files.*retrying")
         first.close()
         assert _ticks(third, bytearray(), 1)[0][1] == origin.pid
+
+
+def test_stalled_recipient_rolled_back_after_step_timeout(control, free_port, procs):
+    """A recipient that stops answering past --step-timeout loses the service to a rollback."""
+    origin = _start_ticker(free_port, control, "--step-timeout", "0.5")
+    procs.append(origin)
+    with socket.create_connection(("127.0.0.1", free_port)) as client:
+        buffer = bytearray()
+        first = _ticks(client, buffer, 2)
+        stalled = takeover("take", control, env={"TAKEOVER_FAULTS": "recipient.adopted=stop"})
+        procs.append(stalled)
+        # Ticks stop while the service is in transit, then resume in the originator.
+        later = _ticks(client, buffer, 60)
+        assert all(pid == origin.pid for _, pid in later)
+        numbers = [n for n, _ in first + later]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        assert process_state(stalled.pid) == "T"
+    listing = takeover("list", "--json", control)
+    procs.append(listing)
+    listing.expect(r'"state": "available"')

@@ -4,7 +4,7 @@ by applications that publish services.
 An application adds them to its own parser and passes the result on::
 
     parser = argparse.ArgumentParser()
-    takeover.add_control_options(parser)        # --control, --secret-file, --tls-*
+    takeover.add_control_options(parser)   # --control, --secret-file, --tls-*, limits
     args = parser.parse_args()
     ...
     await takeover.asyncio.serve_until_moved(server, **takeover.control_options(args))
@@ -16,6 +16,7 @@ import argparse
 from typing import Any
 
 from ._auth import TLSConfig, load_secret
+from ._protocol import Limits
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,47 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", metavar="PEM", help="the CA that signed the peer's certificate")
 
 
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--step-timeout``, ``--max-frame-size`` and ``--max-fds``."""
+    defaults = Limits()
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=defaults.step_timeout,
+        metavar="SECONDS",
+        help="how long to wait for the peer's next step while a service is in transit "
+        f"(default {defaults.step_timeout:g}); a stalled peer causes a rollback",
+    )
+    parser.add_argument(
+        "--max-frame-size",
+        type=int,
+        default=defaults.max_frame_size,
+        metavar="BYTES",
+        help=f"largest control frame accepted (default {defaults.max_frame_size})",
+    )
+    parser.add_argument(
+        "--max-fds",
+        type=int,
+        default=defaults.max_fds,
+        metavar="N",
+        help=f"most descriptors one service may bring (default {defaults.max_fds})",
+    )
+
+
+def limits(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` that parsed limit options ask for."""
+    if args.step_timeout is not None and args.step_timeout <= 0:
+        raise ValueError("--step-timeout must be positive")
+    if args.max_frame_size < 1024 or args.max_fds < 1:
+        raise ValueError("--max-frame-size must be at least 1024 and --max-fds at least 1")
+    return Limits(
+        max_frame_size=args.max_frame_size, max_fds=args.max_fds, step_timeout=args.step_timeout
+    )
+
+
 def add_control_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """Add ``--control`` (a socket path or ``tcp:HOST:PORT``) and the security options."""
+    """Add ``--control`` (a socket path or ``tcp:HOST:PORT``), the security
+    options and the limit options."""
     parser.add_argument(
         "--control",
         required=required,
@@ -39,6 +79,7 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
         help="where to publish services for migration: a socket path, or tcp:HOST:PORT",
     )
     add_security_options(parser)
+    add_limit_options(parser)
 
 
 def security_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,5 +101,5 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def control_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"control": ..., "secret": ..., "tls": ...}`` for ``serve_until_moved``."""
-    return {"control": args.control, **security_options(args)}
+    """``control``, ``secret``, ``tls`` and ``limits`` for ``serve_until_moved``."""
+    return {"control": args.control, "limits": limits(args), **security_options(args)}

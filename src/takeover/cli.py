@@ -2,6 +2,7 @@
 
     takeover list CONTROL [--json]
     takeover take CONTROL [--service NAME]... [--json]
+    takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
 
 ``check`` is a dry run: the originator pickles each service's graph and throws
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import TakeoverError
-from ._options import add_security_options, security_options
+from ._options import add_limit_options, add_security_options, limits, security_options
 from .recipient import CheckResult, Taken, select
 
 EXIT_FAILURE = 1
@@ -51,8 +52,9 @@ def _describe_connect_error(control: str, exc: OSError) -> str:
 
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """``secret``, ``tls`` and ``limits`` from the control options."""
     try:
-        return security_options(args)
+        return {**security_options(args), "limits": limits(args)}
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     except OSError as exc:
@@ -220,6 +222,7 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
         help="the migration server: a socket path, or tcp:HOST:PORT",
     )
     add_security_options(parser)
+    add_limit_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per service")
     p.set_defaults(run=_check)
 
-    p = commands.add_parser("demo", help="run the demonstration")
+    p = commands.add_parser(
+        "demo",
+        help="run the demonstration; `demo serve` runs only its telnet shell server",
+    )
+    p.add_argument(
+        "demo_args",
+        nargs=argparse.REMAINDER,
+        metavar="serve [--port N] [--control PATH] [--user NAME:PASSWORD]",
+        help="serve the telnet Python shell (default: run the whole story)",
+    )
     p.set_defaults(run=None, sync=_demo)
     return parser
 
