@@ -46,6 +46,7 @@ class ProcessWatch:
             return True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+
         def readable() -> None:
             if not future.done():
                 future.set_result(None)
