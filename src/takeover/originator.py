@@ -132,10 +132,10 @@ async def _handshake(
         "python": sys.version,
         "implementation": sys.implementation.name,
     }
-    if not channel.local:
-        # Where the recipient connects to receive descriptors (same host only).
-        info["fd_transport"] = await channel.offer_fd_transport()
     if secret is None:
+        if not channel.local:
+            # TLS has authenticated the recipient: say where descriptors go.
+            info["fd_transport"] = await channel.offer_fd_transport()
         await send(_protocol.hello(Role.ORIGINATOR, **info))
         return peer
     if peer.get("auth") != AUTH_SCHEME:
@@ -157,7 +157,9 @@ async def _handshake(
     message = await channel.receive(limits.step_timeout)
     conversation.receive(message)
     check_proof(secret, "recipient", their_nonce, our_nonce, message.body.get("proof"))
-    await send(Message(Kind.AUTHED))
+    # Only an authenticated recipient learns where descriptors go (same host only).
+    offer = {} if channel.local else {"fd_transport": await channel.offer_fd_transport()}
+    await send(Message(Kind.AUTHED, offer))
     return peer
 
 

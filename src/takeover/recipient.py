@@ -183,7 +183,8 @@ class RecipientSession:
             await self._send(
                 Message(Kind.AUTH, {"proof": proof(self.secret, "recipient", nonce, their_nonce)})
             )
-            await self._receive(self.limits.step_timeout)  # AUTHED
+            authed = await self._receive(self.limits.step_timeout)
+            self.originator["fd_transport"] = authed.body.get("fd_transport")
         elif self.originator.get("auth"):
             raise AuthenticationError(
                 "the originator requires a shared secret: pass the same --secret-file"
