@@ -1,7 +1,7 @@
 """The ``takeover`` command line (also ``python -m takeover``).
 
     takeover list CONTROL [--json]
-    takeover take CONTROL [--service NAME]... [--json] [--allow MODULE]... [--trust]
+    takeover take CONTROL [--service NAME]... [--json]
     takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
 
@@ -10,9 +10,7 @@ it away, pausing nothing, and says what would stop it from moving. It exits 0
 when every service checked can move, 1 otherwise.
 
 ``take`` is the generic recipient: it needs none of the application's code on
-its command line, since the graph names the modules and the script it needs. It rebuilds only
-vetted constructors and classes of the application (the originator's script,
-takeover, ``--allow`` modules): see ``_policy``. ``--trust`` turns that off.
+its command line, since the graph names the modules and the script it needs.
 Every failure prints one line, ``takeover: error: <reason>``, and exits with a
 non-zero status.
 """
@@ -63,17 +61,12 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"cannot read secret file {args.secret_file}: {exc}") from exc
 
 
-def _unpickling(args: argparse.Namespace) -> dict[str, Any]:
-    """``allow`` and ``trust`` (``take`` only): which globals a graph may name."""
-    return {"allow": tuple(getattr(args, "allow", ())), "trust": getattr(args, "trust", False)}
-
-
 async def _connect(args: argparse.Namespace) -> Any:
     from .asyncio import connect
 
     control = args.control
     try:
-        return await connect(control, **_security(args), **_unpickling(args))
+        return await connect(control, **_security(args))
     except TakeoverError:
         raise
     except ValueError as exc:
@@ -124,18 +117,8 @@ def _report(taken: Taken, as_json: bool) -> None:
 
 
 async def _take(args: argparse.Namespace) -> int:
-    import resource
-
     from .asyncio import MigrationServer
 
-    # A service brings a descriptor per connection; past the soft RLIMIT_NOFILE
-    # (often 1024) the kernel drops them (MSG_CTRUNC) and the move fails.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
     loop = asyncio.get_running_loop()
     session = await _connect(args)
     taken: list[Taken] = []
@@ -267,19 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a service to take (repeatable; default: all)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="let the graphs name classes and functions of MODULE and its submodules "
-        "(repeatable; the originator's script and takeover are always allowed)",
-    )
-    p.add_argument(
-        "--trust",
-        action="store_true",
-        help="turn the unpickling policy off: the originator may run any code here",
-    )
     p.set_defaults(run=_take)
 
     p = commands.add_parser(
