@@ -117,8 +117,18 @@ def _report(taken: Taken, as_json: bool) -> None:
 
 
 async def _take(args: argparse.Namespace) -> int:
+    import resource
+
     from .asyncio import MigrationServer
 
+    # A service brings a descriptor per connection; past the soft RLIMIT_NOFILE
+    # (often 1024) the kernel drops them (MSG_CTRUNC) and the move fails.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
     loop = asyncio.get_running_loop()
     session = await _connect(args)
     taken: list[Taken] = []
