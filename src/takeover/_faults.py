@@ -5,6 +5,14 @@
 to itself: ``stop`` (SIGSTOP, so a test can see it paused and kill it),
 ``kill`` (SIGKILL) or ``exit`` (exit status 99 at once). Unset, a checkpoint
 costs one dictionary look-up.
+
+The points, in the order of the conversation (tests/test_faults.py covers each):
+
+* originator: ``connected``, ``authenticated``, ``listed``, ``take-received``,
+  ``quiesced``, ``graph-sent``, ``fds-sent``, ``ready-received``, ``commit-sent``;
+* recipient: ``connected``, ``authenticated``, ``listed``, ``take-sent``,
+  ``graph-received``, ``fds-received``, ``adopted``, ``ready-sent``,
+  ``commit-received``, ``committed-sent``.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ async def serve_channel(
         conversation.send(message)
         await channel.send(message, fds or ())
 
+    _faults.checkpoint("originator.connected")
     try:
         peer = await _handshake(channel, conversation, send, limits, secret)
     except AuthenticationError as exc:
@@ -81,6 +82,7 @@ async def serve_channel(
         if conversation.state != "closed":
             await send(_protocol.error(exc.code, str(exc)))
         return
+    _faults.checkpoint("originator.authenticated")
     pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
     log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
     while True:
@@ -90,6 +92,7 @@ async def serve_channel(
             return
         if message.kind is Kind.LIST:
             await send(Message(Kind.SERVICES, {"services": registry.describe()}))
+            _faults.checkpoint("originator.listed")
         elif message.kind is Kind.TAKE:
             name = message.body.get("service")
             if not isinstance(name, str):
@@ -197,6 +200,7 @@ async def _move(
         log.info("refused to move %r: %s", name, exc)
         await send(_protocol.error(exc.code, str(exc)))
         return
+    _faults.checkpoint("originator.take-received")
     quiesced = committed = False
     try:
         # Over TCP, the recipient connects the descriptor socket before TAKE.
@@ -246,6 +250,7 @@ async def _move(
             reason = str(reply.body.get("reason", "no reason given"))
             log.warning("the recipient refused %r, rolling back: %s", name, reason)
             return
+        _faults.checkpoint("originator.ready-received")
         await send(Message(Kind.COMMIT, {"service": name}))
         _faults.checkpoint("originator.commit-sent")
         while True:

@@ -148,6 +148,7 @@ class RecipientSession:
             raise AuthenticationError(
                 "a control channel over TCP needs a shared secret (--secret-file) or TLS"
             )
+        _faults.checkpoint("recipient.connected")
         nonce = new_nonce()
         extra: dict[str, Any] = {"nonce": nonce}
         if self.secret is not None:
@@ -193,6 +194,7 @@ class RecipientSession:
         self._watch = ProcessWatch(pid)
         transport = self.originator.get("fd_transport")
         self._fd_transport = transport if isinstance(transport, dict) else None
+        _faults.checkpoint("recipient.authenticated")
         return self.originator
 
     async def list(self) -> list[dict[str, Any]]:
@@ -202,6 +204,7 @@ class RecipientSession:
         services = reply.body.get("services")
         if not isinstance(services, list):
             raise ProtocolError("SERVICES frame lists no services")
+        _faults.checkpoint("recipient.listed")
         return services
 
     async def take(self, name: str, runtime: Any) -> Taken:
@@ -224,7 +227,9 @@ class RecipientSession:
             await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)
             self._fd_transport = None
         await self._send(Message(Kind.TAKE, {"service": name}))
+        _faults.checkpoint("recipient.take-sent")
         graph_message = await self._receive(self.limits.step_timeout)
+        _faults.checkpoint("recipient.graph-received")
         meta = graph_message.body
         fds: list[int] = []
         count = meta.get("fds")
@@ -297,6 +302,7 @@ class RecipientSession:
             except ChannelClosedError:
                 # The originator is gone after COMMIT: the service is ours either way.
                 log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
+            _faults.checkpoint("recipient.committed-sent")
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
         service.start()
