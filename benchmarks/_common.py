@@ -40,6 +40,16 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def setup_process() -> tuple[int, int]:
+    """What the originator and the recipient do first: raise RLIMIT_NOFILE and,
+    with $BENCH_GC_OFF set (``scale.py --gc-off``), disable the cyclic GC."""
+    if os.environ.get("BENCH_GC_OFF"):
+        import gc
+
+        gc.disable()
+    return raise_nofile()
+
+
 def memory() -> dict[str, int]:
     """This process's resident memory in kB: now, peak (VmHWM) and ru_maxrss."""
     result = {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}

@@ -104,5 +104,5 @@ async def main(control: str) -> None:
 
 
 if __name__ == "__main__":
-    _common.raise_nofile()
+    _common.setup_process()
     asyncio.run(main(sys.argv[1]))

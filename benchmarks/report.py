@@ -113,6 +113,11 @@ def render(data: Row) -> str:
         f"({RECIPIENTS.get(data.get('recipient', 'library'), '?')}), a sample of the",
         "connections checked to still echo through the recipient. Figures are the median over",
         "the runs with (min..max).",
+        *(
+            ["", "**The cyclic GC was disabled in the originator and the recipient.**"]
+            if data.get("gc_off")
+            else []
+        ),
         "",
         "- **pause**: `pause_ms` as the recipient reports it (`takeover take --json` prints the",
         "  same figure): from the end of the originator's quiesce to the end of the",

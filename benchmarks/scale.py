@@ -235,10 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         help="library: benchmarks/_recipient.py, timed inside (default); "
         "cli: takeover take --json (pause and graph only)",
     )
+    parser.add_argument(
+        "--gc-off",
+        action="store_true",
+        help="disable the cyclic GC in the originator and the recipient (an experiment)",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     _soft, hard = _common.raise_nofile()
+    if args.gc_off:
+        os.environ["BENCH_GC_OFF"] = "1"
     command = args.command or " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
     )
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "repeats": args.repeats,
         "recipient": args.recipient,
+        "gc_off": args.gc_off,
         "sizes": sizes,
         "skipped": {},
         "runs": [],
