@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test lint format clean bench bench-quick
+.PHONY: all demo test lint format clean bench bench-quick interpreters
 
 all: test
 
@@ -16,10 +16,27 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The demo and its tests log in with the real telnet client and move the shell
+# to other interpreters: PyPy (Debian's pypy3) and pyenv's CPythons when present.
+INTERPRETER_PACKAGES := telnet pypy3
+
+interpreters:
+	@missing=""; \
+	for tool in $(INTERPRETER_PACKAGES); do \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (Debian packages) for the demo and its tests"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; } || \
+		echo "warning: could not install$$missing; the demo uses what it finds" >&2; \
+	fi
+
+demo: $(STAMP) interpreters
 	$(BIN)/python -m takeover demo
 
-test: $(STAMP)
+test: $(STAMP) interpreters
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The scaling benchmark (benchmarks/scale.py): results in benchmarks/results/.

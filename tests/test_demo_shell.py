@@ -1,0 +1,324 @@
+"""The paper's demonstration: a telnet Python shell moved mid-session.
+
+These drive the real ``telnet`` client through pexpect against ``takeover
+demo serve``, and move the server with ``takeover take`` run under other
+interpreters (found the way ``takeover demo`` finds them). ``make test``
+installs ``telnet`` and ``pypy3`` first (``make interpreters``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pexpect
+import pytest
+
+from procs import PYTHON, Proc
+from takeover.demo import interpreters
+from takeover.demo.interpreters import Interpreter
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "Zq8-v3-hush"
+PROMPT = r"(>>>|\.\.\.) $"
+
+
+def _missing(what: str) -> None:
+    """Skip on a developer's machine; fail in CI, where `make interpreters` provides it."""
+    message = f"{what} is not installed: run `make interpreters`"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def found() -> list[Interpreter]:
+    return interpreters.find()
+
+
+@pytest.fixture
+def cpython313(found: list[Interpreter]) -> Interpreter:
+    for interpreter in found:
+        if interpreter.implementation == "cpython" and interpreter.version[:2] == (3, 13):
+            return interpreter
+    _missing("CPython 3.13 (pyenv)")
+    raise AssertionError  # unreachable
+
+
+@pytest.fixture
+def pypy(found: list[Interpreter]) -> Interpreter:
+    for interpreter in found:
+        if interpreter.implementation == "pypy":
+            return interpreter
+    _missing("PyPy (pypy3)")
+    raise AssertionError  # unreachable
+
+
+@pytest.fixture(autouse=True)
+def telnet() -> str:
+    path = shutil.which("telnet")
+    if path is None:
+        _missing("telnet")
+    assert path is not None
+    return path
+
+
+class Session:
+    """A user at the real ``telnet`` client."""
+
+    def __init__(self, telnet: str, port: int, user: str, password: str) -> None:
+        self.log = io.StringIO()
+        self.child = pexpect.spawn(
+            telnet, ["127.0.0.1", str(port)], encoding="utf-8", timeout=20, env=os.environ.copy()
+        )
+        self.child.logfile_read = self.log
+        self.child.expect("username: ")
+        self.child.sendline(user)
+        self.child.expect("password: ")
+        self.child.sendline(password)
+        self.child.expect(">>> ")
+
+    def type(self, line: str) -> str:
+        """Type one line; return what was printed before the next prompt."""
+        self.child.sendline(line)
+        self.child.expect(PROMPT)
+        before = str(self.child.before).replace("\r\n", "\n")
+        echoed, _, output = before.partition("\n")
+        assert echoed.rstrip() == line.rstrip(), before
+        return output.rstrip("\n")
+
+    def block(self, *lines: str) -> str:
+        """Type a block and the empty line that ends it; return its output."""
+        for line in lines:
+            assert self.type(line) == ""
+        return self.type("")
+
+    def value(self, expression: str) -> str:
+        return self.type(expression)
+
+    @property
+    def prompt(self) -> str:
+        return str(self.child.after)
+
+    def transcript(self) -> str:
+        return self.log.getvalue()
+
+    def close(self) -> None:
+        self.child.close(force=True)
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[Session]]:
+    opened: list[Session] = []
+    yield opened
+    for session in opened:
+        session.close()
+
+
+def serve(port: int, control: str, *users: str) -> Proc:
+    argv = [PYTHON, "-m", "takeover", "demo", "serve", "--port", str(port), "--control", control]
+    for user in users:
+        argv += ["--user", user]
+    proc = Proc(argv)
+    proc.expect("move it with")
+    return proc
+
+
+def move(python: str, control: str, old: Proc, procs: list[Proc]) -> Proc:
+    """``takeover take`` under ``python``; returns it once the old server has exited."""
+    recipient = Proc([python, "-m", "takeover", "take", control], env=interpreters.environment())
+    procs.append(recipient)
+    recipient.expect(r"^serving ")
+    assert old.wait(20) == 0, old.output()
+    return recipient
+
+
+def assert_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_telnet_session_moves_to_cpython_313_and_pypy(
+    telnet, free_port, control, procs, sessions, cpython313, pypy
+):
+    """The paper's transcript, twice: each move gives a new pid and interpreter, nothing lost."""
+    server = serve(free_port, control, f"admin:{PASSWORD}")
+    procs.append(server)
+    me = Session(telnet, free_port, "admin", PASSWORD)
+    sessions.append(me)
+    assert me.type("import sys, os") == ""
+    assert me.type("x = 42") == ""
+    assert me.block("def double(n):", "    return 2 * n") == ""
+    assert me.value("double(21)") == "42"
+    assert me.value("os.getpid()") == str(server.pid)
+    versions = [me.value("sys.version")]
+    assert versions[0] == repr(sys.version)
+
+    previous = server
+    for target, marker in ((cpython313, "3.13."), (pypy, "PyPy")):
+        recipient = move(target.path, control, previous, procs)
+        assert_gone(previous.pid)
+        assert me.value("os.getpid()") == str(recipient.pid)
+        assert (
+            me.block(
+                "try:",
+                f"    os.kill({previous.pid}, 0)",
+                "except OSError as e:",
+                "    print(e)",
+                "else:",
+                "    print('No exception occurred')",
+            )
+            == "[Errno 3] No such process"
+        )
+        version = me.value("sys.version")
+        assert marker in version and version not in versions
+        versions.append(version)
+        assert me.value("x") == "42"
+        assert me.value("double(21)") == "42"
+        assert me.value("sys.implementation.name") == repr(target.implementation)
+        assert me.value("os.path.basename('/a/b')") == "'b'"
+        previous = recipient
+
+    assert PASSWORD not in me.transcript()
+    assert "password: " in me.transcript()
+
+
+def test_a_block_typed_halfway_completes_after_the_move_and_runs_once(
+    telnet, free_port, control, procs, sessions
+):
+    """The lines of a ``for`` block typed before a move and after it run as one block, once."""
+    server = serve(free_port, control, f"admin:{PASSWORD}")
+    procs.append(server)
+    me = Session(telnet, free_port, "admin", PASSWORD)
+    sessions.append(me)
+    assert me.type("runs = []") == ""
+    assert me.type("for i in range(3):") == ""
+    assert me.prompt == "... "
+    assert me.type("    runs.append(i)") == ""
+    recipient = move(PYTHON, control, server, procs)
+    assert me.type("    print('ran', i)") == ""
+    assert me.prompt == "... "
+    assert me.type("") == "ran 0\nran 1\nran 2"
+    assert me.prompt == ">>> "
+    assert me.value("runs") == "[0, 1, 2]"
+    assert me.type("import os") == ""
+    assert me.value("os.getpid()") == str(recipient.pid)
+    assert me.transcript().count("ran 0") == 1
+
+
+def test_two_users_keep_their_own_namespaces_across_a_move(
+    telnet, free_port, control, procs, sessions
+):
+    """Two logged-in users during a move: each keeps their own variables and functions."""
+    server = serve(free_port, control, "alice:apw-1", "bob:bpw-2")
+    procs.append(server)
+    alice = Session(telnet, free_port, "alice", "apw-1")
+    bob = Session(telnet, free_port, "bob", "bpw-2")
+    sessions += [alice, bob]
+    assert alice.type("x = 'alice'") == ""
+    assert bob.type("x = 'bob'") == ""
+    assert bob.block("def who():", "    return 'bob says ' + x") == ""
+    move(PYTHON, control, server, procs)
+    assert alice.value("x") == "'alice'"
+    assert bob.value("x") == "'bob'"
+    assert bob.value("who()") == "'bob says bob'"
+    assert alice.value("'who' in dir()") == "False"
+    assert "NameError: name 'who' is not defined" in alice.value("who()")
+    assert "apw-1" not in alice.transcript() and "bpw-2" not in bob.transcript()
+
+
+def test_what_cannot_move_is_named_and_the_move_refused(
+    telnet, free_port, control, procs, sessions
+):
+    """A generator in a namespace: the take fails naming it, the user is told, nothing moves."""
+    server = serve(free_port, control, f"admin:{PASSWORD}")
+    procs.append(server)
+    me = Session(telnet, free_port, "admin", PASSWORD)
+    sessions.append(me)
+    assert me.type("import os") == ""
+    assert me.type("squares = (n * n for n in range(5))") == ""
+    refused = Proc([PYTHON, "-m", "takeover", "take", control])
+    procs.append(refused)
+    assert refused.wait(20) != 0
+    error = refused.output()
+    assert "squares (generator)" in error and "takeover: error:" in error, error
+    me.child.expect(r"\*\*\* The server tried to move.*squares \(generator\).*stays here")
+    me.child.expect(">>> ")
+    assert me.value("os.getpid()") == str(server.pid)
+    assert me.value("next(squares)") == "0"
+    assert me.type("del squares") == ""
+    recipient = move(PYTHON, control, server, procs)
+    assert me.value("os.getpid()") == str(recipient.pid)
+
+
+def test_login_refuses_a_wrong_password_without_echoing_it(telnet, free_port, control, procs):
+    server = serve(free_port, control, f"admin:{PASSWORD}")
+    procs.append(server)
+    child = pexpect.spawn(telnet, ["127.0.0.1", str(free_port)], encoding="utf-8", timeout=20)
+    log = io.StringIO()
+    child.logfile_read = log
+    try:
+        child.expect("username: ")
+        child.sendline("admin")
+        child.expect("password: ")
+        child.sendline("not-the-one")
+        child.expect("Login incorrect")
+        child.expect("username: ")
+        child.sendline("admin")
+        child.expect("password: ")
+        child.sendline(PASSWORD)
+        child.expect(">>> ")
+        assert "not-the-one" not in log.getvalue()
+        assert PASSWORD not in log.getvalue()
+    finally:
+        child.close(force=True)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def test_takeover_demo_tells_the_story_in_seconds_and_leaves_nothing_running(found):
+    """``takeover demo``: login, the paper's commands, moves, in a few seconds, then clean."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [PYTHON, "-m", "takeover", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    elapsed = time.monotonic() - started
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert elapsed < 15, f"the demo took {elapsed:.1f} s"
+    control = re.search(r"--control (\S+)", out)
+    port = re.search(r"--port (\d+)", out)
+    assert control and port, out
+    route = interpreters.choose(found)
+    assert out.count("[Errno 3] No such process") == max(len(route), 1), out
+    assert "password: " in out
+    password = re.search(r"password (\S+)\n", out)
+    assert password and out.count(password.group(1)) == 1, "the password was echoed"
+    for target in route:
+        assert f"{target.path} -m takeover take" in out
+    assert _processes_mentioning(control.group(1)) == []
+    assert _processes_mentioning(f"127.0.0.1\0{port.group(1)}") == []
+    assert not os.path.exists(os.path.dirname(control.group(1)))
