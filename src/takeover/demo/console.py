@@ -202,3 +202,6 @@ def restore(state: dict[str, Any]) -> Console:
         if feature is not None:
             console._compiler.compiler.flags |= feature.compiler_flag
     return console
+
+
+portable.vet(restore)

@@ -12,7 +12,8 @@ with these rules, every reconstructor a function of this module:
   compiler and sets the defaults, closure cells, attributes and qualified
   name from the pickled state (:func:`function`, :func:`set_function_state`).
   Decorators, defaults and annotations are not evaluated again: the object
-  the namespace held is rebuilt, not the statement re-run;
+  the namespace held is rebuilt, not the statement re-run, and rebuilding
+  it runs none of the user's code;
 * a **class defined at the prompt** is created empty with its bases and
   metaclass, then its attributes (methods included, rebuilt as above) are
   set (:func:`new_class`, :func:`set_class_state`);
@@ -29,6 +30,7 @@ as to the rest of the graph.
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import copy
@@ -38,6 +40,7 @@ import linecache
 import pickle
 import sys
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,8 +66,15 @@ def empty_cell() -> _Empty:
 
 
 def module(name: str) -> types.ModuleType:
-    """Reconstructor: import a module by name."""
-    return importlib.import_module(name)
+    """Reconstructor: import a module by name (as the recipient's policy allows)."""
+    return _serialize._import_module(name)
+
+
+def future_feature(name: str) -> object:
+    """Reconstructor: a ``from __future__ import NAME`` binding."""
+    if name not in __future__.all_feature_names:
+        raise ValueError(f"no __future__ feature {name!r}")
+    return getattr(__future__, name)
 
 
 def classmethod_of(func: Any) -> classmethod[Any, Any, Any]:
@@ -211,7 +221,9 @@ def _locate(tree: ast.AST, line: int) -> None:
             node.end_col_offset = 0  # type: ignore[attr-defined]
 
 
-_parsed: dict[tuple[str, str], ast.Module] = {}
+# What the state setters may touch: only what the reconstructors here made.
+_made_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
+_made_classes: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 def function(
@@ -229,6 +241,8 @@ def function(
     The function's globals are ``globals_`` (the session's namespace, perhaps
     still being filled in); its state comes later (:func:`set_function_state`).
     """
+    if not isinstance(globals_, dict):
+        raise TypeError("a function's globals must be a dict")
     register_source(filename, source)
     node, classes = _find(source, name, line)
     code = compile(_wrap(node, classes, freevars), filename, "exec")
@@ -237,11 +251,14 @@ def function(
     made = scope["__takeover_outer__"]()
     if not isinstance(made, types.FunctionType):
         raise TypeError(f"rebuilding {name!r} gave {type(made).__name__}")
+    _made_functions.add(made)
     return made
 
 
 def set_function_state(func: types.FunctionType, state: dict[str, Any]) -> None:
     """State setter: defaults, closure, attributes and names of a rebuilt function."""
+    if func not in _made_functions:
+        raise TypeError("only a function rebuilt from source takes a function state")
     func.__defaults__ = state["defaults"]
     func.__kwdefaults__ = state["kwdefaults"]
     func.__annotations__ = state["annotations"] or {}
@@ -267,12 +284,17 @@ def new_class(
 ) -> type:
     """Reconstructor: an empty class; :func:`set_class_state` fills it."""
     meta = type if metaclass is None else metaclass
+    if not (isinstance(meta, type) and issubclass(meta, type)):
+        raise TypeError(f"a metaclass must be a subclass of type, not {meta!r}")
     made: type = meta(name, bases, dict(creation))
+    _made_classes.add(made)
     return made
 
 
 def set_class_state(cls: type, state: dict[str, Any]) -> None:
     """State setter: a rebuilt class's attributes."""
+    if cls not in _made_classes:
+        raise TypeError("only a class rebuilt here takes a class state")
     for key, value in state.items():
         setattr(cls, key, value)
 
@@ -302,6 +324,10 @@ class _Pickler(pickle.Pickler):
             return self._reduce_function(obj)
         if isinstance(obj, type):
             return self._reduce_class(obj)
+        if isinstance(obj, type(__future__.annotations)):
+            for name in __future__.all_feature_names:
+                if getattr(__future__, name) is obj:
+                    return (future_feature, (name,))
         if isinstance(obj, classmethod):
             return (classmethod_of, (obj.__func__,))
         if isinstance(obj, staticmethod):
@@ -430,7 +456,10 @@ def loads(blob: bytes, sources: dict[str, str]) -> dict[str, Any]:
     """Rebuild a namespace pickled by :func:`dumps`."""
     for filename, text in sources.items():
         register_source(filename, text)
-    namespace = _serialize.loads(blob, ())
+    # The policy of the load in progress (the graph this namespace is part of).
+    policy = getattr(getattr(_serialize, "_load_state", None), "policy", None)
+    options: dict[str, Any] = {} if policy is None else {"policy": policy}
+    namespace = _serialize.loads(blob, (), **options)
     if not isinstance(namespace, dict):
         raise TypeError(f"a namespace must be a dict, not {type(namespace).__name__}")
     return namespace
@@ -440,3 +469,28 @@ def register_source(filename: str, source: str) -> None:
     """Let tracebacks show lines of ``source`` (compiled as ``filename``)."""
     lines = [line + "\n" for line in source.splitlines()]
     linecache.cache[filename] = (len(source), None, lines, filename)
+
+
+def vet(*functions: object) -> None:
+    """Register reconstructors with the recipient's unpickling policy, if it has one."""
+    try:
+        policy = importlib.import_module("takeover._policy")
+    except ImportError:
+        return
+    register = getattr(policy, "vet", None)
+    if register is not None:
+        register(*functions)
+
+
+vet(
+    empty_cell,
+    module,
+    future_feature,
+    classmethod_of,
+    staticmethod_of,
+    property_of,
+    function,
+    set_function_state,
+    new_class,
+    set_class_state,
+)
