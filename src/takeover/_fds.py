@@ -73,9 +73,26 @@ def recv_with_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
         what = "truncated (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else "not SCM_RIGHTS"
         raise ProtocolError(
             f"ancillary data on the control channel was {what}: descriptors were lost; "
-            "the transfer cannot be completed"
+            f"the transfer cannot be completed{_descriptor_hint()}"
         )
     return data, fds
+
+
+def _descriptor_hint() -> str:
+    """Why descriptors may have been dropped: this process ran out of them."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError):
+        return ""
+    if soft == resource.RLIM_INFINITY or in_use < soft - 2 * SCM_MAX_FD:
+        return ""
+    return (
+        f" (this process has {in_use} descriptors open and may open {soft}: "
+        "raise RLIMIT_NOFILE, e.g. `ulimit -n`, before taking a service this large)"
+    )
 
 
 def send_with_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:

@@ -211,9 +211,10 @@ async def _move(
             log.warning("cannot move %r, left running: %s", name, problem)
             await send(_protocol.error(SerializationError.code, problem.explain(name)))
             return
+        # The pause starts when quiescing starts: the first connection stops here.
+        quiesced_at = time.monotonic()
         service.quiesce()
         quiesced = True
-        quiesced_at = time.monotonic()
         _faults.checkpoint("originator.quiesced")
         try:
             dumped = dumps(service, pickle_protocol)
