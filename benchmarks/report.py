@@ -120,7 +120,7 @@ def render(data: Row) -> str:
         ),
         "",
         "- **pause**: `pause_ms` as the recipient reports it (`takeover take --json` prints the",
-        "  same figure): from the end of the originator's quiesce to the end of the",
+        "  same figure): from the start of the originator's quiesce to the end of the",
         "  recipient's `start()`, on the shared monotonic clock.",
         "- **take**: the recipient's `RecipientSession.take` from sending TAKE to the",
         "  service committed and started; **connect→started** adds connect, HELLO and LIST.",
