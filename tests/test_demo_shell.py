@@ -322,3 +322,18 @@ def test_takeover_demo_tells_the_story_in_seconds_and_leaves_nothing_running(fou
     assert _processes_mentioning(control.group(1)) == []
     assert _processes_mentioning(f"127.0.0.1\0{port.group(1)}") == []
     assert not os.path.exists(os.path.dirname(control.group(1)))
+
+
+def test_ctrl_c_drops_the_block_and_ctrl_d_logs_out(telnet, free_port, control, procs, sessions):
+    server = serve(free_port, control, f"admin:{PASSWORD}")
+    procs.append(server)
+    me = Session(telnet, free_port, "admin", PASSWORD)
+    sessions.append(me)
+    assert me.type("for i in range(3):") == ""
+    me.child.sendcontrol("c")
+    me.child.expect("KeyboardInterrupt")
+    me.child.expect(">>> ")
+    assert me.value("1 + 1") == "2"
+    me.child.sendcontrol("d")
+    me.child.expect("logout")
+    me.child.expect(pexpect.EOF)

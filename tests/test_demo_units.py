@@ -178,3 +178,8 @@ def test_what_cannot_move_is_named():
     assert "squares (generator)" in message
     assert "made (function)" in message and "source is unknown" in message
     assert "ok" not in message.replace("cannot", "")
+
+
+def test_input_is_refused_rather_than_reading_the_servers_stdin():
+    output = Console("t#1").push("input('name? ')")
+    assert "EOFError: input() is not available in this shell" in output

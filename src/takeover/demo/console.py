@@ -50,6 +50,21 @@ class _Output:
         return "".join(self.parts)
 
 
+class _NoInput:
+    """``sys.stdin`` while the console runs code: the server's own is not the user's."""
+
+    def readline(self, size: int = -1) -> str:
+        raise EOFError("input() is not available in this shell (no terminal of its own)")
+
+    read = readline
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError("no standard input in this shell")
+
+
 class Logout(Exception):
     """The user ran ``exit()`` or ``quit()``."""
 
@@ -113,8 +128,9 @@ class Console:
 
     def _run(self, code: Any) -> str:
         out = self._out = _Output()
-        saved = sys.stdout, sys.stderr, sys.displayhook
+        saved = sys.stdin, sys.stdout, sys.stderr, sys.displayhook
         sys.stdout = sys.stderr = out
+        sys.stdin = _NoInput()
         sys.displayhook = self._display
         try:
             exec(code, self.namespace)
@@ -123,7 +139,7 @@ class Console:
         except BaseException:
             out.write(self._format_exception(syntax=False))
         finally:
-            sys.stdout, sys.stderr, sys.displayhook = saved
+            sys.stdin, sys.stdout, sys.stderr, sys.displayhook = saved
             self._out = None
         return out.getvalue()
 

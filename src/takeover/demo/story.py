@@ -295,7 +295,7 @@ def run(argv: Sequence[str] = ()) -> int:
         procs.append(server)
         login = server.expect(r"log in as (\S+), password (\S+)")
         user, password = login.group(1), login.group(2)
-        server.expect(r"move it with")
+        server.expect(r"move it with: .*\n")
         if shutil.which("telnet"):
             _out(f"\n$ telnet 127.0.0.1 {port}\n")
             client = PtyTelnet("127.0.0.1", port, _out)
