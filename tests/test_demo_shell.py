@@ -337,3 +337,10 @@ def test_ctrl_c_drops_the_block_and_ctrl_d_logs_out(telnet, free_port, control, 
     me.child.sendcontrol("d")
     me.child.expect("logout")
     me.child.expect(pexpect.EOF)
+
+
+def test_the_demo_moves_to_the_newest_other_interpreter_then_pypy(found, cpython313, pypy):
+    """The demo's quick route agrees with a full search: CPython 3.13 (the newest), then PyPy."""
+    route = interpreters.route()
+    assert route == interpreters.choose(found)
+    assert [i.real for i in route] == [cpython313.real, pypy.real]

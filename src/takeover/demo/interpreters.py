@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,38 @@ def find() -> list[Interpreter]:
         seen.update((interpreter.real, key))
         result.append(interpreter)
     return result
+
+
+def _guess(path: str) -> tuple[int, ...]:
+    """The version a path suggests (``versions/3.13.0/``, ``python3.12``), or ()."""
+    match = re.search(r"(?:versions/|python)(\d+)\.(\d+)(?:\.(\d+))?", path)
+    if match is None:
+        return ()
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def route() -> list[Interpreter]:
+    """:func:`choose` of :func:`find`, asking only the interpreters it may pick.
+
+    The newest other CPython by the version its path suggests and any PyPy
+    are asked; if the CPython does not answer, every candidate is.
+    """
+    me = current()
+    candidates = _candidates()
+    cpythons = [
+        path
+        for path in candidates
+        if "pypy" not in os.path.basename(path)
+        and _guess(path)
+        and _guess(path)[:2] != me.version[:2]
+    ]
+    cpythons.sort(key=_guess, reverse=True)
+    pypys = [path for path in candidates if "pypy" in os.path.basename(path)]
+    asked = probe(cpythons[:1] + pypys)
+    if cpythons and not any(i.path == cpythons[0] for i in asked):
+        return choose(find())
+    asked = [i for i in asked if (i.implementation, i.version) != (me.implementation, me.version)]
+    return choose(sorted(asked, key=lambda i: i.version, reverse=True))
 
 
 def choose(found: list[Interpreter]) -> list[Interpreter]:

@@ -272,14 +272,6 @@ def run(argv: Sequence[str] = ()) -> int:
     started = time.monotonic()
     python = sys.executable
     me = interpreters.current()
-    route = interpreters.choose(interpreters.find())
-    note = ""
-    if not route:
-        route = [me]
-        note = (
-            f"(no other interpreter found: moving to {me.label} again; install pypy3 "
-            "or another CPython to see sys.version change)"
-        )
     workdir = tempfile.mkdtemp(prefix="takeover-demo-")
     control = os.path.join(workdir, "shell.sock")
     port = _free_port()
@@ -293,6 +285,15 @@ def run(argv: Sequence[str] = ()) -> int:
             env,
         )
         procs.append(server)
+        # Look for interpreters while the server starts.
+        route = interpreters.route()
+        note = ""
+        if not route:
+            route = [me]
+            note = (
+                f"(no other interpreter found: moving to {me.label} again; install pypy3 "
+                "or another CPython to see sys.version change)"
+            )
         login = server.expect(r"log in as (\S+), password (\S+)")
         user, password = login.group(1), login.group(2)
         server.expect(r"move it with: .*\n")
