@@ -13,6 +13,7 @@ is either committed (released here, forgotten by the registry) or rolled back
   without COMMITTED means the recipient never started (it died, or gave up
   before reading COMMIT), so the service resumes here; COMMITTED means the
   recipient owns it, and only then are this process's descriptors closed.
+  So does a garbled answer: only a recipient that read COMMIT answers at all.
   There is no timeout on that last wait: rolling back while the recipient
   might still read COMMIT could leave two processes serving one service.
 
@@ -257,6 +258,7 @@ async def _move(
         while True:
             try:
                 reply = await channel.receive(limits.step_timeout)
+                conversation.receive(reply)
                 break
             except MigrationTimeoutError:
                 log.warning(
@@ -264,7 +266,16 @@ async def _move(
                     "it stays paused here until the recipient answers or goes away",
                     name,
                 )
-        conversation.receive(reply)
+            except ProtocolError as exc:
+                # Only a recipient that has read COMMIT says anything now, and it
+                # may have started: resuming here could serve the service twice.
+                log.warning(
+                    "service %r: garbled answer to COMMIT (%s); the recipient read COMMIT, "
+                    "so the service is released here, not resumed",
+                    name,
+                    exc,
+                )
+                break
         committed = True
     except TakeoverError as exc:
         log.warning("move of %r rolled back: %s", name, exc)
