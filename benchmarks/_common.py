@@ -152,6 +152,30 @@ class Proc:
                 if isinstance(data, dict) and data.get("event") == name:
                     return data
 
+    def line(self, prefix: str, timeout: float) -> str:
+        """Wait for a line starting with ``prefix`` and return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(
+                    f"{self.argv[1:]}: no line {prefix!r} within {timeout} s; output:\n"
+                    + "\n".join(self.lines)
+                )
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)
+                raise RuntimeError(
+                    f"{self.argv[1:]} exited ({self.popen.poll()}) before a line {prefix!r}; "
+                    "output:\n" + "\n".join(self.lines)
+                )
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
     def send_line(self, text: str) -> None:
         assert self.popen.stdin is not None
         self.popen.stdin.write(text + "\n")
@@ -176,6 +200,23 @@ class Proc:
                         pipe.close()
                     except OSError:
                         pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of sorted values, nearest rank."""
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return float(ordered[index])
 
 
 PYTHON = sys.executable

@@ -1,0 +1,513 @@
+"""What clients see under load while the service is moved again and again.
+
+    python benchmarks/load.py [--apps echo,http] [--connections 100] [--duration 10]
+        [--move-every 0.2] [--repeats 3] [--out DIR] [--name load]
+
+For each repeat and each app (``examples/echo.py``, ``examples/http_counter.py``)
+two runs of the same length, back to back: **steady** (the service stays where
+it is) and **moving** (``python -m takeover take --json CONTROL`` is started
+every ``--move-every`` seconds, each once the previous one printed its
+``serving`` line, for the whole run). The load is ``_client.py``: N
+connections in one process, each sending its next request as soon as the
+previous one is answered, every answer checked (echo: byte for byte and a
+CRC32 of each direction; http: the request's own path, and hit numbers 1..n
+each once across all answers), stopping by themselves at the end of the run.
+
+Writes ``DIR/NAME.json`` and ``DIR/NAME.md``; ``--render NAME.json`` redraws the
+markdown from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common
+from _common import percentile
+
+EXAMPLES = os.path.join(_common.ROOT, "examples")
+CLIENT = os.path.join(_common.HERE, "_client.py")
+TIMEOUT = 60.0
+BIN_S = 0.02
+"""Width of the time bins of the latency series (for the plot)."""
+
+
+MOVERS = {
+    "library": "`benchmarks/_mover.py`, which does what `takeover take --json` does through the "
+    "library API, started ahead (interpreter and imports loaded) and told when to take",
+    "cli": "`python -m takeover take --json CONTROL`, started at each move",
+}
+
+
+def take_argv(control: str) -> list[str]:
+    return [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+
+
+def start_app(app: str, port: int, control: str) -> _common.Proc:
+    script = {"echo": "echo.py", "http": "http_counter.py"}[app]
+    argv = [_common.PYTHON, os.path.join(EXAMPLES, script)]
+    proc = _common.Proc([*argv, "--port", str(port), "--control", control])
+    proc.line(f"{app} on ", TIMEOUT)
+    return proc
+
+
+def read_samples(path: str) -> list[tuple[float, float]]:
+    values = array.array("d")
+    with open(path, "rb") as f:
+        values.frombytes(f.read())
+    return list(zip(values[0::2], values[1::2]))
+
+
+def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {
+        "count": len(ordered),
+        "p50_ms": percentile(ordered, 50) * 1000,
+        "p99_ms": percentile(ordered, 99) * 1000,
+        "max_ms": (ordered[-1] if ordered else float("nan")) * 1000,
+    }
+
+
+def series(samples: list[tuple[float, float]], t0: float, duration: float) -> dict[str, Any]:
+    """Per BIN_S of send time: how many requests, their median and maximum latency (ms)."""
+    bins: list[list[float]] = [[] for _ in range(int(duration / BIN_S) + 2)]
+    for sent, latency in samples:
+        index = int((sent - t0) / BIN_S)
+        if 0 <= index < len(bins):
+            bins[index].append(latency)
+    t, p50, peak, count = [], [], [], []
+    for i, values in enumerate(bins):
+        if not values:
+            continue
+        values.sort()
+        t.append(round(i * BIN_S, 4))
+        p50.append(round(percentile(values, 50) * 1000, 4))
+        peak.append(round(values[-1] * 1000, 4))
+        count.append(len(values))
+    return {"bin_s": BIN_S, "t": t, "p50_ms": p50, "max_ms": peak, "count": count}
+
+
+def check_hits(hits: list[int]) -> dict[str, int]:
+    """Hit numbers must be 1..n, each once: no request lost, none served twice."""
+    seen = set(hits)
+    n = len(hits)
+    return {
+        "answers": n,
+        "duplicates": n - len(seen),
+        "missing": sum(1 for i in range(1, n + 1) if i not in seen),
+        "max": max(hits) if hits else 0,
+    }
+
+
+def mover_argv(control: str) -> list[str]:
+    return [_common.PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
+
+
+def run_load(
+    app: str,
+    moving: bool,
+    connections: int,
+    duration: float,
+    move_every: float,
+    mover: str = "library",
+) -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="tkl", dir="/tmp")
+    control = os.path.join(workdir, "c.sock")
+    samples_path = os.path.join(workdir, "samples.bin")
+    holders: list[_common.Proc] = []
+    client: _common.Proc | None = None
+    moves: list[dict[str, Any]] = []
+    failures: list[str] = []
+    spare: _common.Proc | None = None
+    try:
+        port = _common.free_port()
+        holders.append(start_app(app, port, control))
+        client = _common.Proc(
+            [
+                _common.PYTHON,
+                CLIENT,
+                "--port",
+                str(port),
+                "--app",
+                app,
+                "--connections",
+                str(connections),
+                "--duration",
+                str(duration),
+                "--samples",
+                samples_path,
+            ],
+            stdin=True,
+        )
+        client.event("connected", TIMEOUT)
+        client.send_line("go")
+        t0 = float(client.event("started", TIMEOUT)["t0"])
+        if moving:
+            k = 1
+            while True:
+                tick = t0 + k * move_every
+                if tick >= t0 + duration:
+                    break
+                now = time.monotonic()
+                if tick > now:
+                    time.sleep(tick - now)
+                try:
+                    if mover == "cli":
+                        start = time.monotonic()
+                        proc = _common.Proc(take_argv(control))
+                        holders.append(proc)
+                    else:
+                        if spare is None:
+                            spare = _common.Proc(mover_argv(control), stdin=True)
+                        proc, spare = spare, None
+                        holders.append(proc)
+                        proc.event("ready", TIMEOUT)
+                        start = time.monotonic()
+                        proc.send_line("go")
+                    taken = proc.event("taken", TIMEOUT)
+                    taken_at = time.monotonic()
+                    proc.event("serving", TIMEOUT)
+                except RuntimeError as exc:
+                    failures.append(str(exc))
+                    break
+                if mover != "cli":
+                    spare = _common.Proc(mover_argv(control), stdin=True)
+                moves.append(
+                    {
+                        "start": start - t0,
+                        "taken": taken_at - t0,
+                        "serving": time.monotonic() - t0,
+                        "pause_ms": taken["pause_ms"],
+                        "connections": taken["connections"],
+                    }
+                )
+                k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
+        if spare is not None:
+            spare.kill()
+        done = client.event("done", duration + TIMEOUT)
+        client.wait(TIMEOUT)
+        last = holders[-1]
+        last.popen.send_signal(signal.SIGTERM)
+        last.wait(TIMEOUT)
+        exits = []
+        for proc in holders[:-1]:
+            try:
+                exits.append(proc.wait(TIMEOUT))
+            except Exception as exc:  # a holder that never left
+                failures.append(f"{proc.argv[1:]}: {exc}")
+        bad = [rc for rc in exits if rc != 0]
+        if bad:
+            failures.append(f"{len(bad)} process(es) the service left exited with {bad}")
+        samples = read_samples(samples_path)
+    finally:
+        for proc in holders:
+            proc.kill()
+        if spare is not None:
+            spare.kill()
+        if client is not None:
+            client.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    hits = done.pop("hits")
+    latencies = [latency for _sent, latency in samples]
+    in_pause = []
+    if moves:
+        windows = sorted((t0 + m["taken"] - m["pause_ms"] / 1000, t0 + m["taken"]) for m in moves)
+        for sent, latency in samples:
+            for a, b in windows:
+                if sent <= b and sent + latency >= a:
+                    in_pause.append(latency)
+                    break
+    result = {
+        "app": app,
+        "mode": "moving" if moving else "steady",
+        "connections": connections,
+        "duration": duration,
+        **done,
+        "throughput_rps": done["completed"] / done["wall_s"],
+        "client_cpu_share": done["cpu_s"] / done["wall_s"],
+        "latency": latency_stats(latencies),
+        "latency_across_pause": latency_stats(in_pause),
+        "moves": moves,
+        "failures": failures,
+        "series": series(samples, t0, duration),
+    }
+    if app == "http":
+        result["hits_check"] = check_hits(hits)
+    return result
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def cell(values: Sequence[float | None], digits: int = 3) -> str:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return "n/a"
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+
+
+def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def lost_or_duplicated(run: dict[str, Any]) -> int:
+    if run["app"] == "http":
+        check = run["hits_check"]
+        return int(check["duplicates"] + check["missing"] + (check["max"] != check["answers"]))
+    return int(run["echo_byte_difference"] + run["echo_crc_mismatches"])
+
+
+def pairs(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(steady, moving) runs of one app from the same repeat."""
+    runs = [r for r in data["runs"] if r["app"] == app]
+    steady = {r["repeat"]: r for r in runs if r["mode"] == "steady"}
+    moving = [r for r in runs if r["mode"] == "moving" and r["repeat"] in steady]
+    return [(steady[r["repeat"]], r) for r in moving]
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    out = [
+        "# takeover under load: clients while the service moves every "
+        f"{data['move_every'] * 1000:.0f} ms",
+        "",
+        f"Produced by `{data['command']}` on {data['date']} (commit {m.get('commit') or '?'}"
+        f"{', src/ modified' if m.get('src_dirty') else ''}), {data['repeats']} repeat(s).",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
+        f"- Python: {m['python']}",
+        f"- Kernel: {m['kernel']}",
+        "",
+        f"Each repeat, for each app, two runs of {data['duration']:g} s back to back with the same",
+        f"load: {data['connections']} keep-alive connections from one client process",
+        "(`benchmarks/_client.py`, selectors), each sending its next request as soon as the",
+        "previous one is answered and stopping by itself at the end of the run.",
+        "",
+        "- **steady**: the service stays in the process that started it.",
+        f"- **moving**: the service moved every {data['move_every']:g} s (each move once the",
+        "  previous one printed its `serving` line), for the whole run: A → B → C → ..., each to a",
+        f"  fresh process: {MOVERS[data.get('mover', 'cli')]}.",
+        "",
+        "Checks: echo answers byte for byte, and a CRC32 and byte count of each direction",
+        "of each connection agree at the end; http answers carry the request's own path, and",
+        "the hit numbers of all answers are exactly 1..n (the counter moves with the service;",
+        "a lost or repeated request would leave a gap or a duplicate); no byte arrives unasked,",
+        "also for 100 ms after the end. Latency: from sending a request to its whole answer.",
+        "Figures: median over the repeats with (min..max); ratios are moving / steady of the",
+        "same repeat.",
+        "",
+        "## Errors and integrity",
+        "",
+    ]
+    rows = []
+    for app in data["apps"]:
+        for mode in ("steady", "moving"):
+            runs = [r for r in data["runs"] if r["app"] == app and r["mode"] == mode]
+            if not runs:
+                continue
+            rows.append(
+                [
+                    app,
+                    mode,
+                    cell([len(r["moves"]) for r in runs], 0) if mode == "moving" else "0",
+                    str(sum(r["errors"] for r in runs)),
+                    str(sum(lost_or_duplicated(r) for r in runs)),
+                    str(sum(len(r["failures"]) for r in runs)),
+                    cell([r["completed"] for r in runs], 0),
+                    cell([r["throughput_rps"] for r in runs], 0),
+                    cell([r["client_cpu_share"] * 100 for r in runs], 0),
+                ]
+            )
+    out += _table(
+        [
+            "app",
+            "run",
+            "moves per run",
+            "errors (all runs)",
+            "bytes or requests lost or duplicated (all runs)",
+            "failed moves (all runs)",
+            "requests per run",
+            "requests/s",
+            "client CPU % of one core",
+        ],
+        rows,
+    )
+    errors = [e for r in data["runs"] for e in r["first_errors"] + r["failures"]]
+    if errors:
+        out += ["", "First errors:", ""] + [f"- `{e[:300]}`" for e in errors[:10]]
+
+    out += ["", "## Latency: moving against steady", ""]
+    rows = []
+    for app in data["apps"]:
+        both = pairs(data, app)
+        if not both:
+            continue
+        for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
+            rows.append(
+                [
+                    app,
+                    label,
+                    cell([s["latency"][key] for s, _ in both]),
+                    cell([mv["latency"][key] for _, mv in both]),
+                    cell([mv["latency"][key] / s["latency"][key] for s, mv in both], 2),
+                    cell([mv["latency_across_pause"][key] for _, mv in both]),
+                    cell(
+                        [mv["latency_across_pause"][key] / s["latency"][key] for s, mv in both], 2
+                    ),
+                ]
+            )
+    out += _table(
+        [
+            "app",
+            "latency",
+            "steady ms",
+            "moving ms (whole run)",
+            "moving / steady",
+            "requests across a pause, ms",
+            "across a pause / steady",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "*Requests across a pause*: those in flight during some move's pause, the window",
+        "taken as [`taken` line read - `pause_ms`, `taken` line read] on the driver's clock.",
+        "",
+        "## The moves",
+        "",
+    ]
+    rows = []
+    for app in data["apps"]:
+        moves = [mv for _, run in pairs(data, app) for mv in run["moves"]]
+        if not moves:
+            continue
+        rows.append(
+            [
+                app,
+                str(len(moves)),
+                cell([mv["connections"] for mv in moves], 0),
+                cell([mv["pause_ms"] for mv in moves]),
+                cell([(mv["serving"] - mv["start"]) * 1000 for mv in moves], 1),
+                cell([mv["latency_across_pause"]["count"] for _, mv in pairs(data, app)], 0),
+            ]
+        )
+    out += _table(
+        [
+            "app",
+            "moves (all runs)",
+            "connections moved",
+            "pause ms",
+            "`take` started → serving ms",
+            "requests across a pause per run",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "`take` started → serving: from starting `takeover take` (cli: includes starting Python",
+        "and importing takeover) or telling `_mover.py` to go (library), to its `serving` line.",
+        "",
+    ]
+    if data.get("plots"):
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]] + [""]
+    return "\n".join(out)
+
+
+def write(data: dict[str, Any], directory: str, name: str) -> tuple[str, str]:
+    json_path = os.path.join(directory, f"{name}.json")
+    md_path = os.path.join(directory, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(render(data))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", default="echo,http")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--move-every", type=float, default=0.2, help="seconds")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--mover",
+        choices=("library", "cli"),
+        default="library",
+        help="library: benchmarks/_mover.py, started ahead and told when to take (default); "
+        "cli: python -m takeover take --json, started at each move",
+    )
+    parser.add_argument("--out", default=os.path.join(_common.HERE, "results"))
+    parser.add_argument("--name", default="load")
+    parser.add_argument("--command", help="the command to quote in the report (default: argv)")
+    parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            loaded = json.load(f)
+        directory, base = os.path.split(args.render)
+        print(write(loaded, directory or ".", os.path.splitext(base)[0])[1])
+        return 0
+    import scale
+
+    _common.raise_nofile()
+    command = args.command or " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
+    )
+    apps = [a for a in args.apps.split(",") if a]
+    data: dict[str, Any] = {
+        "kind": "load",
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": scale.machine(),
+        "repeats": args.repeats,
+        "apps": apps,
+        "connections": args.connections,
+        "duration": args.duration,
+        "move_every": args.move_every,
+        "mover": args.mover,
+        "runs": [],
+    }
+    for repeat in range(args.repeats):
+        for app in apps:
+            for moving in (False, True):
+                run = run_load(
+                    app, moving, args.connections, args.duration, args.move_every, args.mover
+                )
+                run["repeat"] = repeat
+                data["runs"].append(run)
+                lat = run["latency"]
+                print(
+                    f"{app} {run['mode']} {repeat + 1}/{args.repeats}: "
+                    f"{run['completed']} requests, {run['errors']} errors, "
+                    f"{len(run['moves'])} moves, p50 {lat['p50_ms']:.3f} p99 {lat['p99_ms']:.3f} "
+                    f"max {lat['max_ms']:.3f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    os.makedirs(args.out, exist_ok=True)
+    json_path, md_path = write(data, args.out, args.name)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
