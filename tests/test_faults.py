@@ -411,3 +411,100 @@ def test_docs_table_is_the_matrix():
             f.write(text)
     with open(DOCS) as f:
         assert f.read() == text, "docs/faults.md is out of date: run with FAULTS_WRITE_DOCS=1"
+
+
+# -- an originator that dies mid-move --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["originator.fds-sent", "awaiting READY", "originator.ready-received"],
+)
+def test_originator_dying_mid_move_leaves_the_recipient_serving(
+    when, workdir, control, free_port, procs
+):
+    """Originator killed after sending graph and fds: the recipient serves, 50 clients unharmed."""
+    secret = secret_file(workdir)
+    origin_env = None if when == "awaiting READY" else {"TAKEOVER_FAULTS": f"{when}=stop"}
+    origin = run_example("echo", free_port, control, "--secret-file", secret, env=origin_env)
+    procs.append(origin)
+    with streaming(free_port, FULL) as clients:
+        clients.wait_all_echoing()
+        inode = listener_inode(free_port)
+        recipient_env = None
+        if when == "awaiting READY":
+            # The recipient holds everything and stops before READY, while the
+            # originator waits for it; the originator dies then, and the
+            # recipient's READY meets a closed channel.
+            recipient_env = {"TAKEOVER_FAULTS": "recipient.adopted=stop"}
+        recipient = takeover("take", control, "--secret-file", secret, env=recipient_env)
+        procs.append(recipient)
+        if when == "awaiting READY":
+            wait_stopped(recipient, "recipient.adopted")
+        else:
+            wait_stopped(origin, when)
+        origin.signal(signal.SIGKILL)
+        assert origin.wait() == -signal.SIGKILL
+        recipient.signal(signal.SIGCONT)
+
+        recipient.expect(r"^serving 1 service\(s\) at ")
+        assert "died before committing 'echo'" in recipient.output()
+        assert [p.pid for p in holders(inode, origin, recipient)] == [recipient.pid]
+        moved = service_fds(recipient.pid, free_port)
+        assert len(moved) == 1 + FULL
+        wait_until(
+            lambda: len(list_fds(recipient.pid)) == len(moved) + 7,
+            what="the recipient's fd table to settle",
+        )
+        clients.wait_progress()
+        with socket.create_connection(("127.0.0.1", free_port), timeout=10) as fresh:
+            assert echo(fresh, b"orphan\n") == b"orphan\n"
+        outcome = clients.finish()
+    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
+    # It serves at the dead originator's control path: the next move works too.
+    successor = takeover("take", control, "--secret-file", secret)
+    procs.append(successor)
+    successor.expect(r"^took echo: \d+ connections")
+    assert recipient.wait() == 0, recipient.output()
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as fresh:
+        assert echo(fresh, b"again\n") == b"again\n"
+
+
+# -- a recipient that stalls -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "point", ["recipient.connected", "recipient.fds-received", "recipient.adopted"]
+)
+def test_stalled_recipient_is_rolled_back_after_the_step_timeout(
+    point, workdir, control, free_port, procs
+):
+    """A recipient stopped past the originator's 1 s step timeout: rollback, clients unharmed."""
+    secret = secret_file(workdir)
+    origin = run_example("echo", free_port, control, "--secret-file", secret, "--step-timeout", "1")
+    procs.append(origin)
+    with streaming(free_port, LIGHT) as clients:
+        clients.wait_all_echoing()
+        inode = listener_inode(free_port)
+        before = list_fds(origin.pid)
+        stalled = takeover(
+            "take", control, "--secret-file", secret, env={"TAKEOVER_FAULTS": f"{point}=stop"}
+        )
+        procs.append(stalled)
+        wait_stopped(stalled, point)
+        # Rolled back within the timeout, while the recipient is still stopped.
+        wait_until(lambda: list_fds(origin.pid) == before, timeout=5, what="the rollback")
+        assert "sent nothing for 1 s" in origin.output()
+        assert process_state(stalled.pid) == "T"
+        clients.wait_progress()
+        listing = takeover("list", "--json", control, "--secret-file", secret)
+        procs.append(listing)
+        listing.expect(r'"state": "available"')
+        # Woken up, the recipient finds the channel closed and starts nothing.
+        stalled.signal(signal.SIGCONT)
+        assert stalled.wait() == 1, stalled.output()
+        assert "takeover: error: " in stalled.output()
+        assert [p.pid for p in holders(inode, origin, stalled)] == [origin.pid]
+        assert list_fds(origin.pid) == before
+        outcome = clients.finish()
+    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
