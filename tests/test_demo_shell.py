@@ -216,7 +216,7 @@ def test_a_block_typed_halfway_completes_after_the_move_and_runs_once(
 def test_two_users_keep_their_own_namespaces_across_a_move(
     telnet, free_port, control, procs, sessions
 ):
-    """Two logged-in users during a move: each keeps their own variables and functions."""
+    """Two logged-in users during a move keep their own namespaces; a login halfway goes on."""
     server = serve(free_port, control, "alice:apw-1", "bob:bpw-2")
     procs.append(server)
     alice = Session(telnet, free_port, "alice", "apw-1")
@@ -225,7 +225,19 @@ def test_two_users_keep_their_own_namespaces_across_a_move(
     assert alice.type("x = 'alice'") == ""
     assert bob.type("x = 'bob'") == ""
     assert bob.block("def who():", "    return 'bob says ' + x") == ""
-    move(PYTHON, control, server, procs)
+    # A third connection is halfway through logging in: its login state moves too.
+    late = pexpect.spawn(telnet, ["127.0.0.1", str(free_port)], encoding="utf-8", timeout=20)
+    try:
+        late.expect("username: ")
+        late.sendline("alice")
+        late.expect("password: ")
+        move(PYTHON, control, server, procs)
+        late.sendline("apw-1")
+        late.expect(">>> ")
+        late.sendline("'x' in dir()")
+        late.expect("False")
+    finally:
+        late.close(force=True)
     assert alice.value("x") == "'alice'"
     assert bob.value("x") == "'bob'"
     assert bob.value("who()") == "'bob says bob'"
