@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The benchmarks' plots need matplotlib (the bench extra); make test does not.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
 # The demo and its tests log in with the real telnet client and move the shell
 # to other interpreters: PyPy (Debian's pypy3) and pyenv's CPythons when present.
 INTERPRETER_PACKAGES := telnet pypy3
@@ -39,14 +46,28 @@ demo: $(STAMP) interpreters
 test: $(STAMP) interpreters
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The scaling benchmark (benchmarks/scale.py): results in benchmarks/results/.
-bench: $(STAMP)
+# The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
+RESULTS := benchmarks/results
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
+	$(BIN)/python benchmarks/load.py --duration 10 --repeats 3 \
+		--name load --command "make bench"
+	$(BIN)/python benchmarks/sidebyside.py --repeats 5 \
+		--name sidebyside --command "make bench"
+	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
+		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
 		--name scale-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/load.py --duration 3 --repeats 2 \
+		--name load-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
+		--name sidebyside-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
+		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks

@@ -24,7 +24,9 @@ seconds on the shared monotonic clock, is written there as native doubles.
 Without ``--reconnect`` any connection error is an error. With it (the side
 by side), a connection the server closes or resets is counted as broken and
 reopened (refused attempts are retried every 10 ms) and its unanswered request
-is sent again; its latency runs from its first send.
+is sent again; its latency runs from its first send. With ``--interval`` the
+latency of every request runs from when it was due, so that a request that
+could not be sent while the connection was being reopened counts the wait.
 
 ``--churn``: one connection per request (connect, one echo line, close) in a
 loop, one every 2 ms; refused, reset and timed-out attempts are counted.
@@ -62,6 +64,7 @@ class Conn:
         "cid",
         "crc_recv",
         "crc_sent",
+        "due_at",
         "next_at",
         "recv_bytes",
         "req",
@@ -78,7 +81,8 @@ class Conn:
         self.seq = 0
         self.req = b""
         self.sent_at = 0.0
-        self.next_at = 0.0
+        self.next_at = 0.0  # when to retry connecting
+        self.due_at = 0.0  # when the next request is due (with --interval)
         self.buf = bytearray()
         self.sent_bytes = 0
         self.recv_bytes = 0
@@ -121,7 +125,9 @@ class Clients:
     def send(self, c: Conn, now: float, again: bool = False) -> None:
         if not again:
             c.req = self.request(c)
-            c.sent_at = now
+            # With --interval, latency runs from when the request was due, so that
+            # time spent unable to send (reconnecting) counts too.
+            c.sent_at = c.due_at if self.interval > 0 else now
         assert c.sock is not None
         try:
             n = c.sock.send(c.req)
@@ -158,8 +164,7 @@ class Clients:
         c.buf.clear()
         c.state = "retry"
         c.next_at = time.monotonic()
-        c.seq = c.seq  # the unanswered request is sent again
-        if not pending:
+        if not pending:  # else the unanswered request is sent again
             c.req = b""
 
     def reconnect(self, c: Conn) -> None:
@@ -196,6 +201,8 @@ class Clients:
         self.sel.modify(c.sock, selectors.EVENT_READ, c)
         if c.req:
             self.send(c, now, again=True)
+        elif self.interval > 0 and now < self.end:
+            c.state = "idle"  # the next request keeps the time it was due
         else:
             self.due(c, now)
 
@@ -207,7 +214,7 @@ class Clients:
             self.send(c, now)
         else:
             c.state = "idle"
-            c.next_at = max(now, c.sent_at + self.interval)
+            c.due_at = c.sent_at + self.interval
 
     # -- answers --------------------------------------------------------------------
 
@@ -289,7 +296,9 @@ class Clients:
     def run(self, t0: float) -> None:
         self.end = t0 + self.args.duration
         now = time.monotonic()
-        for c in self.conns:
+        for i, c in enumerate(self.conns):  # with --interval: spread over one interval
+            c.due_at = now + self.interval * i / len(self.conns)
+            c.sent_at = c.due_at - self.interval
             self.due(c, now)
         last_check = now
         while True:
@@ -297,12 +306,16 @@ class Clients:
             wake = now + 0.05
             for c in self.conns:
                 state = c.state
-                if state in ("idle", "retry"):
+                if state == "idle":
+                    active = True
+                    if c.due_at <= now:
+                        self.send(c, now)
+                    else:
+                        wake = min(wake, c.due_at)
+                elif state == "retry":
                     active = True
                     if c.next_at <= now:
-                        if state == "idle":
-                            self.send(c, now)
-                        elif now < self.end or c.req:
+                        if now < self.end or c.req:
                             self.reconnect(c)
                         else:
                             c.state = "done"

@@ -240,6 +240,8 @@ def render(data: Row) -> str:
         ],
         rows,
     )
+    if data.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
     out.append("")
     return "\n".join(out)
 

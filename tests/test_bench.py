@@ -93,3 +93,99 @@ def test_scale_quick_path(workdir: str) -> None:
         data = json.load(f)
     assert [run["connections"] for run in data["runs"]] == list(SIZES)
     assert all(run["echo_checked"] >= 1 for run in data["runs"])
+
+
+def _run(script: str, args: list[str], tag: str) -> None:
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not _processes_tagged(tag), "the benchmark left processes running"
+
+
+def _plots(workdir: str, option: str, name: str) -> None:
+    """With matplotlib there (the bench extra), the plot is drawn and linked from the report."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    _run("plots.py", [option, os.path.join(workdir, f"{name}.json")], tag)
+    png = os.path.join(workdir, f"{name}-latency.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(workdir, f"{name}.md")) as f:
+        assert f"![{name}-latency.png]({name}-latency.png)" in f.read()
+
+
+def test_load_quick_path(workdir: str) -> None:
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    args = ["--connections", "4", "--duration", "1", "--move-every", "0.2", "--repeats", "1"]
+    _run("load.py", [*args, "--out", workdir], tag)
+
+    with open(os.path.join(workdir, "load.md")) as f:
+        markdown = f.read()
+    assert "Produced by `" in markdown and "CPU:" in markdown
+    header, rows = _table(markdown, "Errors and integrity")
+    assert [(row[0], row[1]) for row in rows] == [
+        ("echo", "steady"),
+        ("echo", "moving"),
+        ("http", "steady"),
+        ("http", "moving"),
+    ]
+    for row in rows:
+        assert row[header.index("errors (all runs)")] == "0"
+        assert row[header.index("bytes or requests lost or duplicated (all runs)")] == "0"
+        assert row[header.index("failed moves (all runs)")] == "0"
+        assert _number(row[header.index("requests per run")]) > 0
+    header, rows = _table(markdown, "Latency: moving against steady")
+    assert "moving / steady" in header
+    assert [(row[0], row[1]) for row in rows][:3] == [
+        ("echo", "p50"),
+        ("echo", "p99"),
+        ("echo", "max"),
+    ]
+    assert all(_number(row[header.index("moving / steady")]) > 0 for row in rows)
+
+    with open(os.path.join(workdir, "load.json")) as f:
+        data = json.load(f)
+    moving = [r for r in data["runs"] if r["mode"] == "moving"]
+    assert all(r["moves"] for r in moving), "no move happened"
+    assert all(m["connections"] == 4 for r in moving for m in r["moves"])
+    assert all(
+        r["hits_check"]["answers"] == r["completed"] for r in data["runs"] if r["app"] == "http"
+    )
+    _plots(workdir, "--load", "load")
+
+
+def test_sidebyside_quick_path(workdir: str) -> None:
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    args = ["--connections", "3", "--drain", "0.3", "--warmup", "0.3", "--cooldown", "0.4"]
+    _run("sidebyside.py", [*args, "--repeats", "1", "--out", workdir], tag)
+
+    with open(os.path.join(workdir, "sidebyside.md")) as f:
+        markdown = f.read()
+    header, rows = _table(markdown, "Results")
+    assert [row[0] for row in rows] == [
+        "stop and restart",
+        "overlapped restart (SO_REUSEPORT)",
+        "listener hand-off + drain",
+        "takeover",
+    ]
+    broken = header.index("long-lived connections broken")
+    for row in rows:
+        assert len(row) == len(header)
+        assert row[header.index("wrong answers")] == "0"
+        assert _number(row[header.index("old process gone after ms")]) > 0
+    # Only takeover keeps the long-lived connections; the others close them.
+    counts = [_number(row[broken]) for row in rows]
+    assert all(count >= 3 for count in counts[:3]) and counts[3] == 0, counts
+    header, rows = _table(markdown, "Against takeover, same repeat")
+    assert len(rows) == 3
+    _plots(workdir, "--sidebyside", "sidebyside")

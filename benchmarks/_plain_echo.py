@@ -1,0 +1,157 @@
+"""The baselines of the side by side: a plain asyncio line echo, no takeover.
+
+    python benchmarks/_plain_echo.py --port P [--reuseport] [--handoff PATH] [--drain S]
+    python benchmarks/_plain_echo.py --fd-from PATH [--handoff PATH2] [--drain S]
+
+The protocol is ``examples/echo.py``'s ``Echo``, copied so that nothing of
+takeover is imported. Prints ``{"event": "ready", "port": P, "pid": ...}``
+once it accepts, ``{"event": "exit", ...}`` when it leaves.
+
+* SIGTERM: close the listener and every connection at once, exit
+  (stop-and-restart; with ``--reuseport``, the old half of an overlapped restart).
+* ``--reuseport``: bind with SO_REUSEPORT, so that a second process can bind
+  the same port while this one still serves.
+* ``--handoff PATH``: listen on the AF_UNIX socket PATH for a successor. When
+  one connects, pass it the listening socket (SCM_RIGHTS), wait for its ready
+  byte, stop accepting, and drain: keep serving the connections already open
+  until they close or ``--drain`` seconds have passed, then close the rest and
+  exit (the model of nginx, HAProxy, Envoy and tableflip).
+* ``--fd-from PATH``: the successor: receive the listening socket from the
+  process at PATH instead of binding one, start accepting on it, send a byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
+
+
+class Echo(asyncio.Protocol):
+    """Echoes each complete line; a partial line waits until its end."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        OPEN.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        OPEN.discard(self)
+        if not OPEN and EMPTY is not None:
+            EMPTY.set()
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        if lines and self.transport is not None:
+            self.transport.write(b"\n".join(lines) + b"\n")
+
+
+OPEN: set[Echo] = set()
+EMPTY: asyncio.Event | None = None
+
+
+def listener(args: argparse.Namespace) -> socket.socket:
+    if args.fd_from:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+            unix.connect(args.fd_from)
+            _msg, fds, _flags, _addr = socket.recv_fds(unix, 16, 1)
+            sock = socket.socket(fileno=fds[0])
+            HANDOFF.append(unix.detach())
+        return sock
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(4096)
+    return sock
+
+
+HANDOFF: list[int] = []
+"""The successor's end of the hand-off connection, to send its ready byte on."""
+
+
+async def close_all() -> None:
+    for echo in list(OPEN):
+        if echo.transport is not None:
+            echo.transport.close()
+    await asyncio.sleep(0.01)  # let the closes (and any last answer) go out
+
+
+async def main(args: argparse.Namespace) -> None:
+    global EMPTY
+    loop = asyncio.get_running_loop()
+    EMPTY = asyncio.Event()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    sock = listener(args)
+    server = await loop.create_server(Echo, sock=sock, backlog=4096)
+    port = sock.getsockname()[1]
+    handoff: socket.socket | None = None
+    if args.handoff:
+        handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        handoff.bind(args.handoff)
+        handoff.listen(1)
+        handoff.setblocking(False)
+    emit("ready", port=port, pid=os.getpid())
+    if HANDOFF:  # tell the predecessor that we accept now
+        with socket.socket(fileno=HANDOFF.pop()) as unix:
+            unix.sendall(b"r")
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if handoff is not None:
+        waiters.append(asyncio.ensure_future(loop.sock_accept(handoff)))
+    done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for future in pending:
+        future.cancel()
+    if stop.is_set():
+        server.close()
+        await close_all()
+        emit("exit", how="terminated", pid=os.getpid())
+        return
+    # A successor: pass it the listener, wait for its ready byte, then drain.
+    successor, _addr = next(iter(done)).result()
+    successor.setblocking(True)
+    socket.send_fds(successor, [b"l"], [sock.fileno()])
+    successor.settimeout(60)
+    await loop.run_in_executor(None, successor.recv, 1)
+    successor.close()
+    server.close()  # this process stops accepting; the successor's copy stays open
+    started = time.monotonic()
+    drained = True
+    if OPEN:
+        EMPTY.clear()
+        try:
+            await asyncio.wait_for(EMPTY.wait(), args.drain)
+        except asyncio.TimeoutError:
+            drained = False
+    left = len(OPEN)
+    await close_all()
+    emit(
+        "exit",
+        how="drained" if drained else "drain timeout",
+        closed=left,
+        drain_s=time.monotonic() - started,
+        pid=os.getpid(),
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reuseport", action="store_true")
+    parser.add_argument("--handoff", help="AF_UNIX path to pass the listener on")
+    parser.add_argument("--fd-from", help="AF_UNIX path to receive the listener from")
+    parser.add_argument("--drain", type=float, default=2.0, help="seconds")
+    asyncio.run(main(parser.parse_args()))

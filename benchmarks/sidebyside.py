@@ -1,0 +1,474 @@
+"""takeover side by side with what is done today to replace a running server.
+
+    python benchmarks/sidebyside.py [--repeats 3] [--connections 50] [--drain 2]
+        [--warmup 1] [--cooldown 2] [--out DIR] [--name sidebyside]
+
+The same workload, in the same run, against four ways of replacing a line-echo
+server process with a new one:
+
+* ``restart``: stop and restart: SIGTERM the old process (it closes its
+  listener and connections and exits), then start the new one.
+* ``reuseport``: overlapped restart: start the new process on the same port
+  with SO_REUSEPORT; once it accepts, SIGTERM the old one.
+* ``handoff``: listener hand-off with drain (nginx, HAProxy, Envoy, tableflip):
+  the new process receives the listening socket over SCM_RIGHTS; the old one
+  stops accepting and keeps its connections until ``--drain`` seconds have
+  passed, then closes them and exits.
+* ``takeover``: ``python -m takeover take --json CONTROL``.
+
+The baselines are ``_plain_echo.py`` (plain asyncio, the same ``Echo``); the
+takeover server is ``_echo_app.py``. The workload (``_client.py``): N
+long-lived connections each sending a line every ``--interval`` ms and waiting
+for its echo (a connection the server closes is reopened, refused attempts
+retried every 10 ms, and its unanswered line sent again), plus one client
+opening a new connection for one line every 2 ms. The replacement starts
+``--warmup`` s into the run; the run lasts warmup + drain + cooldown for
+every strategy.
+
+Writes ``DIR/NAME.json`` and ``DIR/NAME.md``; ``--render NAME.json`` redraws the
+markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common
+from _common import percentile
+from load import read_samples, series
+
+PLAIN = os.path.join(_common.HERE, "_plain_echo.py")
+CLIENT = os.path.join(_common.HERE, "_client.py")
+TIMEOUT = 60.0
+STRATEGIES = ("restart", "reuseport", "handoff", "takeover")
+LABELS = {
+    "restart": "stop and restart",
+    "reuseport": "overlapped restart (SO_REUSEPORT)",
+    "handoff": "listener hand-off + drain",
+    "takeover": "takeover",
+}
+
+
+class Exit:
+    """Records when a process exits, from a thread of its own."""
+
+    def __init__(self, proc: _common.Proc) -> None:
+        self.proc = proc
+        self.at: float | None = None
+        self.thread = threading.Thread(target=self._wait, daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        self.proc.popen.wait()
+        self.at = time.monotonic()
+
+    def join(self, timeout: float) -> float:
+        self.thread.join(timeout)
+        if self.at is None:
+            raise RuntimeError(f"{self.proc.argv[1:]} did not exit within {timeout} s")
+        return self.at
+
+
+def start_old(strategy: str, port: int, workdir: str, drain: float) -> _common.Proc:
+    if strategy == "takeover":
+        control = os.path.join(workdir, "c.sock")
+        argv = [_common.PYTHON, os.path.join(_common.HERE, "_echo_app.py")]
+        argv += ["--port", str(port), "--control", control]
+    else:
+        argv = [_common.PYTHON, PLAIN, "--port", str(port), "--drain", str(drain)]
+        if strategy == "reuseport":
+            argv.append("--reuseport")
+        if strategy == "handoff":
+            argv += ["--handoff", os.path.join(workdir, "h0.sock")]
+    proc = _common.Proc(argv)
+    proc.event("ready", TIMEOUT)
+    return proc
+
+
+def upgrade(
+    strategy: str, old: _common.Proc, port: int, workdir: str, drain: float
+) -> tuple[_common.Proc, dict[str, Any]]:
+    """Replace ``old``; return the new process and the timings from the start."""
+    gone = Exit(old)
+    t0 = time.monotonic()
+    info: dict[str, Any] = {"start": t0}
+    if strategy == "restart":
+        old.popen.send_signal(signal.SIGTERM)
+        gone.join(TIMEOUT)
+        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port)])
+        new.event("ready", TIMEOUT)
+        serving = time.monotonic()
+    elif strategy == "reuseport":
+        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port), "--reuseport"])
+        new.event("ready", TIMEOUT)
+        serving = time.monotonic()
+        old.popen.send_signal(signal.SIGTERM)
+    elif strategy == "handoff":
+        argv = [_common.PYTHON, PLAIN, "--fd-from", os.path.join(workdir, "h0.sock")]
+        new = _common.Proc([*argv, "--drain", str(drain)])
+        new.event("ready", TIMEOUT)
+        serving = time.monotonic()
+    else:
+        control = os.path.join(workdir, "c.sock")
+        new = _common.Proc([_common.PYTHON, "-m", "takeover", "take", "--json", control])
+        taken = new.event("taken", TIMEOUT)
+        info["pause_ms"] = taken["pause_ms"]
+        info["moved"] = taken["connections"]
+        new.event("serving", TIMEOUT)
+        serving = time.monotonic()
+    info["old_gone_ms"] = (gone.join(drain + TIMEOUT) - t0) * 1000
+    info["new_serving_ms"] = (serving - t0) * 1000
+    info["old_exit"] = old.popen.returncode
+    return new, info
+
+
+def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="tks", dir="/tmp")
+    procs: list[_common.Proc] = []
+    duration = args.warmup + args.drain + args.cooldown
+    try:
+        port = _common.free_port()
+        old = start_old(strategy, port, workdir, args.drain)
+        procs.append(old)
+        common = [_common.PYTHON, CLIENT, "--port", str(port), "--duration", str(duration)]
+        long_lived = _common.Proc(
+            [
+                *common,
+                "--connections",
+                str(args.connections),
+                "--interval",
+                str(args.interval),
+                "--reconnect",
+                "--samples",
+                os.path.join(workdir, "long.bin"),
+            ],
+            stdin=True,
+        )
+        procs.append(long_lived)
+        churn = _common.Proc(
+            [*common, "--churn", "--samples", os.path.join(workdir, "churn.bin")], stdin=True
+        )
+        procs.append(churn)
+        long_lived.event("connected", TIMEOUT)
+        churn.event("connected", TIMEOUT)
+        long_lived.send_line("go")
+        churn.send_line("go")
+        t0 = float(long_lived.event("started", TIMEOUT)["t0"])
+        time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
+        new, info = upgrade(strategy, old, port, workdir, args.drain)
+        procs.append(new)
+        long_done = long_lived.event("done", duration + TIMEOUT)
+        churn_done = churn.event("done", duration + TIMEOUT)
+        new.popen.send_signal(signal.SIGTERM)
+        new.wait(TIMEOUT)
+        long_samples = read_samples(os.path.join(workdir, "long.bin"))
+        churn_samples = read_samples(os.path.join(workdir, "churn.bin"))
+    finally:
+        for proc in procs:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    long_lat = sorted(lat for _sent, lat in long_samples)
+    # The replacement's window: from its start to the old process gone and the new
+    # one serving, plus 100 ms; latency outside it is the machine's own noise.
+    start = info["start"]
+    until = start + max(info["old_gone_ms"], info["new_serving_ms"]) / 1000 + 0.1
+    inside = [lat for sent, lat in long_samples if sent <= until and sent + lat >= start]
+    outside = [lat for sent, lat in long_samples if not (sent <= until and sent + lat >= start)]
+    churn_lat = sorted(lat for _sent, lat in churn_samples)
+    failures = churn_done["failures"]
+    counts = churn_done["counts"]
+    return {
+        "strategy": strategy,
+        **{k: v for k, v in info.items() if k != "start"},
+        "upgrade_at": start - t0,
+        "long_completed": long_done["completed"],
+        "long_broken": long_done["broken"],
+        "long_refused_reconnects": long_done["refused"],
+        "long_errors": long_done["errors"],
+        "long_first_errors": long_done["first_errors"],
+        "long_unfinished": long_done["unfinished"],
+        "long_p50_ms": percentile(long_lat, 50) * 1000,
+        "long_p99_ms": percentile(long_lat, 99) * 1000,
+        "long_max_ms": (long_lat[-1] if long_lat else float("nan")) * 1000,
+        "long_max_during_ms": max(inside, default=float("nan")) * 1000,
+        "long_max_outside_ms": max(outside, default=float("nan")) * 1000,
+        "new_attempts": churn_done["attempts"],
+        "new_ok": counts["ok"],
+        "new_refused": counts["refused"],
+        "new_reset": counts["reset"],
+        "new_timeout": counts["timeout"],
+        "new_other": counts["other"],
+        "new_failed_window_ms": ((failures[-1][0] - failures[0][0]) * 1000 if failures else 0.0),
+        "new_max_ms": (churn_lat[-1] if churn_lat else float("nan")) * 1000,
+        "long_series": series(long_samples, t0, duration),
+        "new_failures": [[round(at - start, 5), kind] for at, kind in failures],
+    }
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def cell(values: Sequence[float | None], digits: int = 1) -> str:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return "n/a"
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+
+
+def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _ratio(data: dict[str, Any], strategy: str, key: str) -> list[float | None]:
+    """``key`` of ``strategy`` over takeover's, per repeat."""
+    out: list[float | None] = []
+    for repeat in range(data["repeats"]):
+        a = [r for r in data["runs"] if r["strategy"] == strategy and r["repeat"] == repeat]
+        b = [r for r in data["runs"] if r["strategy"] == "takeover" and r["repeat"] == repeat]
+        if a and b and b[0][key]:
+            out.append(a[0][key] / b[0][key])
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    out = [
+        "# takeover side by side with restarts and listener hand-off",
+        "",
+        f"Produced by `{data['command']}` on {data['date']} (commit {m.get('commit') or '?'}"
+        f"{', src/ modified' if m.get('src_dirty') else ''}), {data['repeats']} repeat(s) of"
+        " each strategy, interleaved.",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
+        f"- Python: {m['python']}",
+        f"- Kernel: {m['kernel']}",
+        "",
+        "The same line-echo server replaced by a new process while clients use it, four ways:",
+        "",
+        "- **stop and restart**: SIGTERM the old process (it closes its listener and its",
+        "  connections and exits), then start the new one, which binds the port.",
+        "- **overlapped restart (SO_REUSEPORT)**: start the new process on the same port with",
+        "  SO_REUSEPORT; once it accepts, SIGTERM the old one (it closes its listener and its",
+        "  connections).",
+        "- **listener hand-off + drain** (nginx, HAProxy, Envoy, tableflip): the new process",
+        "  receives the listening socket from the old one over SCM_RIGHTS and accepts on it;",
+        "  the old one stops accepting and keeps serving its connections until they close or",
+        f"  the drain timeout ({data['drain']:g} s) passes, then closes them and exits.",
+        "- **takeover**: `python -m takeover take --json CONTROL` takes the listener and every",
+        "  connection; the old process exits once the move is committed.",
+        "",
+        "Baselines: `benchmarks/_plain_echo.py` (plain asyncio, `examples/echo.py`'s `Echo`);",
+        "takeover: `benchmarks/_echo_app.py` (the same `Echo`). Every new process is a fresh",
+        "Python process started at the replacement.",
+        "",
+        f"Workload (`benchmarks/_client.py`): {data['connections']} long-lived connections, each",
+        f"sending a line every {data['interval']:g} ms and waiting for its echo; a connection the",
+        "server closes counts as broken and is reopened at once (refused attempts retried every",
+        "10 ms), its unanswered line sent again, its latency counted from the first send. Plus",
+        "one client opening a new connection for one line every 2 ms (after a failure, 5 ms).",
+        f"The replacement starts {data['warmup']:g} s into a run of "
+        f"{data['warmup'] + data['drain'] + data['cooldown']:g} s.",
+        "",
+        "Figures: median over the repeats with (min..max). Ratios: the strategy's figure over",
+        "takeover's in the same repeat.",
+        "",
+        "## Results",
+        "",
+    ]
+    rows = []
+    for strategy in STRATEGIES:
+        runs = [r for r in data["runs"] if r["strategy"] == strategy]
+        if not runs:
+            continue
+        rows.append(
+            [
+                LABELS[strategy],
+                cell([r["new_refused"] for r in runs], 0),
+                cell([r["new_reset"] + r["new_other"] for r in runs], 0),
+                cell([r["new_timeout"] for r in runs], 0),
+                cell([r["new_attempts"] for r in runs], 0),
+                cell([r["long_broken"] for r in runs], 0),
+                cell([r["long_errors"] for r in runs], 0),
+                cell([r["long_max_during_ms"] for r in runs]),
+                cell([r["long_max_outside_ms"] for r in runs]),
+                cell([r["new_max_ms"] for r in runs]),
+                cell([r["old_gone_ms"] for r in runs]),
+                cell([r["new_serving_ms"] for r in runs]),
+            ]
+        )
+    out += _table(
+        [
+            "strategy",
+            "new connections refused",
+            "new connections reset",
+            "new connections timed out (2 s)",
+            "new connections tried",
+            "long-lived connections broken",
+            "wrong answers",
+            "worst latency, long-lived, during the replacement ms",
+            "worst latency, long-lived, rest of the run ms",
+            "worst latency, new connection ms",
+            "old process gone after ms",
+            "new process serving after ms",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "Times are from the start of the replacement (the SIGTERM, or starting the new",
+        "process). *Worst latency, long-lived*: a line due during a break is answered only",
+        "after the reconnection, so it includes it; *during the replacement*: lines in flight",
+        "between its start and 100 ms after the old process is gone and the new one serves;",
+        "*rest of the run*: every other line, the same workload with nothing happening (what",
+        "the machine itself adds). *New connection*: connect + one echo, the worst of those",
+        "that succeeded.",
+        "",
+        "## Against takeover, same repeat",
+        "",
+    ]
+    rows = []
+    for strategy in STRATEGIES[:-1]:
+        if not any(r["strategy"] == strategy for r in data["runs"]):
+            continue
+        rows.append(
+            [
+                LABELS[strategy],
+                cell(_ratio(data, strategy, "long_max_during_ms"), 2),
+                cell(_ratio(data, strategy, "long_p99_ms"), 2),
+                cell(_ratio(data, strategy, "old_gone_ms"), 2),
+            ]
+        )
+    out += _table(
+        [
+            "strategy",
+            "worst long-lived latency during the replacement / takeover's",
+            "long-lived p99 / takeover's",
+            "old process gone / takeover's",
+        ],
+        rows,
+    )
+    runs = [r for r in data["runs"] if r["strategy"] == "takeover"]
+    if runs:
+        out += [
+            "",
+            "takeover's moves: pause "
+            + cell([r.get("pause_ms") for r in runs], 3)
+            + " ms, connections moved "
+            + cell([r.get("moved") for r in runs], 0)
+            + ".",
+        ]
+    errors = [e for r in data["runs"] for e in r["long_first_errors"]]
+    if errors:
+        out += ["", "Wrong answers (first ones):", ""] + [f"- `{e[:300]}`" for e in errors[:10]]
+    out += ["", "## Long-lived latency", ""]
+    rows = []
+    for strategy in STRATEGIES:
+        runs = [r for r in data["runs"] if r["strategy"] == strategy]
+        if runs:
+            rows.append(
+                [
+                    LABELS[strategy],
+                    cell([r["long_p50_ms"] for r in runs], 3),
+                    cell([r["long_p99_ms"] for r in runs], 3),
+                    cell([r["long_max_ms"] for r in runs], 3),
+                    cell([r["long_completed"] for r in runs], 0),
+                ]
+            )
+    out += _table(["strategy", "p50 ms", "p99 ms", "max ms", "lines answered"], rows)
+    if data.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
+    out.append("")
+    return "\n".join(out)
+
+
+def write(data: dict[str, Any], directory: str, name: str) -> tuple[str, str]:
+    json_path = os.path.join(directory, f"{name}.json")
+    md_path = os.path.join(directory, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(render(data))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--interval", type=float, default=10.0, help="ms between lines")
+    parser.add_argument("--drain", type=float, default=2.0, help="drain timeout, seconds")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds")
+    parser.add_argument("--cooldown", type=float, default=2.0, help="seconds")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--out", default=os.path.join(_common.HERE, "results"))
+    parser.add_argument("--name", default="sidebyside")
+    parser.add_argument("--command", help="the command to quote in the report (default: argv)")
+    parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            loaded = json.load(f)
+        directory, base = os.path.split(args.render)
+        print(write(loaded, directory or ".", os.path.splitext(base)[0])[1])
+        return 0
+    import scale
+
+    _common.raise_nofile()
+    command = args.command or " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
+    )
+    strategies = [s for s in args.strategies.split(",") if s]
+    data: dict[str, Any] = {
+        "kind": "sidebyside",
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": scale.machine(),
+        "repeats": args.repeats,
+        "connections": args.connections,
+        "interval": args.interval,
+        "drain": args.drain,
+        "warmup": args.warmup,
+        "cooldown": args.cooldown,
+        "strategies": strategies,
+        "runs": [],
+    }
+    for repeat in range(args.repeats):
+        for strategy in strategies:
+            run = run_strategy(strategy, args)
+            run["repeat"] = repeat
+            data["runs"].append(run)
+            print(
+                f"{strategy} {repeat + 1}/{args.repeats}: new refused {run['new_refused']} "
+                f"reset {run['new_reset']} timeout {run['new_timeout']}, "
+                f"broken {run['long_broken']}, errors {run['long_errors']}, "
+                f"worst {run['long_max_ms']:.1f} ms, old gone {run['old_gone_ms']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    os.makedirs(args.out, exist_ok=True)
+    json_path, md_path = write(data, args.out, args.name)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
