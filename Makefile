@@ -52,7 +52,7 @@ RESULTS := benchmarks/results
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
-	$(BIN)/python benchmarks/load.py --duration 10 --repeats 3 \
+	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 \
 		--name load --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 5 \
 		--name sidebyside --command "make bench"

@@ -51,6 +51,9 @@ from typing import Any
 REQUEST_TIMEOUT = 10.0
 RETRY = 0.01
 CHURN_GAP = 0.002
+STALL = 0.05
+"""A turn of the client loop took this much longer than its wait: this process was
+not running (or was busy), which the latency of that turn's answers includes."""
 FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789" * 8
 
 
@@ -108,6 +111,7 @@ class Clients:
         self.refused = 0
         self.completed = 0
         self.end = 0.0
+        self.stalls: list[list[float]] = []
 
     # -- requests -------------------------------------------------------------------
 
@@ -325,13 +329,18 @@ class Clients:
                     active = True
             if not active:
                 break
-            for key, _mask in self.sel.select(max(0.0, wake - time.monotonic())):
+            before = time.monotonic()
+            timeout = max(0.0, wake - before)
+            for key, _mask in self.sel.select(timeout):
                 c = key.data
                 if c.state == "connecting":
                     self.connected(c, time.monotonic())
                 else:
                     self.readable(c)
             now = time.monotonic()
+            late = now - before - timeout
+            if late > STALL and len(self.stalls) < 100:
+                self.stalls.append([before, late])
             if now - last_check > 0.5:
                 last_check = now
                 for c in self.conns:
@@ -387,6 +396,7 @@ class Clients:
             "echo_byte_difference": byte_diff,
             "echo_crc_mismatches": crc_mismatch,
             "hits": self.hits,
+            "client_stalls": self.stalls,
             "unfinished": sum(c.state not in ("done",) for c in self.conns),
         }
 

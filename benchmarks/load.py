@@ -41,6 +41,7 @@ from _common import percentile
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
 TIMEOUT = 60.0
+SPARES = 3
 BIN_S = 0.02
 """Width of the time bins of the latency series (for the plot)."""
 
@@ -131,7 +132,8 @@ def run_load(
     client: _common.Proc | None = None
     moves: list[dict[str, Any]] = []
     failures: list[str] = []
-    spare: _common.Proc | None = None
+    spares: list[_common.Proc] = []
+    ready: set[int] = set()
     try:
         port = _common.free_port()
         holders.append(start_app(app, port, control))
@@ -153,6 +155,14 @@ def run_load(
             stdin=True,
         )
         client.event("connected", TIMEOUT)
+        if moving and mover != "cli":
+            # Recipients started ahead, SPARES of them at all times, so that a
+            # busy machine starting Python slowly does not hold up the moves.
+            spares = [_common.Proc(mover_argv(control), stdin=True) for _ in range(SPARES)]
+            for proc in spares:
+                proc.event("ready", TIMEOUT)
+                ready.add(proc.pid)
+        load_before = os.getloadavg()
         client.send_line("go")
         t0 = float(client.event("started", TIMEOUT)["t0"])
         if moving:
@@ -170,11 +180,10 @@ def run_load(
                         proc = _common.Proc(take_argv(control))
                         holders.append(proc)
                     else:
-                        if spare is None:
-                            spare = _common.Proc(mover_argv(control), stdin=True)
-                        proc, spare = spare, None
+                        proc = spares.pop(0)
                         holders.append(proc)
-                        proc.event("ready", TIMEOUT)
+                        if proc.pid not in ready:
+                            proc.event("ready", TIMEOUT)
                         start = time.monotonic()
                         proc.send_line("go")
                     taken = proc.event("taken", TIMEOUT)
@@ -184,7 +193,7 @@ def run_load(
                     failures.append(str(exc))
                     break
                 if mover != "cli":
-                    spare = _common.Proc(mover_argv(control), stdin=True)
+                    spares.append(_common.Proc(mover_argv(control), stdin=True))
                 moves.append(
                     {
                         "start": start - t0,
@@ -195,8 +204,8 @@ def run_load(
                     }
                 )
                 k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
-        if spare is not None:
-            spare.kill()
+        for proc in spares:
+            proc.kill()
         done = client.event("done", duration + TIMEOUT)
         client.wait(TIMEOUT)
         last = holders[-1]
@@ -215,8 +224,8 @@ def run_load(
     finally:
         for proc in holders:
             proc.kill()
-        if spare is not None:
-            spare.kill()
+        for proc in spares:
+            proc.kill()
         if client is not None:
             client.kill()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -242,6 +251,7 @@ def run_load(
         "latency_across_pause": latency_stats(in_pause),
         "moves": moves,
         "failures": failures,
+        "loadavg": [load_before, os.getloadavg()],
         "series": series(samples, t0, duration),
     }
     if app == "http":
@@ -282,6 +292,12 @@ def pairs(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str
     return [(steady[r["repeat"]], r) for r in moving]
 
 
+def loadavg(data: dict[str, Any]) -> str:
+    """The 1-minute load average at the start of the runs: the machine is shared."""
+    values = [r["loadavg"][0][0] for r in data["runs"] if r.get("loadavg")]
+    return cell(values, 2) + " (median, (min..max))" if values else "n/a"
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     out = [
@@ -294,6 +310,7 @@ def render(data: dict[str, Any]) -> str:
         f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
+        f"- Load average (1 min) at the start of each run: {loadavg(data)}",
         "",
         f"Each repeat, for each app, two runs of {data['duration']:g} s back to back with the same",
         f"load: {data['connections']} keep-alive connections from one client process",
@@ -310,6 +327,8 @@ def render(data: dict[str, Any]) -> str:
         "the hit numbers of all answers are exactly 1..n (the counter moves with the service;",
         "a lost or repeated request would leave a gap or a duplicate); no byte arrives unasked,",
         "also for 100 ms after the end. Latency: from sending a request to its whole answer.",
+        "*Client stalls*: turns of the client's loop that took 50 ms longer than their wait",
+        "(the client process was not running): a latency spike there is the machine's.",
         "Figures: median over the repeats with (min..max); ratios are moving / steady of the",
         "same repeat.",
         "",
@@ -333,6 +352,7 @@ def render(data: dict[str, Any]) -> str:
                     cell([r["completed"] for r in runs], 0),
                     cell([r["throughput_rps"] for r in runs], 0),
                     cell([r["client_cpu_share"] * 100 for r in runs], 0),
+                    cell([len(r.get("client_stalls", [])) for r in runs], 0),
                 ]
             )
     out += _table(
@@ -346,6 +366,7 @@ def render(data: dict[str, Any]) -> str:
             "requests per run",
             "requests/s",
             "client CPU % of one core",
+            "client stalls > 50 ms",
         ],
         rows,
     )
@@ -371,6 +392,20 @@ def render(data: dict[str, Any]) -> str:
                     cell(
                         [mv["latency_across_pause"][key] / s["latency"][key] for s, mv in both], 2
                     ),
+                ]
+            )
+    for app in data["apps"]:
+        both = pairs(data, app)
+        if both:
+            rows.append(
+                [
+                    app,
+                    "requests/s",
+                    cell([s["throughput_rps"] for s, _ in both], 0),
+                    cell([mv["throughput_rps"] for _, mv in both], 0),
+                    cell([mv["throughput_rps"] / s["throughput_rps"] for s, mv in both], 2),
+                    "",
+                    "",
                 ]
             )
     out += _table(

@@ -125,7 +125,12 @@ def plot_sidebyside(data: dict[str, Any], path: str) -> None:
 
     strategies = [s for s in sidebyside.STRATEGIES if any(r["strategy"] == s for r in data["runs"])]
     fig, axes = plt.subplots(
-        len(strategies), 1, figsize=(11, 2.4 * len(strategies)), sharex=True, squeeze=False
+        len(strategies),
+        1,
+        figsize=(11, 2.4 * len(strategies)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
     )
     for ax, strategy in zip(axes[:, 0], strategies):
         run = next(r for r in data["runs"] if r["strategy"] == strategy)

@@ -165,6 +165,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         procs.append(churn)
         long_lived.event("connected", TIMEOUT)
         churn.event("connected", TIMEOUT)
+        load_before = os.getloadavg()
         long_lived.send_line("go")
         churn.send_line("go")
         t0 = float(long_lived.event("started", TIMEOUT)["t0"])
@@ -216,6 +217,8 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         "new_max_ms": (churn_lat[-1] if churn_lat else float("nan")) * 1000,
         "long_series": series(long_samples, t0, duration),
         "new_failures": [[round(at - start, 5), kind] for at, kind in failures],
+        "client_stalls": long_done["client_stalls"],
+        "loadavg": [load_before, os.getloadavg()],
     }
 
 
@@ -248,6 +251,12 @@ def _ratio(data: dict[str, Any], strategy: str, key: str) -> list[float | None]:
     return out
 
 
+def loadavg(data: dict[str, Any]) -> str:
+    """The 1-minute load average at the start of the runs: the machine is shared."""
+    values = [r["loadavg"][0][0] for r in data["runs"] if r.get("loadavg")]
+    return cell(values, 2) + " (median, (min..max))" if values else "n/a"
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     out = [
@@ -260,6 +269,7 @@ def render(data: dict[str, Any]) -> str:
         f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
+        f"- Load average (1 min) at the start of each run: {loadavg(data)}",
         "",
         "The same line-echo server replaced by a new process while clients use it, four ways:",
         "",
@@ -390,9 +400,13 @@ def render(data: dict[str, Any]) -> str:
                     cell([r["long_p99_ms"] for r in runs], 3),
                     cell([r["long_max_ms"] for r in runs], 3),
                     cell([r["long_completed"] for r in runs], 0),
+                    cell([len(r.get("client_stalls", [])) for r in runs], 0),
                 ]
             )
-    out += _table(["strategy", "p50 ms", "p99 ms", "max ms", "lines answered"], rows)
+    out += _table(
+        ["strategy", "p50 ms", "p99 ms", "max ms", "lines answered", "client stalls > 50 ms"],
+        rows,
+    )
     if data.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
     out.append("")
