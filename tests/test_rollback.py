@@ -42,6 +42,9 @@ class PrivateEcho(asyncio.Protocol):
             self.transport.write(line + b"\\n")
 '''
 STOP_AFTER_ADOPT = {"TAKEOVER_FAULTS": "recipient.adopted=stop"}
+# The private module is application code the recipient must be told to allow;
+# with it allowed, what fails is the import itself.
+ALLOW_PRIVATE = ("--allow", PRIVATE_MODULE)
 
 
 # -- helpers -------------------------------------------------------------------
@@ -211,7 +214,7 @@ def test_unimportable_class_is_refused_and_rolled_back(control, workdir, free_po
     )
     with clients(free_port, 2) as socks:
         socks[0].sendall(b"half a ")
-        refused = takeover("take", control)
+        refused = takeover("take", control, *ALLOW_PRIVATE)
         procs.append(refused)
         assert refused.wait() == 1, refused.output()
         output = refused.output()
@@ -228,7 +231,7 @@ def test_unimportable_class_is_refused_and_rolled_back(control, workdir, free_po
         assert origin.popen.poll() is None
 
         # Rolled back to AVAILABLE: a recipient that can import the class takes it.
-        recipient = takeover("take", control, env=env)
+        recipient = takeover("take", control, *ALLOW_PRIVATE, env=env)
         procs.append(recipient)
         recipient.expect(r"^took a: 2 connections")
         recipient.expect(r"^serving 1 service\(s\) at " + re.escape(control) + " ")
@@ -319,11 +322,12 @@ def test_refused_service_leaks_no_fd_in_either_process(control, workdir, free_po
         staying = service_fds(origin.pid, port_b)
         assert (len(moving), len(staying)) == (3, 4)
 
-        recipient = takeover("take", control)
+        recipient = takeover("take", control, *ALLOW_PRIVATE)
         procs.append(recipient)
         recipient.expect(r"^took a: 2 connections")
         error = recipient.expect(r"^takeover: error: ")
         assert f"{PRIVATE_MODULE}.PrivateEcho" in error.string
+        assert f"No module named '{PRIVATE_MODULE}'" in error.string
         own_control = f"{control}.{recipient.pid}"
         recipient.expect(r"^serving 1 service\(s\) at " + re.escape(own_control) + " ")
 
@@ -361,7 +365,7 @@ def test_refusal_keeps_the_conversation(control, workdir, free_port, procs, orde
     )
     with clients(free_port, 1) as a_socks, clients(port_b, 1) as b_socks:
         args = [arg for name in order for arg in ("--service", name)]
-        recipient = takeover("take", control, *args)
+        recipient = takeover("take", control, *args, *ALLOW_PRIVATE)
         procs.append(recipient)
         recipient.expect(r"^serving 1 service\(s\) at ")
         assert re.search(r"^took a: 1 connections", recipient.output(), re.M)

@@ -19,7 +19,19 @@ from typing import Any
 import pytest
 
 from takeover import MigrationRefusedError, ProtocolError, SerializationError
-from takeover._serialize import MAIN_ALIAS, dumps, loads
+from takeover._policy import UnpicklePolicy
+from takeover._serialize import MAIN_ALIAS, dumps
+from takeover._serialize import loads as strict_loads
+
+# The classes of these tests live in this module and in throwaway tk_* modules,
+# which a recipient must be told to allow (tests/test_policy.py tests the policy).
+TEST_POLICY = UnpicklePolicy(allow=(__name__, "tk_vanishing", "tk_renamed", "tk_broken"))
+
+
+def loads(blob: bytes, fds: list[int], **kwargs: Any) -> Any:
+    """``_serialize.loads`` allowing this module's classes."""
+    return strict_loads(blob, fds, policy=TEST_POLICY, **kwargs)
+
 
 PYTHON = sys.executable
 

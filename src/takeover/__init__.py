@@ -17,6 +17,7 @@ from ._errors import (
     TakeoverError,
 )
 from ._options import add_control_options, control_options
+from ._policy import UnpicklePolicy
 from ._protocol import Limits
 from .recipient import Taken
 from .registry import Registry, Service, ServiceState
@@ -38,6 +39,7 @@ __all__ = [
     "ServiceState",
     "Taken",
     "TakeoverError",
+    "UnpicklePolicy",
     "__version__",
     "add_control_options",
     "control_options",

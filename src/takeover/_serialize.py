@@ -19,6 +19,11 @@ __name__ == "__main__"`` block does not run, and ``__main__.X`` resolves
 there. Objects rebuilt from a loaded file pickle as ``__takeover_main__.X``
 when they move on, with the same path, so chains A -> B -> C work.
 
+The recipient rebuilds only what its :class:`~takeover._policy.UnpicklePolicy`
+allows: every global the pickle names is checked there (see ``_policy``), so
+a graph cannot call ``os.system`` or ``eval``. Bound methods travel as
+``_bound_method(obj, name)``, not as ``getattr(obj, name)``.
+
 Where the recipient can't rebuild something (a class it can't import, a
 descriptor missing) the error names it and every descriptor received is
 closed, so that the originator can roll back with nothing leaked here.
@@ -37,10 +42,12 @@ import sys
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
+from . import _policy
 from ._errors import MigrationRefusedError, ProtocolError, SerializationError
 from ._fds import close_all
+from ._policy import UnpicklePolicy
 
 MAIN_ALIAS = "__takeover_main__"
 """The module name under which a recipient loads the originator's script."""
@@ -57,12 +64,72 @@ def _import_module(name: str) -> types.ModuleType:
                 f"the graph refers to the originator's script module {name!r}, "
                 "but the originator sent no script path"
             )
-        return module
-    return importlib.import_module(name)
+        return _guard(module)
+    policy = _load_state.policy
+    policy.check_module(name, _load_state.app)
+    return _guard(importlib.import_module(name))
+
+
+def _refuse_setstate(module: types.ModuleType, state: Any) -> None:
+    raise MigrationRefusedError(
+        f"refused to change module {module.__name__}: a graph may not set a module's "
+        "globals (pickle's BUILD on a module reference)"
+    )
+
+
+_guard_classes: dict[type, type] = {}
+
+
+def _guard(module: Any) -> types.ModuleType:
+    """Make ``module`` refuse pickle's BUILD until the load is over.
+
+    BUILD on an object without ``__setstate__`` updates its ``__dict__``: on a
+    module, that would rewrite its globals (``builtins.isinstance``, the
+    policy's own tables). So while the graph loads, a module it refers to
+    belongs to a subclass whose ``__setstate__`` refuses; ``loads`` puts the
+    original class back.
+    """
+    if _load_state.policy.trust:
+        return cast(types.ModuleType, module)
+    if not isinstance(module, types.ModuleType):
+        raise MigrationRefusedError(f"refused module {module!r}: it is not a module")
+    original = type(module)
+    if original in _guard_classes.values():
+        return module  # an outer load guards it already
+    guarded = _guard_classes.get(original)
+    if guarded is None:
+        namespace = {"__setstate__": _refuse_setstate, "__module__": __name__}
+        guarded = _guard_classes[original] = type("GuardedModule", (original,), namespace)
+    module.__class__ = guarded
+    _load_state.guarded.append((module, original))
+    return module
+
+
+def _bound_method(owner: Any, name: str) -> Any:
+    """Rebuild a bound method ``owner.name`` (what bound methods pickle to).
+
+    Unlike ``getattr``, which pickle uses by default, this returns only a
+    method of a class the policy trusts.
+    """
+    return _load_state.policy.method(owner, name, _load_state.app)
+
+
+_policy.vet(_import_module, _bound_method)
 
 
 def _reduce_module(module: types.ModuleType) -> tuple[Callable[..., Any], tuple[str]]:
     return (_import_module, (module.__name__,))
+
+
+def _reduce_method(method: types.MethodType) -> tuple[Callable[..., Any], tuple[Any, str]]:
+    return (_bound_method, (method.__self__, method.__func__.__name__))
+
+
+def _reduce_builtin(function: Any) -> Any:
+    owner = function.__self__
+    if owner is None or isinstance(owner, types.ModuleType):
+        return function.__reduce__()  # a module's function: by name, as pickle does
+    return (_bound_method, (owner, function.__name__))
 
 
 def main_reference() -> str | None:
@@ -98,7 +165,12 @@ class Dumped:
 
 
 class _GraphPickler(pickle.Pickler):
-    dispatch_table = {**copyreg.dispatch_table, types.ModuleType: _reduce_module}
+    dispatch_table = {
+        **copyreg.dispatch_table,
+        types.ModuleType: _reduce_module,
+        types.MethodType: _reduce_method,
+        types.BuiltinMethodType: _reduce_builtin,
+    }
 
     def __init__(self, file: io.BytesIO, protocol: int) -> None:
         super().__init__(file, protocol)
@@ -145,11 +217,30 @@ def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
 _main_state: dict[str, str | None] = {"reference": None}
 
 
+@dataclass
+class _LoadState:
+    """The policy of the load in progress, and the script modules it trusts."""
+
+    policy: UnpicklePolicy = field(default_factory=UnpicklePolicy)
+    app: set[str] = field(default_factory=set)
+    guarded: list[tuple[types.ModuleType, type]] = field(default_factory=list)
+
+
+_load_state = _LoadState()
+
+
 def _current_main() -> types.ModuleType | None:
     reference = _main_state["reference"]
     if reference is None:
         return None
-    return load_main(reference)
+    refused = _load_state.policy.main_refusal(reference)
+    if refused is not None:
+        raise MigrationRefusedError(
+            f"refused to load the originator's script {reference}: {refused}"
+        )
+    module = load_main(reference)
+    _load_state.app.add(module.__name__)
+    return module
 
 
 def load_main(reference: str) -> types.ModuleType:
@@ -201,8 +292,11 @@ def load_main(reference: str) -> types.ModuleType:
 
 
 class _GraphUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, fds: Sequence[int]) -> None:
+    def __init__(
+        self, file: io.BytesIO, fds: Sequence[int], policy: UnpicklePolicy | None = None
+    ) -> None:
         super().__init__(file)
+        self.policy = policy if policy is not None else UnpicklePolicy()
         self.fds = list(fds)
         self.sockets: dict[int, socket.socket] = {}
 
@@ -221,7 +315,7 @@ class _GraphUnpickler(pickle.Unpickler):
         return sock
 
     def find_class(self, module: str, name: str) -> Any:
-        # The allowlist of issue "safe unpickling" hooks in here.
+        policy = self.policy
         try:
             if module in _MAIN_NAMES:
                 target: Any = _current_main()
@@ -229,10 +323,15 @@ class _GraphUnpickler(pickle.Unpickler):
                     raise MigrationRefusedError(
                         "the originator did not say where its __main__ classes come from"
                     )
-                for part in name.split("."):
-                    target = getattr(target, part)
-                return target
-            return super().find_class(module, name)
+                target = _policy.lookup(target, name, policy)
+            elif policy.trust:
+                return super().find_class(module, name)
+            else:
+                if not policy.may_import(module, _load_state.app):
+                    raise policy.refusal(f"{module}.{name}")
+                target = _policy.lookup(importlib.import_module(module), name, policy)
+            policy.check_global(module, name, target, _load_state.app)
+            return target
         except MigrationRefusedError:
             raise
         except (ImportError, AttributeError) as exc:
@@ -241,20 +340,35 @@ class _GraphUnpickler(pickle.Unpickler):
             ) from exc
 
 
-def loads(blob: bytes, fds: Sequence[int], *, main: str | None = None) -> Any:
+def loads(
+    blob: bytes,
+    fds: Sequence[int],
+    *,
+    main: str | None = None,
+    policy: UnpicklePolicy | None = None,
+) -> Any:
     """Rebuild a graph from ``blob`` and the descriptors that came with it.
+
+    ``policy`` says which globals the pickle may name (default: the strict
+    :class:`~takeover._policy.UnpicklePolicy`, no ``--allow``).
 
     On success every descriptor belongs to a socket in the graph, or is
     closed if the graph did not use it. On failure all are closed.
 
     Raises:
-        MigrationRefusedError: the graph cannot be rebuilt here; the message
-            names the class or module at fault.
+        MigrationRefusedError: the graph cannot be rebuilt here, or names a
+            global the policy refuses; the message names the class, function
+            or module at fault.
         ProtocolError: the blob or its descriptor references are malformed.
     """
-    unpickler = _GraphUnpickler(io.BytesIO(blob), fds)
+    global _load_state
+    unpickler = _GraphUnpickler(io.BytesIO(blob), fds, policy)
     previous = _main_state["reference"]
+    previous_load = _load_state
     _main_state["reference"] = main
+    _load_state = _LoadState(unpickler.policy)
+    if main is not None and main.startswith("module:") and not unpickler.policy.main_refusal(main):
+        _load_state.app.add(main.partition(":")[2])
     try:
         graph = unpickler.load()
     except BaseException as exc:
@@ -270,6 +384,9 @@ def loads(blob: bytes, fds: Sequence[int], *, main: str | None = None) -> Any:
             ) from exc
         raise
     finally:
+        for module, original in reversed(_load_state.guarded):
+            module.__class__ = original
         _main_state["reference"] = previous
+        _load_state = previous_load
     close_all([fd for slot, fd in enumerate(fds) if slot not in unpickler.sockets])
     return graph

@@ -35,6 +35,7 @@ from ._auth import TLSConfig, load_secret
 from ._channel import Channel
 from ._errors import AuthenticationError, ChannelClosedError, TakeoverError
 from ._options import add_control_options, control_options
+from ._policy import UnpicklePolicy
 from ._protocol import Limits
 from .originator import serve_channel
 from .recipient import RecipientSession, Taken, select
@@ -361,6 +362,8 @@ async def connect(
     limits: Limits = Limits(),
     secret: bytes | None = None,
     tls: TLSConfig | None = None,
+    allow: Sequence[str] = (),
+    trust: bool = False,
 ) -> RecipientSession:
     """Open a control connection to the migration server at ``control``.
 
@@ -370,6 +373,11 @@ async def connect(
         secret: the shared secret, when the originator requires one (and
             then the originator must prove it knows it too).
         tls: certificates for TLS over TCP.
+        allow: modules of the application (each with its submodules) whose
+            classes and functions the graphs may name, beyond the
+            originator's script and takeover (see :mod:`takeover._policy`).
+        trust: turn the unpickling policy off: the originator may run any
+            code in this process.
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
@@ -404,7 +412,8 @@ async def connect(
             sock.close()
             raise
         channel = AsyncioChannel(sock, loop, limits=limits)
-    session = RecipientSession(channel, limits=limits, secret=secret)
+    policy = UnpicklePolicy(tuple(allow), trust)
+    session = RecipientSession(channel, limits=limits, secret=secret, policy=policy)
     try:
         await session.open()
     except ChannelClosedError as exc:
@@ -430,13 +439,15 @@ async def take(
     limits: Limits = Limits(),
     secret: bytes | None = None,
     tls: TLSConfig | None = None,
+    allow: Sequence[str] = (),
+    trust: bool = False,
 ) -> list[Taken]:
     """Move services from the migration server at ``control`` into this process.
 
     Args:
         control: the originator's control socket path, or ``tcp:HOST:PORT``.
         services: names to take; every published service when empty.
-        limits, secret, tls: as for :func:`connect`.
+        limits, secret, tls, allow, trust: as for :func:`connect`.
 
     Returns:
         One :class:`~takeover.recipient.Taken` per service, each running in
@@ -446,7 +457,9 @@ async def take(
         TakeoverError: the first service that could not be taken; services
             taken before it keep running here.
     """
-    session = await connect(control, limits=limits, secret=secret, tls=tls)
+    session = await connect(
+        control, limits=limits, secret=secret, tls=tls, allow=allow, trust=trust
+    )
     try:
         names = select(await session.list(), services)
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """The ``takeover`` command line (also ``python -m takeover``).
 
     takeover list CONTROL [--json]
-    takeover take CONTROL [--service NAME]... [--json]
+    takeover take CONTROL [--service NAME]... [--json] [--allow MODULE]... [--trust]
     takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
 
@@ -11,6 +11,9 @@ when every service checked can move, 1 otherwise.
 
 ``take`` is the generic recipient: it needs none of the application's code on
 its command line, since the graph names the modules and the script it needs.
+It rebuilds only vetted constructors and the application's classes (its
+script's, takeover's runtime's, ``--allow`` modules'): see ``_policy``.
+``--trust`` turns that check off.
 Every failure prints one line, ``takeover: error: <reason>``, and exits with a
 non-zero status.
 """
@@ -61,12 +64,17 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"cannot read secret file {args.secret_file}: {exc}") from exc
 
 
+def _unpickling(args: argparse.Namespace) -> dict[str, Any]:
+    """``allow`` and ``trust`` (``take`` only): which globals a graph may name."""
+    return {"allow": tuple(getattr(args, "allow", ())), "trust": getattr(args, "trust", False)}
+
+
 async def _connect(args: argparse.Namespace) -> Any:
     from .asyncio import connect
 
     control = args.control
     try:
-        return await connect(control, **_security(args))
+        return await connect(control, **_security(args), **_unpickling(args))
     except TakeoverError:
         raise
     except ValueError as exc:
@@ -260,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a service to take (repeatable; default: all)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the graphs name classes and functions of MODULE and its submodules "
+        "(repeatable; the originator's script and takeover are always allowed)",
+    )
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="turn the unpickling policy off: the originator may run any code here",
+    )
     p.set_defaults(run=_take)
 
     p = commands.add_parser(

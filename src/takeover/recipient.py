@@ -35,6 +35,7 @@ from ._errors import (
 )
 from ._fds import close_all
 from ._liveness import ProcessWatch
+from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
 from ._serialize import loads
 from .registry import Service
@@ -107,11 +108,20 @@ class RecipientSession:
     """
 
     def __init__(
-        self, channel: Channel, *, limits: Limits = Limits(), secret: bytes | None = None
+        self,
+        channel: Channel,
+        *,
+        limits: Limits = Limits(),
+        secret: bytes | None = None,
+        policy: UnpicklePolicy | None = None,
     ) -> None:
         self.channel = channel
         self.limits = limits
         self.secret = secret
+        # Which globals an originator's graph may name (see _policy).
+        self.policy = policy if policy is not None else UnpicklePolicy()
+        if self.policy.trust:
+            log.warning("%s", TRUST_WARNING)
         self._fd_transport: dict[str, Any] | None = None
         self._watch: ProcessWatch | None = None
         self.conversation = Conversation(Role.RECIPIENT)
@@ -250,7 +260,12 @@ class RecipientSession:
         service: Service | None = None
         try:
             main = meta.get("main")
-            graph = loads(graph_message.blob, fds, main=main if isinstance(main, str) else None)
+            graph = loads(
+                graph_message.blob,
+                fds,
+                main=main if isinstance(main, str) else None,
+                policy=self.policy,
+            )
             if not isinstance(graph, Service):
                 raise MigrationRefusedError(
                     f"the graph of {name!r} is a {type(graph).__qualname__}, not a takeover service"
