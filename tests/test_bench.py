@@ -135,8 +135,10 @@ def test_load_quick_path(workdir: str) -> None:
     header, rows = _table(markdown, "Errors and integrity")
     assert [(row[0], row[1]) for row in rows] == [
         ("echo", "steady"),
+        ("echo", "starts"),
         ("echo", "moving"),
         ("http", "steady"),
+        ("http", "starts"),
         ("http", "moving"),
     ]
     for row in rows:
@@ -145,7 +147,7 @@ def test_load_quick_path(workdir: str) -> None:
         assert row[header.index("failed moves (all runs)")] == "0"
         assert _number(row[header.index("requests per run")]) > 0
     header, rows = _table(markdown, "Latency: moving against steady")
-    assert "moving / steady" in header
+    assert "moving / steady" in header and "moving / starts only" in header
     assert [(row[0], row[1]) for row in rows][:3] == [
         ("echo", "p50"),
         ("echo", "p99"),

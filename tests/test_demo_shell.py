@@ -133,7 +133,10 @@ def serve(port: int, control: str, *users: str) -> Proc:
 
 def move(python: str, control: str, old: Proc, procs: list[Proc]) -> Proc:
     """``takeover take`` under ``python``; returns it once the old server has exited."""
-    recipient = Proc([python, "-m", "takeover", "take", control], env=interpreters.environment())
+    recipient = Proc(
+        [python, "-m", "takeover", "take", "--allow", "takeover.demo", control],
+        env=interpreters.environment(),
+    )
     procs.append(recipient)
     recipient.expect(r"^serving ")
     assert old.wait(20) == 0, old.output()

@@ -88,11 +88,11 @@ _TAKEOVER_GRAPH_MODULES = frozenset(
         "takeover.twisted",
         "takeover._twisted_transport",
         "takeover.demo.counter",
-        "takeover.demo.shell",
-        "takeover.demo.telnet",
-        "takeover.demo.console",
     }
 )
+# Not the demo shell (takeover.demo.shell, .console, .portable): its graphs
+# carry code (functions as source, a console that runs what it is given), so
+# its recipients take it with --allow takeover.demo.
 
 # takeover's modules that are scripts (``python -m takeover.demo.counter``).
 _TAKEOVER_SCRIPTS = frozenset({"takeover.demo.counter"})
@@ -146,12 +146,19 @@ _VETTED_IF_IMPORTED: dict[str, tuple[str, ...]] = {
 
 # takeover's own reconstructors, registered by the module that defines them.
 _registered: dict[int, object] = {}
+_VETTED_MODULES = frozenset({"takeover._serialize"})
 
 
 def vet(*functions: object) -> None:
-    """Add takeover reconstructors (``_serialize._import_module``...) to the vetted list."""
+    """Add takeover reconstructors (``_serialize._import_module``...) to the vetted list.
+
+    Only ``_serialize``'s are vetted for every graph. Another module's
+    reconstructors (the demo shell's, which compile code) are accepted only
+    where that module is allowed (``--allow``), like any application function.
+    """
     for function in functions:
-        _registered[id(function)] = function
+        if getattr(function, "__module__", None) in _VETTED_MODULES:
+            _registered[id(function)] = function
 
 
 @cache

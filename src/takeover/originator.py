@@ -9,13 +9,13 @@ is either committed (released here, forgotten by the registry) or rolled back
 * until COMMIT has been sent, any failure — a refusal, a malformed frame, a
   timeout, a closed channel, an exception here — resumes the service;
 * after COMMIT, the originator waits for COMMITTED (sent by the recipient
-  before it starts any I/O) or for the channel to close. A closed channel
-  without COMMITTED means the recipient never started (it died, or gave up
-  before reading COMMIT), so the service resumes here; COMMITTED means the
-  recipient owns it, and only then are this process's descriptors closed.
-  So does a garbled answer: only a recipient that read COMMIT answers at all.
-  There is no timeout on that last wait: rolling back while the recipient
-  might still read COMMIT could leave two processes serving one service.
+  before it starts any I/O) up to the step timeout. COMMITTED means the
+  recipient owns the service: only then are this process's descriptors
+  closed. Anything else (a timeout, a closed or garbled channel) is settled
+  by the move's arbiter (``_arbiter.py``), a byte both processes share: the
+  recipient records COMMITTED there before it answers, the originator records
+  ROLLED_BACK before it resumes, and whoever is first wins. So the channel
+  can break anywhere and still only one process serves the service.
 
 The runtime supplies the channel; this module never touches a socket.
 """
@@ -30,11 +30,11 @@ import time
 from typing import Any
 
 from . import _faults, _protocol
+from ._arbiter import COMMITTED, ROLLED_BACK, Arbiter
 from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
 from ._channel import Channel
 from ._errors import (
     AuthenticationError,
-    MigrationTimeoutError,
     NoSuchServiceError,
     ProtocolError,
     SerializationError,
@@ -203,6 +203,7 @@ async def _move(
         return
     _faults.checkpoint("originator.take-received")
     quiesced = committed = False
+    arbiter: Arbiter | None = None
     try:
         # Over TCP, the recipient connects the descriptor socket before TAKE.
         await channel.accept_fd_transport(limits.step_timeout)
@@ -226,7 +227,9 @@ async def _move(
             log.warning("cannot move %r after quiescing it: %s", name, text)
             await send(_protocol.error(exc.code, text))
             return
-        fds = dumped.fds
+        # The arbiter travels last, after the service's own descriptors.
+        arbiter = Arbiter.create()
+        fds = [*dumped.fds, arbiter.fd]
         if len(fds) > limits.max_fds:
             text = f"service {name!r} holds {len(fds)} descriptors; the limit is {limits.max_fds}"
             await send(_protocol.error("limit", text))
@@ -239,6 +242,7 @@ async def _move(
             "quiesced_at": quiesced_at,
             "pickle_protocol": pickle_protocol,
             "originator_pid": os.getpid(),
+            "arbiter": True,
         }
         await send(Message(Kind.GRAPH, meta, dumped.blob))
         _faults.checkpoint("originator.graph-sent")
@@ -255,32 +259,30 @@ async def _move(
         _faults.checkpoint("originator.ready-received")
         await send(Message(Kind.COMMIT, {"service": name}))
         _faults.checkpoint("originator.commit-sent")
-        while True:
-            try:
-                reply = await channel.receive(limits.step_timeout)
-                conversation.receive(reply)
-                break
-            except MigrationTimeoutError:
-                log.warning(
-                    "service %r: COMMIT sent, still waiting for the recipient's COMMITTED; "
-                    "it stays paused here until the recipient answers or goes away",
-                    name,
-                )
-            except ProtocolError as exc:
-                # Only a recipient that has read COMMIT says anything now, and it
-                # may have started: resuming here could serve the service twice.
-                log.warning(
-                    "service %r: garbled answer to COMMIT (%s); the recipient read COMMIT, "
-                    "so the service is released here, not resumed",
-                    name,
-                    exc,
-                )
-                break
-        committed = True
+        try:
+            reply = await channel.receive(limits.step_timeout)
+            conversation.receive(reply)
+            committed = True
+        except TakeoverError as exc:
+            # Timeout, closed or garbled channel: the arbiter says whether the
+            # recipient committed (it decides before it answers COMMITTED).
+            committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+            if not committed:
+                raise
+            log.warning(
+                "service %r: no COMMITTED (%s), but the recipient committed: released here",
+                name,
+                exc,
+            )
     except TakeoverError as exc:
         log.warning("move of %r rolled back: %s", name, exc)
         raise
     finally:
+        if not committed and arbiter is not None:
+            # Rolling back: make sure the recipient can no longer commit.
+            committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+        if arbiter is not None:
+            arbiter.close()
         if committed:
             service.release()
             registry.withdraw(name)

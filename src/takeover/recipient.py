@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _faults, _protocol
+from ._arbiter import COMMITTED, Arbiter
 from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
 from ._channel import Channel
 from ._errors import (
     AuthenticationError,
     ChannelClosedError,
     MigrationRefusedError,
+    MigrationTimeoutError,
     NoSuchServiceError,
     ProtocolError,
     TakeoverError,
@@ -257,11 +259,30 @@ class RecipientSession:
             close_all(fds)
             raise
         _faults.checkpoint("recipient.fds-received")
+        arbiter = None
+        if meta.get("arbiter") is True and fds:
+            arbiter = Arbiter.adopt(fds.pop())
+        try:
+            return await self._adopt(name, runtime, meta, graph_message.blob, fds, arbiter)
+        finally:
+            if arbiter is not None:
+                arbiter.close()
+
+    async def _adopt(
+        self,
+        name: str,
+        runtime: Any,
+        meta: dict[str, Any],
+        blob: bytes,
+        fds: Sequence[int],
+        arbiter: Arbiter | None,
+    ) -> Taken:
+        """Rebuild and adopt the graph, commit through READY/COMMIT, start."""
         service: Service | None = None
         try:
             main = meta.get("main")
             graph = loads(
-                graph_message.blob,
+                blob,
                 fds,
                 main=main if isinstance(main, str) else None,
                 policy=self.policy,
@@ -300,6 +321,11 @@ class RecipientSession:
                     f"the originator went away before committing {name!r}; "
                     "the service was not started here"
                 ) from exc
+            if arbiter is not None and arbiter.decide(COMMITTED) != COMMITTED:
+                service.discard()
+                raise ChannelClosedError(
+                    f"the originator rolled {name!r} back and then died; not started here"
+                ) from exc
             orphaned = True
             log.warning(
                 "the originator (pid %s) died before committing %r; this process holds the "
@@ -312,6 +338,13 @@ class RecipientSession:
             raise
         if not orphaned:
             _faults.checkpoint("recipient.commit-received")
+            if arbiter is not None and arbiter.decide(COMMITTED) != COMMITTED:
+                # The originator gave up first (its step timeout) and resumed.
+                service.discard()
+                raise MigrationTimeoutError(
+                    f"the originator rolled {name!r} back before this side could commit "
+                    "(it waited longer than its step timeout); not started here"
+                )
             try:
                 await self._send(Message(Kind.COMMITTED, {"service": name}))
             except ChannelClosedError:
@@ -329,8 +362,8 @@ class RecipientSession:
             service=service,
             connections=int(described.get("connections", 0)),
             pause_ms=pause,
-            graph_bytes=len(graph_message.blob),
-            fds=count,
+            graph_bytes=len(blob),
+            fds=len(fds),
         )
 
     async def check(self, name: str) -> CheckResult:

@@ -4,7 +4,8 @@
 
 Users log in with a name and password (the password is not echoed), then
 each gets a Python console of their own (:mod:`takeover.demo.console`).
-``takeover take PATH``, run under any interpreter that can import takeover,
+``takeover take --allow takeover.demo PATH`` (the shell's graph carries code,
+which a recipient runs only when told to), under any interpreter that can import takeover,
 moves the server, every session and everything in it (namespaces, imported
 modules, functions and classes defined at the prompt, a block typed halfway,
 who is logged in) to a new process. A session holding something that cannot
@@ -212,7 +213,7 @@ async def serve(host: str, port: int, control: str, users: dict[str, str]) -> No
         )
         for name, password in users.items():
             print(f"log in as {name}, password {password}")
-        print(f"move it with: takeover take {migration.path}", flush=True)
+        print(f"move it with: takeover take --allow takeover.demo {migration.path}", flush=True)
 
     loop = asyncio.get_running_loop()
     moved = asyncio.ensure_future(takeover.serve_until_moved(server, control=control, ready=ready))
@@ -231,7 +232,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="takeover demo serve",
         description="A telnet server with a Python shell for each user, movable with "
-        "`takeover take CONTROL`.",
+        "`takeover take --allow takeover.demo CONTROL`.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8023)

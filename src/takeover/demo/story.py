@@ -328,8 +328,13 @@ def run(argv: Sequence[str] = ()) -> int:
         previous = server
         for step, target in enumerate(route, 1):
             why = "while admin is halfway through a for block" if step == 1 else "again"
-            _out(f"\n\n$ {target.path} -m takeover take {control}     # {target.label}, {why}\n")
-            recipient = _Process([target.path, "-m", "takeover", "take", control], env)
+            _out(
+                f"\n\n$ {target.path} -m takeover take --allow takeover.demo {control}"
+                f"     # {target.label}, {why}\n"
+            )
+            recipient = _Process(
+                [target.path, "-m", "takeover", "take", "--allow", "takeover.demo", control], env
+            )
             procs.append(recipient)
             recipient.expect(r"^took shell", timeout=TIMEOUT)
             recipient.expect(r"serving ")
