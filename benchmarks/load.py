@@ -41,6 +41,7 @@ from _common import percentile
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
 TIMEOUT = 60.0
+MODES = ("steady", "starts", "moving")
 SPARES = 3
 BIN_S = 0.02
 """Width of the time bins of the latency series (for the plot)."""
@@ -119,7 +120,7 @@ def mover_argv(control: str) -> list[str]:
 
 def run_load(
     app: str,
-    moving: bool,
+    mode: str,
     connections: int,
     duration: float,
     move_every: float,
@@ -155,7 +156,8 @@ def run_load(
             stdin=True,
         )
         client.event("connected", TIMEOUT)
-        if moving and mover != "cli":
+        moving = mode == "moving"
+        if mode == "starts" or (moving and mover != "cli"):
             # Recipients started ahead, SPARES of them at all times, so that a
             # busy machine starting Python slowly does not hold up the moves.
             spares = [_common.Proc(mover_argv(control), stdin=True) for _ in range(SPARES)]
@@ -165,7 +167,7 @@ def run_load(
         load_before = os.getloadavg()
         client.send_line("go")
         t0 = float(client.event("started", TIMEOUT)["t0"])
-        if moving:
+        if mode != "steady":
             k = 1
             while True:
                 tick = t0 + k * move_every
@@ -174,6 +176,15 @@ def run_load(
                 now = time.monotonic()
                 if tick > now:
                     time.sleep(tick - now)
+                if mode == "starts":
+                    # The control: the same processes started, and stopped unused.
+                    proc = spares.pop(0)
+                    if proc.pid not in ready:
+                        proc.event("ready", TIMEOUT)
+                    proc.kill()
+                    spares.append(_common.Proc(mover_argv(control), stdin=True))
+                    k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
+                    continue
                 try:
                     if mover == "cli":
                         start = time.monotonic()
@@ -241,7 +252,7 @@ def run_load(
                     break
     result = {
         "app": app,
-        "mode": "moving" if moving else "steady",
+        "mode": mode,
         "connections": connections,
         "duration": duration,
         **done,
@@ -292,6 +303,14 @@ def pairs(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str
     return [(steady[r["repeat"]], r) for r in moving]
 
 
+def controls(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(starts only, moving) runs of one app from the same repeat."""
+    runs = [r for r in data["runs"] if r["app"] == app]
+    starts = {r["repeat"]: r for r in runs if r["mode"] == "starts"}
+    moving = [r for r in runs if r["mode"] == "moving" and r["repeat"] in starts]
+    return [(starts[r["repeat"]], r) for r in moving]
+
+
 def loadavg(data: dict[str, Any]) -> str:
     """The 1-minute load average at the start of the runs: the machine is shared."""
     values = [r["loadavg"][0][0] for r in data["runs"] if r.get("loadavg")]
@@ -312,12 +331,16 @@ def render(data: dict[str, Any]) -> str:
         f"- Kernel: {m['kernel']}",
         f"- Load average (1 min) at the start of each run: {loadavg(data)}",
         "",
-        f"Each repeat, for each app, two runs of {data['duration']:g} s back to back with the same",
+        f"Each repeat, for each app, three runs of {data['duration']:g} s back to back, the same",
         f"load: {data['connections']} keep-alive connections from one client process",
         "(`benchmarks/_client.py`, selectors), each sending its next request as soon as the",
         "previous one is answered and stopping by itself at the end of the run.",
         "",
         "- **steady**: the service stays in the process that started it.",
+        "- **starts only**: the control: the recipient processes of a moving run are started",
+        f"  as often (one every {data['move_every']:g} s, three ahead) and stopped unused; the",
+        "  service stays. What starting Python that often costs the clients on this machine,",
+        "  without moving anything.",
         f"- **moving**: the service moved every {data['move_every']:g} s (each move once the",
         "  previous one printed its `serving` line), for the whole run: A → B → C → ..., each to a",
         f"  fresh process: {MOVERS[data.get('mover', 'cli')]}.",
@@ -330,14 +353,14 @@ def render(data: dict[str, Any]) -> str:
         "*Client stalls*: turns of the client's loop that took 50 ms longer than their wait",
         "(the client process was not running): a latency spike there is the machine's.",
         "Figures: median over the repeats with (min..max); ratios are moving / steady of the",
-        "same repeat.",
+        "same repeat; *moving / starts only* leaves out what starting the processes costs.",
         "",
         "## Errors and integrity",
         "",
     ]
     rows = []
     for app in data["apps"]:
-        for mode in ("steady", "moving"):
+        for mode in MODES:
             runs = [r for r in data["runs"] if r["app"] == app and r["mode"] == mode]
             if not runs:
                 continue
@@ -378,32 +401,35 @@ def render(data: dict[str, Any]) -> str:
     rows = []
     for app in data["apps"]:
         both = pairs(data, app)
-        if not both:
-            continue
+        starts = [(st, mv) for st, mv in controls(data, app)]
         for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
+            if not both:
+                continue
             rows.append(
                 [
                     app,
                     label,
                     cell([s["latency"][key] for s, _ in both]),
+                    cell([st["latency"][key] for st, _ in starts]),
                     cell([mv["latency"][key] for _, mv in both]),
                     cell([mv["latency"][key] / s["latency"][key] for s, mv in both], 2),
+                    cell([mv["latency"][key] / st["latency"][key] for st, mv in starts], 2),
                     cell([mv["latency_across_pause"][key] for _, mv in both]),
                     cell(
                         [mv["latency_across_pause"][key] / s["latency"][key] for s, mv in both], 2
                     ),
                 ]
             )
-    for app in data["apps"]:
-        both = pairs(data, app)
         if both:
             rows.append(
                 [
                     app,
                     "requests/s",
                     cell([s["throughput_rps"] for s, _ in both], 0),
+                    cell([st["throughput_rps"] for st, _ in starts], 0),
                     cell([mv["throughput_rps"] for _, mv in both], 0),
                     cell([mv["throughput_rps"] / s["throughput_rps"] for s, mv in both], 2),
+                    cell([mv["throughput_rps"] / st["throughput_rps"] for st, mv in starts], 2),
                     "",
                     "",
                 ]
@@ -413,8 +439,10 @@ def render(data: dict[str, Any]) -> str:
             "app",
             "latency",
             "steady ms",
+            "starts only ms",
             "moving ms (whole run)",
             "moving / steady",
+            "moving / starts only",
             "requests across a pause, ms",
             "across a pause / steady",
         ],
@@ -523,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     for repeat in range(args.repeats):
         for app in apps:
-            for moving in (False, True):
+            for mode in MODES:
                 run = run_load(
-                    app, moving, args.connections, args.duration, args.move_every, args.mover
+                    app, mode, args.connections, args.duration, args.move_every, args.mover
                 )
                 run["repeat"] = repeat
                 data["runs"].append(run)

@@ -7,8 +7,8 @@
   against the number of connections, median with min..max bars, log-log.
 * ``NAME-latency.png`` from load.py's results: latency over time across the
   moves, per app: the worst and the median latency of the requests sent in
-  each 20 ms, the moving run against the steady run of the same repeat, each
-  move's pause shaded.
+  each 20 ms, the moving run against the steady and the starts-only runs of
+  the same repeat, each move's pause shaded.
 * ``NAME-latency.png`` from sidebyside.py's results: the worst latency of the
   long-lived connections per 20 ms around the replacement, per strategy, and
   the new connections that failed.
@@ -98,6 +98,19 @@ def plot_load(data: dict[str, Any], path: str) -> None:
         if steady is not None:
             s = steady["series"]
             ax.plot(s["t"], s["max_ms"], color="0.6", lw=0.8, label="steady: worst per 20 ms")
+        starts = next(
+            (r for r in runs if r["mode"] == "starts" and r["repeat"] == moving["repeat"]), None
+        )
+        if starts is not None:
+            s = starts["series"]
+            ax.plot(
+                s["t"],
+                s["max_ms"],
+                color="tab:green",
+                lw=0.7,
+                alpha=0.7,
+                label="starts only: worst per 20 ms",
+            )
         for move in moving["moves"]:
             end = move["taken"]
             ax.axvspan(end - move["pause_ms"] / 1000, end, color="tab:orange", alpha=0.35, lw=0)
@@ -112,7 +125,7 @@ def plot_load(data: dict[str, Any], path: str) -> None:
             f"({len(moving['moves'])} moves; pauses shaded)"
         )
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
     axes[-1, 0].set_xlabel("seconds into the run (send time)")
     fig.text(0.01, 0.005, f"{data['command']} · {data['date']}", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
