@@ -221,10 +221,25 @@ class Result:
 
 
 def run_cell(
-    step: Step, fault: str, workdir: str, control: str, port: int, procs: list[Proc]
+    step: Step,
+    fault: str,
+    workdir: str,
+    control: str,
+    port: int,
+    procs: list[Proc],
+    *,
+    tcp: bool = False,
 ) -> Result:
-    """Play one cell of the matrix and check its invariants; return what happened."""
+    """Play one cell of the matrix and check its invariants; return what happened.
+
+    With ``tcp``, the control channel is ``tcp:127.0.0.1:PORT`` (descriptors then
+    travel on the separate same-host fd transport) and ``control`` is ignored.
+    """
     secret = secret_file(workdir)
+    if tcp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            control = f"tcp:127.0.0.1:{s.getsockname()[1]}"
     origin_env = None
     if fault == KILL_ORIGINATOR:
         origin_env = {"TAKEOVER_FAULTS": f"{step.originator_point}=stop"}
@@ -293,8 +308,9 @@ def run_cell(
                 what="the recipient's fd table to settle",
             )
             own = {fd: t for fd, t in list_fds(recipient.pid).items() if fd not in moved}
-            # It took everything: it bound a temporary path and renamed it over CONTROL.
-            check_own_fds(recipient.pid, own, f"{target}.{recipient.pid}.tmp")
+            if not tcp:
+                # It took everything: it bound a temporary path and renamed it over CONTROL.
+                check_own_fds(recipient.pid, own, f"{target}.{recipient.pid}.tmp")
 
         # The survivor serves: the streams go on and a new client is echoed.
         if want != NONE:
@@ -325,6 +341,20 @@ def run_cell(
 def test_fault_matrix(step, fault, workdir, control, free_port, procs):
     """One cell of the fault matrix: the service runs exactly once, clients unharmed."""
     result = run_cell(STEP[step], fault, workdir, control, free_port, procs)
+    assert result.server == expected(STEP[step], fault)
+
+
+TCP_CELLS = [
+    pytest.param(name, fault, id=f"{name.replace(' ', '-')}:{fault.replace(' ', '-')}")
+    for name in ("fds sent", "ready sent", "commit sent")
+    for fault in (KILL_RECIPIENT, KILL_ORIGINATOR)
+]
+
+
+@pytest.mark.parametrize(("step", "fault"), TCP_CELLS)
+def test_fault_matrix_over_tcp(step, fault, workdir, control, free_port, procs):
+    """The kill cells after the graph went out, over a TCP control channel: same outcomes."""
+    result = run_cell(STEP[step], fault, workdir, control, free_port, procs, tcp=True)
     assert result.server == expected(STEP[step], fault)
 
 
@@ -390,6 +420,9 @@ def render() -> str:
         "  intact, the move's commit arbiter (a one-byte memfd passed with the descriptors,",
         "  decided once under flock) says who serves: the recipient records COMMITTED before",
         "  answering, the originator records ROLLED_BACK before resuming; the first wins.",
+        "- Over a TCP control channel (descriptors on the same-host fd transport), the kill",
+        "  cells of the fds sent, ready sent and commit sent rows are run too, with the same",
+        "  outcomes (`test_fault_matrix_over_tcp`).",
         "- Through the relay the recipient's pidfd watches the relay (its SO_PEERCRED peer),",
         "  which stays alive: the cut cells take the discard path, as with a live originator.",
     ]
