@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -216,9 +217,19 @@ def secret_path(workdir: str) -> str:
     return path
 
 
-def test_migration_server_survives_fuzzing(control, workdir, free_port, procs, secret_path):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_migration_server_survives_fuzzing(
+    transport, control, workdir, free_port, procs, secret_path
+):
     """Random and hostile frames never crash, hang, leak fds or unpickle; the server serves on."""
     marker = os.path.join(workdir, "UNPICKLED")
+    if transport == "tcp":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address: Any = ("127.0.0.1", s.getsockname()[1])
+        control = f"tcp:127.0.0.1:{address[1]}"
+    else:
+        address = control
     server = run_example(
         "echo",
         free_port,
@@ -228,16 +239,18 @@ def test_migration_server_survives_fuzzing(control, workdir, free_port, procs, s
         "--max-frame-size",
         str(MAX_FRAME),
         "--step-timeout",
-        "5",
+        # Over TCP a TAKE waits that long for the fd transport this fuzzer never opens.
+        "5" if transport == "unix" else "0.3",
     )
     procs.append(server)
     with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"before\n") == b"before\n"
         baseline = list_fds(server.pid)
         stats = {"examples": 0, "authenticated": 0}
+        examples = SERVER_EXAMPLES if transport == "unix" else SERVER_EXAMPLES // 3
 
         @settings(
-            max_examples=SERVER_EXAMPLES,
+            max_examples=examples,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -245,8 +258,11 @@ def test_migration_server_survives_fuzzing(control, workdir, free_port, procs, s
         @given(conversations())
         def fuzz(conversation) -> None:  # type: ignore[no-untyped-def]
             authenticated, chunks, with_fd = conversation
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(control)
+            family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.connect(address)
+                if transport == "tcp":
+                    with_fd = None  # descriptors do not cross TCP
                 if authenticated:
                     authenticate(sock)
                     stats["authenticated"] += 1
@@ -261,7 +277,7 @@ def test_migration_server_survives_fuzzing(control, workdir, free_port, procs, s
             assert not os.path.exists(marker), "a frame was unpickled by the migration server"
 
         fuzz()
-        assert stats["examples"] >= SERVER_EXAMPLES // 2 and stats["authenticated"] > 0, stats
+        assert stats["examples"] >= examples // 2 and stats["authenticated"] > 0, stats
         # Every conversation is over and nothing of it stays open.
         wait_until(lambda: list_fds(server.pid) == baseline, timeout=10, what="the fd table")
         assert not os.path.exists(marker)
