@@ -256,6 +256,21 @@ def test_module_references_are_plain_modules_after_the_load():
     assert not hasattr(os, "tk_patched")
 
 
+def test_demo_shell_code_needs_allow(marker):
+    """The demo console runs code it is given: not by default, only with --allow takeover.demo."""
+    from takeover.demo.console import Console
+    from takeover.demo.portable import function
+
+    push = Call(Call(_bound_method, Console("x"), "push"), f"open({marker!r}, 'w').close()")
+    blob = dumps(push).blob
+    assert "--allow takeover.demo " in refused(blob, "takeover.demo.console")
+    refused(b"ctakeover.demo.portable\nfunction\n.", "takeover.demo.portable.function")
+    assert not os.path.exists(marker)
+    assert loads(blob, [], policy=UnpicklePolicy(allow=("takeover.demo",))) == ""
+    assert os.path.exists(marker)
+    assert function.__module__ == "takeover.demo.portable"
+
+
 def test_dunder_paths_are_not_walked():
     """A global may not reach through dunder attributes (``X.__init__.__globals__``)."""
     refused(b"ctakeover._serialize\n_GraphUnpickler.__init__\n.", "takeover._serialize")

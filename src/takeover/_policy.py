@@ -364,19 +364,23 @@ class UnpicklePolicy:
             isinstance(obj, _FUNCTIONS) and self._located(obj) and self.allowed(obj.__module__, app)
         ):
             return  # not takeover's own functions (its command line...) unless allowed by name
-        raise self.refusal(f"{module}.{name}")
+        raise self.refusal(f"{module}.{name}", module)
 
-    def refusal(self, qualified: str) -> MigrationRefusedError:
-        """The error for a global the graph may not name."""
+    def refusal(self, qualified: str, module: str | None = None) -> MigrationRefusedError:
+        """The error for a global the graph may not name (``module``: where it lives)."""
         return MigrationRefusedError(
             f"refused {qualified}: not a vetted constructor nor a class of the application; "
-            f"{self._hint(qualified)}"
+            f"{self._hint(module or qualified)}"
         )
 
-    def _hint(self, qualified: str) -> str:
-        top = qualified.partition(".")[0]
+    def _hint(self, module: str) -> str:
+        """What to do about a refused name from ``module``."""
+        top = module.partition(".")[0]
         if _stdlib(top):
             return "if the originator is trusted, take with --trust to turn the check off"
+        if top == "takeover":
+            # Allow as little of takeover as the name needs: never its machinery.
+            top = "takeover.demo" if _under(module, ("takeover.demo",)) else module
         return (
             f"if {top} is your application's code, take with --allow {top} "
             "(or --trust to turn the check off)"
@@ -401,7 +405,7 @@ class UnpicklePolicy:
         if not isinstance(name, str) or not name.isidentifier() or _dunder(name):
             raise MigrationRefusedError(f"refused bound method {where}: not a method name")
         if isinstance(owner, types.ModuleType):
-            raise self.refusal(f"{owner.__name__}.{name}")
+            raise self.refusal(f"{owner.__name__}.{name}", owner.__name__)
         cls = owner if isinstance(owner, type) else type(owner)
         static = _static_lookup(owner, cls, name)
         trusted = self._trusted_class(cls, app)
@@ -421,7 +425,7 @@ class UnpicklePolicy:
             raise MigrationRefusedError(f"refused bound method {where}: not a method of the class")
         raise MigrationRefusedError(
             f"refused bound method {where}: only methods of the application's classes "
-            f"(or of builtin containers) are rebuilt; {self._hint(where)}"
+            f"(or of builtin containers) are rebuilt; {self._hint(cls.__module__)}"
         )
 
     def _trusted_class(self, cls: type, app: Collection[str]) -> bool:
@@ -455,7 +459,7 @@ def lookup(module: Any, name: str, policy: UnpicklePolicy) -> Any:
     target = module
     for index, part in enumerate(name.split(".")):
         if index and _dunder(part) and not policy.trust:
-            raise policy.refusal(f"{module.__name__}.{name}")
+            raise policy.refusal(f"{module.__name__}.{name}", module.__name__)
         namespace = getattr(target, "__dict__", None)
         if not isinstance(namespace, dict) and not isinstance(namespace, types.MappingProxyType):
             raise AttributeError(f"{_name(target)} has no attribute {part!r}")

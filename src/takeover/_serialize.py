@@ -328,7 +328,7 @@ class _GraphUnpickler(pickle.Unpickler):
                 return super().find_class(module, name)
             else:
                 if not policy.may_import(module, _load_state.app):
-                    raise policy.refusal(f"{module}.{name}")
+                    raise policy.refusal(f"{module}.{name}", module)
                 target = _policy.lookup(importlib.import_module(module), name, policy)
             policy.check_global(module, name, target, _load_state.app)
             return target

@@ -4,9 +4,9 @@
 
 Users log in with a name and password (the password is not echoed), then
 each gets a Python console of their own (:mod:`takeover.demo.console`).
-``takeover take --allow takeover.demo PATH`` (the shell's graph carries code,
-which a recipient runs only when told to), under any interpreter that can import takeover,
-moves the server, every session and everything in it (namespaces, imported
+``takeover take --allow takeover.demo PATH`` (the shell's graph carries
+code, which a recipient runs only when told to), under any interpreter that
+can import takeover, moves the server, every session and everything in it (namespaces, imported
 modules, functions and classes defined at the prompt, a block typed halfway,
 who is logged in) to a new process. A session holding something that cannot
 move is told why, and the move is refused.
