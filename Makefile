@@ -62,7 +62,7 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
 		--name scale-quick --command "make bench-quick"
-	$(BIN)/python benchmarks/load.py --duration 3 --repeats 2 \
+	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 2 \
 		--name load-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
 		--name sidebyside-quick --command "make bench-quick"

@@ -5,7 +5,8 @@
     python benchmarks/_client.py --port P --churn --duration S [--samples PATH]
 
 Connects every connection (blocking), prints ``{"event": "connected"}``, waits
-for a line ``go`` on stdin, prints ``{"event": "started", "t0": T}`` and runs
+for a line ``go`` on stdin, runs ``--warmup`` seconds unrecorded (answers still
+checked), prints ``{"event": "started", "t0": T}`` and runs
 for S seconds: each connection sends a request, waits for its whole answer,
 checks it and sends the next (at once, or ``--interval`` ms after the previous
 one was sent). A connection stops by itself at T + S once its request in
@@ -110,6 +111,7 @@ class Clients:
         self.reconnects = 0
         self.refused = 0
         self.completed = 0
+        self.warmup_completed = 0
         self.end = 0.0
         self.stalls: list[list[float]] = []
 
@@ -297,8 +299,8 @@ class Clients:
             c.sock = sock
             self.sel.register(sock, selectors.EVENT_READ, c)
 
-    def run(self, t0: float) -> None:
-        self.end = t0 + self.args.duration
+    def run(self, t0: float, duration: float) -> None:
+        self.end = t0 + duration
         now = time.monotonic()
         for i, c in enumerate(self.conns):  # with --interval: spread over one interval
             c.due_at = now + self.interval * i / len(self.conns)
@@ -385,6 +387,7 @@ class Clients:
                 crc_mismatch += c.crc_sent != c.crc_recv
         return {
             "completed": self.completed,
+            "warmup_completed": self.warmup_completed,
             "errors": sum(self.errors.values()),
             "error_kinds": self.errors,
             "first_errors": self.first_errors,
@@ -468,6 +471,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.0, help="ms between requests")
     parser.add_argument("--reconnect", action="store_true")
     parser.add_argument("--churn", action="store_true")
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds of unrecorded load")
     parser.add_argument("--samples")
     parser.add_argument("--id-base", type=int, default=0)
     args = parser.parse_args()
@@ -477,11 +481,17 @@ def main() -> None:
     emit("connected", pid=os.getpid())
     if sys.stdin.readline().strip() != "go":
         return
+    if clients is not None and args.warmup > 0:
+        # The same load, unrecorded, so that the server process is warm: on this
+        # kind of machine a fresh process serves its first second or two slower.
+        clients.run(time.monotonic(), args.warmup)
+        clients.samples = array.array("d")
+        clients.warmup_completed, clients.completed = clients.completed, 0
     t0 = time.monotonic()
     emit("started", t0=t0)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     if clients is not None:
-        clients.run(t0)
+        clients.run(t0, args.duration)
         clients.drain_extra(0.1)
         result = clients.result()
         samples = clients.samples

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -100,10 +101,14 @@ def save_profile(profile: Any, role: str) -> None:
 class Proc:
     """A child process whose output lines are read in the background."""
 
-    def __init__(self, argv: Sequence[str], *, stdin: bool = False) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, stdin: bool = False, cpus: Sequence[int] = ()
+    ) -> None:
         self.argv = list(argv)
+        if cpus:  # taskset execs the command: the pid stays the command's
+            argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
         self.popen = subprocess.Popen(
-            self.argv,
+            list(argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -200,6 +205,26 @@ class Proc:
                         pipe.close()
                     except OSError:
                         pass
+
+
+def cpu_split(pin: bool = True) -> tuple[list[int], list[int]]:
+    """(server CPUs, client CPUs): with two CPUs or more and ``pin``, the clients get
+    the last one and the servers the others, so that where the scheduler happens to
+    put each new process does not change the figures; else both get ()."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2 or not shutil.which("taskset"):
+        return [], []
+    return cpus[:-1], cpus[-1:]
+
+
+def describe_pinning(server: Sequence[int], client: Sequence[int]) -> str:
+    if not server:
+        return "not pinned: the scheduler places every process"
+    return (
+        f"pinned with taskset: the servers (every process holding the service, and the "
+        f"recipients) on CPU {','.join(map(str, server))}, the clients on CPU "
+        f"{','.join(map(str, client))}"
+    )
 
 
 def free_port() -> int:

@@ -43,6 +43,8 @@ CLIENT = os.path.join(_common.HERE, "_client.py")
 TIMEOUT = 60.0
 MODES = ("steady", "starts", "moving")
 SPARES = 3
+PIN: dict[str, list[int]] = {"server": [], "client": []}
+"""CPUs for the servers and for the clients (``--no-pin``: none)."""
 BIN_S = 0.02
 """Width of the time bins of the latency series (for the plot)."""
 
@@ -61,7 +63,7 @@ def take_argv(control: str) -> list[str]:
 def start_app(app: str, port: int, control: str) -> _common.Proc:
     script = {"echo": "echo.py", "http": "http_counter.py"}[app]
     argv = [_common.PYTHON, os.path.join(EXAMPLES, script)]
-    proc = _common.Proc([*argv, "--port", str(port), "--control", control])
+    proc = _common.Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
     proc.line(f"{app} on ", TIMEOUT)
     return proc
 
@@ -118,6 +120,11 @@ def mover_argv(control: str) -> list[str]:
     return [_common.PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
 
 
+def spare(control: str) -> _common.Proc:
+    """A recipient started ahead (``_mover.py``), waiting to be told to take."""
+    return _common.Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
+
+
 def run_load(
     app: str,
     mode: str,
@@ -125,6 +132,7 @@ def run_load(
     duration: float,
     move_every: float,
     mover: str = "library",
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="tkl", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
@@ -152,15 +160,18 @@ def run_load(
                 str(duration),
                 "--samples",
                 samples_path,
+                "--warmup",
+                str(warmup),
             ],
             stdin=True,
+            cpus=PIN["client"],
         )
         client.event("connected", TIMEOUT)
         moving = mode == "moving"
         if mode == "starts" or (moving and mover != "cli"):
             # Recipients started ahead, SPARES of them at all times, so that a
             # busy machine starting Python slowly does not hold up the moves.
-            spares = [_common.Proc(mover_argv(control), stdin=True) for _ in range(SPARES)]
+            spares = [spare(control) for _ in range(SPARES)]
             for proc in spares:
                 proc.event("ready", TIMEOUT)
                 ready.add(proc.pid)
@@ -182,13 +193,13 @@ def run_load(
                     if proc.pid not in ready:
                         proc.event("ready", TIMEOUT)
                     proc.kill()
-                    spares.append(_common.Proc(mover_argv(control), stdin=True))
+                    spares.append(spare(control))
                     k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
                     continue
                 try:
                     if mover == "cli":
                         start = time.monotonic()
-                        proc = _common.Proc(take_argv(control))
+                        proc = _common.Proc(take_argv(control), cpus=PIN["server"])
                         holders.append(proc)
                     else:
                         proc = spares.pop(0)
@@ -204,7 +215,7 @@ def run_load(
                     failures.append(str(exc))
                     break
                 if mover != "cli":
-                    spares.append(_common.Proc(mover_argv(control), stdin=True))
+                    spares.append(spare(control))
                 moves.append(
                     {
                         "start": start - t0,
@@ -330,11 +341,15 @@ def render(data: dict[str, Any]) -> str:
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
         f"- Load average (1 min) at the start of each run: {loadavg(data)}",
+        f"- Processes {data.get('pinning', 'not pinned')}",
         "",
         f"Each repeat, for each app, three runs of {data['duration']:g} s back to back, the same",
         f"load: {data['connections']} keep-alive connections from one client process",
         "(`benchmarks/_client.py`, selectors), each sending its next request as soon as the",
-        "previous one is answered and stopping by itself at the end of the run.",
+        "previous one is answered and stopping by itself at the end of the run. Before each",
+        f"run, {data.get('warmup', 0):g} s of the same load, checked but not recorded, on the same",
+        "connections: a fresh process on this machine serves its first second or two up to",
+        "3x slower, which the steady run would otherwise be charged with.",
         "",
         "- **steady**: the service stays in the process that started it.",
         "- **starts only**: the control: the recipient processes of a moving run are started",
@@ -512,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--move-every", type=float, default=0.2, help="seconds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unrecorded load before each run"
+    )
+    parser.add_argument(
         "--mover",
         choices=("library", "cli"),
         default="library",
@@ -522,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="load")
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
+    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -536,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
     )
     apps = [a for a in args.apps.split(",") if a]
+    PIN["server"], PIN["client"] = _common.cpu_split(not args.no_pin)
     data: dict[str, Any] = {
         "kind": "load",
         "command": command,
@@ -546,14 +566,22 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "duration": args.duration,
         "move_every": args.move_every,
+        "warmup": args.warmup,
         "mover": args.mover,
+        "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
         "runs": [],
     }
     for repeat in range(args.repeats):
         for app in apps:
             for mode in MODES:
                 run = run_load(
-                    app, mode, args.connections, args.duration, args.move_every, args.mover
+                    app,
+                    mode,
+                    args.connections,
+                    args.duration,
+                    args.move_every,
+                    args.mover,
+                    args.warmup,
                 )
                 run["repeat"] = repeat
                 data["runs"].append(run)

@@ -54,6 +54,8 @@ from load import read_samples, series
 PLAIN = os.path.join(_common.HERE, "_plain_echo.py")
 CLIENT = os.path.join(_common.HERE, "_client.py")
 TIMEOUT = 60.0
+PIN: dict[str, list[int]] = {"server": [], "client": []}
+"""CPUs for the servers and for the clients (``--no-pin``: none)."""
 STRATEGIES = ("restart", "reuseport", "handoff", "takeover")
 LABELS = {
     "restart": "stop and restart",
@@ -94,7 +96,7 @@ def start_old(strategy: str, port: int, workdir: str, drain: float) -> _common.P
             argv.append("--reuseport")
         if strategy == "handoff":
             argv += ["--handoff", os.path.join(workdir, "h0.sock")]
-    proc = _common.Proc(argv)
+    proc = _common.Proc(argv, cpus=PIN["server"])
     proc.event("ready", TIMEOUT)
     return proc
 
@@ -109,22 +111,24 @@ def upgrade(
     if strategy == "restart":
         old.popen.send_signal(signal.SIGTERM)
         gone.join(TIMEOUT)
-        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port)])
+        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port)], cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     elif strategy == "reuseport":
-        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port), "--reuseport"])
+        argv = [_common.PYTHON, PLAIN, "--port", str(port), "--reuseport"]
+        new = _common.Proc(argv, cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
         old.popen.send_signal(signal.SIGTERM)
     elif strategy == "handoff":
         argv = [_common.PYTHON, PLAIN, "--fd-from", os.path.join(workdir, "h0.sock")]
-        new = _common.Proc([*argv, "--drain", str(drain)])
+        new = _common.Proc([*argv, "--drain", str(drain)], cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     else:
         control = os.path.join(workdir, "c.sock")
-        new = _common.Proc([_common.PYTHON, "-m", "takeover", "take", "--json", control])
+        argv = [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+        new = _common.Proc(argv, cpus=PIN["server"])
         taken = new.event("taken", TIMEOUT)
         info["pause_ms"] = taken["pause_ms"]
         info["moved"] = taken["connections"]
@@ -157,10 +161,13 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
                 os.path.join(workdir, "long.bin"),
             ],
             stdin=True,
+            cpus=PIN["client"],
         )
         procs.append(long_lived)
         churn = _common.Proc(
-            [*common, "--churn", "--samples", os.path.join(workdir, "churn.bin")], stdin=True
+            [*common, "--churn", "--samples", os.path.join(workdir, "churn.bin")],
+            stdin=True,
+            cpus=PIN["client"],
         )
         procs.append(churn)
         long_lived.event("connected", TIMEOUT)
@@ -270,6 +277,7 @@ def render(data: dict[str, Any]) -> str:
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
         f"- Load average (1 min) at the start of each run: {loadavg(data)}",
+        f"- Processes {data.get('pinning', 'not pinned')}",
         "",
         "The same line-echo server replaced by a new process while clients use it, four ways:",
         "",
@@ -437,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="sidebyside")
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
+    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -451,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
     )
     strategies = [s for s in args.strategies.split(",") if s]
+    PIN["server"], PIN["client"] = _common.cpu_split(not args.no_pin)
     data: dict[str, Any] = {
         "kind": "sidebyside",
         "command": command,
@@ -463,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "cooldown": args.cooldown,
         "strategies": strategies,
+        "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
         "runs": [],
     }
     for repeat in range(args.repeats):
