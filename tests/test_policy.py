@@ -256,6 +256,25 @@ def test_module_references_are_plain_modules_after_the_load():
     assert not hasattr(os, "tk_patched")
 
 
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("collections", "Counter"),
+        ("takeover.registry", "Registry"),
+        ("http", "HTTPStatus"),
+    ],
+)
+def test_graph_cannot_rewrite_a_class_it_names(module, name):
+    """BUILD's slot state on a takeover or standard library class is undone and refused."""
+    cls = getattr(importlib.import_module(module), name)
+    before = dict(vars(cls))
+    # GLOBAL, then BUILD with (None, {"tk_patched": 1, "__repr__": 2}): setattr on the class.
+    blob = f"c{module}\n{name}\n(N}}(S'tk_patched'\nI1\nS'__repr__'\nI2\nutb.".encode()
+    with pytest.raises(MigrationRefusedError, match=rf"refused to change class {module}\.{name}:"):
+        loads(blob, [])
+    assert dict(vars(cls)) == before
+
+
 def test_demo_shell_code_needs_allow(marker):
     """The demo console runs code it is given: not by default, only with --allow takeover.demo."""
     from takeover.demo.console import Console

@@ -87,15 +87,11 @@ _TAKEOVER_GRAPH_MODULES = frozenset(
         "takeover.registry",
         "takeover.twisted",
         "takeover._twisted_transport",
-        "takeover.demo.counter",
     }
 )
 # Not the demo shell (takeover.demo.shell, .console, .portable): its graphs
 # carry code (functions as source, a console that runs what it is given), so
 # its recipients take it with --allow takeover.demo.
-
-# takeover's modules that are scripts (``python -m takeover.demo.counter``).
-_TAKEOVER_SCRIPTS = frozenset({"takeover.demo.counter"})
 
 # Builtin methods are rebuilt only on these exact types (``self.lines.append``).
 _CONTAINERS = ("builtins.list", "builtins.dict", "builtins.set", "builtins.bytearray")
@@ -323,7 +319,7 @@ class UnpicklePolicy:
         if kind == "module":
             if not _dotted(target):
                 return "it is not a module name"
-            if target in _TAKEOVER_SCRIPTS or self.allowed(target):
+            if self.allowed(target):
                 return None
             if _under(target, ("takeover",)):
                 return "takeover's own modules are not an application's script"
@@ -365,6 +361,10 @@ class UnpicklePolicy:
         ):
             return  # not takeover's own functions (its command line...) unless allowed by name
         raise self.refusal(f"{module}.{name}", module)
+
+    def guards(self, cls: type, app: Collection[str] = ()) -> bool:
+        """Whether a graph must leave ``cls`` as it found it (all but the app's classes)."""
+        return not self.trust and not self.allowed(cls.__module__, app)
 
     def refusal(self, qualified: str, module: str | None = None) -> MigrationRefusedError:
         """The error for a global the graph may not name (``module``: where it lives)."""

@@ -31,6 +31,7 @@ closed, so that the originator can roll back with nothing leaked here.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import importlib
 import importlib.util
@@ -224,6 +225,27 @@ class _LoadState:
     policy: UnpicklePolicy = field(default_factory=UnpicklePolicy)
     app: set[str] = field(default_factory=set)
     guarded: list[tuple[types.ModuleType, type]] = field(default_factory=list)
+    # Classes the graph named that are not the application's: their namespaces
+    # as they were, to undo what BUILD's slot state may set on a class.
+    classes: dict[int, tuple[type, dict[str, Any]]] = field(default_factory=dict)
+
+
+def _restore_classes(state: _LoadState) -> list[str]:
+    """Put back the attributes a graph set or added on the classes it named; name them."""
+    changed = []
+    for cls, saved in state.classes.values():
+        current = dict(vars(cls))
+        if current.keys() == saved.keys() and all(current[k] is v for k, v in saved.items()):
+            continue
+        changed.append(f"{cls.__module__}.{cls.__qualname__}")
+        for key in current.keys() - saved.keys():
+            with contextlib.suppress(AttributeError, TypeError):
+                delattr(cls, key)
+        for key, value in saved.items():
+            if current.get(key) is not value:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(cls, key, value)
+    return changed
 
 
 _load_state = _LoadState()
@@ -331,6 +353,8 @@ class _GraphUnpickler(pickle.Unpickler):
                     raise policy.refusal(f"{module}.{name}", module)
                 target = _policy.lookup(importlib.import_module(module), name, policy)
             policy.check_global(module, name, target, _load_state.app)
+            if isinstance(target, type) and policy.guards(target, _load_state.app):
+                _load_state.classes.setdefault(id(target), (target, dict(vars(target))))
             return target
         except MigrationRefusedError:
             raise
@@ -371,6 +395,12 @@ def loads(
         _load_state.app.add(main.partition(":")[2])
     try:
         graph = unpickler.load()
+        changed = _restore_classes(_load_state)
+        if changed:
+            raise MigrationRefusedError(
+                f"refused to change class {changed[0]}: a graph may set attributes only of "
+                "its objects, not of takeover's or the standard library's classes"
+            )
     except BaseException as exc:
         for sock in unpickler.sockets.values():
             sock.close()
@@ -384,6 +414,7 @@ def loads(
             ) from exc
         raise
     finally:
+        _restore_classes(_load_state)
         for module, original in reversed(_load_state.guarded):
             module.__class__ = original
         _main_state["reference"] = previous
