@@ -449,6 +449,14 @@ def test_allow_takes_module_names_only():
     assert UnpicklePolicy(allow="myapp").allow == ("myapp",)  # type: ignore[arg-type]
 
 
+def test_take_refuses_a_bad_allow_in_one_line(control, procs):
+    """`take --allow 'not a module'` fails with one error line, before connecting."""
+    bad = takeover("take", control, "--allow", "not a module")
+    procs.append(bad)
+    assert bad.wait() == 1, bad.output()
+    assert re.fullmatch(r"takeover: error: --allow takes a module name[^\n]*", bad.output())
+
+
 def test_script_may_not_be_installed_code():
     """A main reference naming the stdlib or site-packages is refused, not loaded."""
     stdlib = os.path.dirname(os.__file__)

@@ -387,6 +387,7 @@ async def connect(
             secrets differ, or only one side has one.
     """
     kind, address = parse_control(control)
+    policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
     channel: Channel
     if kind == "tcp":
         context = tls.context(server=False) if tls is not None else None
@@ -412,7 +413,6 @@ async def connect(
             sock.close()
             raise
         channel = AsyncioChannel(sock, loop, limits=limits)
-    policy = UnpicklePolicy(tuple(allow), trust)
     session = RecipientSession(channel, limits=limits, secret=secret, policy=policy)
     try:
         await session.open()
