@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test lint format clean bench bench-quick interpreters
+.PHONY: all demo test lint format clean bench bench-quick interpreters twisted-interpreters
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -e '.[test,lint,twisted]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,10 +40,26 @@ interpreters:
 		echo "warning: could not install$$missing; the demo uses what it finds" >&2; \
 	fi
 
+# The Twisted manhole test moves a live session to CPython 3.13: a venv there
+# with takeover and its twisted extra (the recipient runs a reactor).
+PY313 ?= /root/.pyenv/versions/3.13.0/bin/python
+VENV313 := .venv-3.13
+STAMP313 := $(VENV313)/.installed
+
+$(STAMP313): pyproject.toml
+	@if [ -x "$(PY313)" ]; then \
+		$(PY313) -m venv $(VENV313) && \
+		$(VENV313)/bin/pip install --quiet -e '.[twisted]' && touch $(STAMP313); \
+	else \
+		echo "warning: no CPython 3.13 at $(PY313); the manhole's move to 3.13 is not tested" >&2; \
+	fi
+
+twisted-interpreters: $(STAMP313)
+
 demo: $(STAMP) interpreters
 	$(BIN)/python -m takeover demo
 
-test: $(STAMP) interpreters
+test: $(STAMP) interpreters twisted-interpreters
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
@@ -79,4 +95,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV313) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

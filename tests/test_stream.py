@@ -19,9 +19,17 @@ MOVES = 10
 DEADLINE = 45.0  # seconds for the whole exchange, moves included
 
 
-def test_fifty_streams_survive_ten_moves(control, free_port, procs):
+RUNTIMES = [
+    pytest.param("echo", (), id="asyncio"),
+    # examples/twisted_echo.py, taken by Twisted recipients (takeover.twisted).
+    pytest.param("twisted_echo", ("--runtime", "twisted"), id="twisted"),
+]
+
+
+@pytest.mark.parametrize(("example", "take_args"), RUNTIMES)
+def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port, procs):
     """50 checksummed two-way streams and a connect loop see nothing of 10 moves in a row."""
-    origin = run_example("echo", free_port, control)
+    origin = run_example(example, free_port, control)
     procs.append(origin)
     streams: list[Stream] = []
     driver = loop = None
@@ -46,7 +54,7 @@ def test_fifty_streams_survive_ten_moves(control, free_port, procs):
         received_at_move: list[int] = []
         started = time.monotonic()
         for _ in range(MOVES):
-            recipient = takeover("take", control)
+            recipient = takeover("take", control, *take_args)
             procs.append(recipient)
             match = recipient.expect(r"^took echo: (\d+) connections")
             moved.append(int(match.group(1)))

@@ -2,6 +2,7 @@
 
     takeover list CONTROL [--json]
     takeover take CONTROL [--service NAME]... [--json] [--allow MODULE]... [--trust]
+                  [--runtime asyncio|twisted]
     takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
 
@@ -66,7 +67,12 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
 
 def _unpickling(args: argparse.Namespace) -> dict[str, Any]:
     """``allow`` and ``trust`` (``take`` only): which globals a graph may name."""
-    return {"allow": tuple(getattr(args, "allow", ())), "trust": getattr(args, "trust", False)}
+    allow = tuple(getattr(args, "allow", ()))
+    if getattr(args, "runtime", "asyncio") == "twisted":
+        from .twisted import GRAPH_MODULES
+
+        allow = (*GRAPH_MODULES, *allow)
+    return {"allow": allow, "trust": getattr(args, "trust", False)}
 
 
 async def _connect(args: argparse.Namespace) -> Any:
@@ -138,6 +144,11 @@ async def _take(args: argparse.Namespace) -> int:
         except (ValueError, OSError):
             pass
     loop = asyncio.get_running_loop()
+    runtime: Any = loop
+    if args.runtime == "twisted":
+        from .twisted import install_reactor
+
+        runtime = install_reactor()
     session = await _connect(args)
     taken: list[Taken] = []
     failures: list[str] = []
@@ -148,7 +159,7 @@ async def _take(args: argparse.Namespace) -> int:
         names = select(listed, args.service)
         for name in names:
             try:
-                result = await session.take(name, loop)
+                result = await session.take(name, runtime)
             except TakeoverError as exc:
                 failures.append(name)
                 print(f"takeover: error: {exc}", file=sys.stderr, flush=True)
@@ -281,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="turn the unpickling policy off: the originator may run any code here",
     )
+    p.add_argument(
+        "--runtime",
+        choices=("asyncio", "twisted"),
+        default="asyncio",
+        help="the event loop to serve the services in: asyncio (default) or a Twisted "
+        "reactor (Twisted's asyncio reactor; Twisted's protocol modules are then allowed)",
+    )
     p.set_defaults(run=_take)
 
     p = commands.add_parser(
@@ -319,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.run is None:
             return int(args.sync(args))
+        if getattr(args, "runtime", "asyncio") == "twisted":
+            from .twisted import run
+
+            return int(run(args.run(args)))
         return int(asyncio.run(args.run(args)))
     except (TakeoverError, CommandError) as exc:
         print(f"takeover: error: {exc}", file=sys.stderr)

@@ -1,0 +1,339 @@
+"""Twisted transports and ports that can be paused, pickled and adopted.
+
+These are Twisted's own ``tcp.Port``/``tcp.Server`` and ``unix.Port``/
+``unix.Server``, subclassed only where migration needs it:
+
+* every ``startReading``/``stopReading``/``startWriting``/``stopWriting``
+  goes through a gate. While the gate is shut (the service is quiesced, or
+  the graph was just unpickled) the calls are remembered, not passed to the
+  reactor: a protocol that writes during the pause only fills the write
+  buffer, exactly as the 2004 system's ``stopReading()``/``stopWriting()``
+  quiescing did.
+* the connections pickle: the socket (as a descriptor slot), the protocol,
+  Twisted's unsent output (``_tempDataBuffer``, ``_tempDataLen``,
+  ``dataBuffer`` and ``offset`` of ``abstract.FileDescriptor``), its flags
+  (``connected``, ``disconnecting``, ``_writeDisconnecting``...) and whether
+  it wants to read and write. The reactor does not travel.
+* the recipient does not go through ``adoptStreamConnection`` or
+  ``adoptStreamPort``: both call ``factory.buildProtocol`` (a new protocol) and
+  ``makeConnection`` (``connectionMade`` again, which resets a telnet or
+  manhole session) and start reading at once, before the move has committed.
+  The unpickled objects are Twisted's own classes with their own state; the
+  recipient only gives them its reactor and socket. Nothing is registered
+  with the reactor before ``start()``.
+* ``release()`` (originator, after commit) removes the reader and writer and
+  closes this process's descriptor with a plain ``close()``. Never
+  ``loseConnection()`` (it ends in ``shutdown()``) nor ``abortConnection()``
+  (SO_LINGER 0, an RST), nor ``stopListening()`` (a ``shutdown()`` of the
+  listening socket wakes every process's ``accept`` with an error): the
+  connection and the listener now belong to the recipient.
+
+A protocol (and a factory) may define the hooks of the asyncio runtime:
+``takeover_quiesce()``, ``takeover_resume()`` and ``takeover_adopted()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from twisted.internet import tcp, unix
+
+from ._errors import MigrationRefusedError
+
+log = logging.getLogger("takeover.twisted")
+
+# Attributes that belong to this process, not to the connection.
+_LOCAL = ("reactor", "fileno", "deferred")
+
+
+def _hook(obj: Any, name: str) -> None:
+    if isinstance(obj, type):
+        return
+    method = getattr(obj, name, None)
+    if callable(method):
+        method()
+
+
+def _check_reactor(runtime: Any) -> Any:
+    """The reactor to adopt into: ``runtime`` if it is one, else the installed one."""
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    reactor = runtime
+    if not isinstance(reactor, AsyncioSelectorReactor):
+        import sys
+
+        reactor = sys.modules.get("twisted.internet.reactor")
+    if not isinstance(reactor, AsyncioSelectorReactor) or not reactor.running:
+        raise MigrationRefusedError(
+            "this is a Twisted service: take it with a Twisted recipient "
+            "(`takeover take --runtime twisted`, or takeover.twisted.take in a running "
+            "asyncio reactor)"
+        )
+    return reactor
+
+
+class _Gate:
+    """The reader/writer gate shared by migratable connections and ports."""
+
+    _tko_quiesced = False
+    _tko_reading = False
+    _tko_writing = False
+    reactor: Any
+
+    def startReading(self) -> None:
+        self._tko_reading = True
+        if not self._tko_quiesced:
+            self.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        self._tko_reading = False
+        if not self._tko_quiesced:
+            self.reactor.removeReader(self)
+
+    def startWriting(self) -> None:
+        self._tko_writing = True
+        if not self._tko_quiesced:
+            self.reactor.addWriter(self)
+
+    def stopWriting(self) -> None:
+        self._tko_writing = False
+        if not self._tko_quiesced:
+            self.reactor.removeWriter(self)
+
+    def _tko_quiesce(self) -> None:
+        if self._tko_quiesced:
+            return
+        self._tko_quiesced = True
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+
+    def _tko_run(self) -> None:
+        """Open the gate: register what the object asked for meanwhile.
+
+        The writer goes first: output carried from the originator (or
+        written during the pause) leaves before anything new is read.
+        """
+        if not self._tko_quiesced:
+            return
+        self._tko_quiesced = False
+        if self._tko_writing:
+            self.reactor.addWriter(self)
+        if self._tko_reading:
+            self.reactor.addReader(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in _LOCAL:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # Shut until the recipient starts it, whatever it was on the other side.
+        self._tko_quiesced = True
+
+    def _tko_adopt(self, reactor: Any) -> None:
+        sock: socket.socket = self.socket  # type: ignore[attr-defined]
+        sock.setblocking(False)
+        self.reactor = reactor
+        self.fileno = sock.fileno
+
+
+class _MigratableConnection(_Gate):
+    """What the two server connection classes add to Twisted's."""
+
+    socket: socket.socket
+    server: Any
+    protocol: Any
+    connected: int
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)  # type: ignore[misc]
+        finally:
+            connections = getattr(self.server, "_tko_connections", None)
+            if connections is not None:
+                connections.pop(self, None)
+
+    def _tko_release(self) -> None:
+        """Commit, originator side: drop this process's descriptor only."""
+        self._tko_quiesce()
+        self.connected = 0
+        self.disconnected = 1
+        self.socket.close()
+
+    def _tko_discard(self) -> None:
+        self.socket.close()
+
+    def _tko_pending(self) -> int:
+        """Bytes written by the protocol and not yet sent."""
+        data_buffer: bytes = getattr(self, "dataBuffer", b"")
+        offset: int = getattr(self, "offset", 0)
+        temp: int = getattr(self, "_tempDataLen", 0)
+        return len(data_buffer) - offset + temp
+
+
+class MigratableTCPServer(_MigratableConnection, tcp.Server):
+    """A server-side TCP connection (``tcp.Server``) that can migrate."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        tcp.Server.__init__(self, *args, **kwargs)
+        _register(self)
+
+
+class MigratableUNIXServer(_MigratableConnection, unix.Server):
+    """A server-side AF_UNIX connection (``unix.Server``) that can migrate."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unix.Server.__init__(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+        _register(self)
+
+
+def _register(connection: _MigratableConnection) -> None:
+    connections = getattr(connection.server, "_tko_connections", None)
+    if connections is not None:
+        connections[connection] = None
+
+
+class _MigratablePort(_Gate):
+    """What the two port classes add to Twisted's: the connections they accepted."""
+
+    _tko_connections: dict[_MigratableConnection, None]
+    socket: socket.socket
+    factory: Any
+
+    def _tko_release(self) -> None:
+        self._tko_quiesce()
+        self.__dict__["connected"] = False
+        self.socket.close()
+
+    def _tko_discard(self) -> None:
+        self.socket.close()
+
+
+class MigratableTCPPort(_MigratablePort, tcp.Port):
+    """A listening TCP port (``tcp.Port``) whose connections can migrate with it."""
+
+    transport = MigratableTCPServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        tcp.Port.__init__(self, *args, **kwargs)
+        self._tko_connections = {}
+
+
+class MigratableUNIXPort(_MigratablePort, unix.Port):
+    """A listening AF_UNIX port (``unix.Port``) whose connections can migrate with it."""
+
+    transport = MigratableUNIXServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unix.Port.__init__(self, *args, **kwargs)
+        self._tko_connections = {}
+
+
+class MigratablePort:
+    """One Twisted listening port and every connection it accepted, as a service.
+
+    This is what :func:`takeover.twisted.listen_tcp` and ``listen_unix``
+    return and what moves: pickling it pickles the port, its factory, each
+    connection with its protocol and unsent output, and whatever they refer
+    to.
+    """
+
+    # How the dry run names these attributes in a path (see _graphpath).
+    _takeover_path_names = {"port": "port", "_tko_connections": "connections"}
+
+    def __init__(self, port: MigratableTCPPort | MigratableUNIXPort, name: str) -> None:
+        self.service_name = name
+        self.port = port
+
+    @property
+    def connections(self) -> list[Any]:
+        """The connections (Twisted transports) the port currently holds."""
+        return list(self.port._tko_connections)
+
+    @property
+    def factory(self) -> Any:
+        return self.port.factory
+
+    def getHost(self) -> Any:
+        """The listening address, as ``IListeningPort.getHost``."""
+        return self.port.getHost()  # type: ignore[no-untyped-call]
+
+    def describe(self) -> dict[str, Any]:
+        address: Any = None
+        try:
+            address = self.port.socket.getsockname()
+        except (AttributeError, OSError):
+            pass
+        if isinstance(address, tuple):
+            address = f"{address[0]}:{address[1]}"
+        elif isinstance(address, bytes):
+            address = address.decode(errors="replace")
+        return {"kind": "twisted", "address": address, "connections": len(self.connections)}
+
+    # -- the Service interface ----------------------------------------------------
+
+    def quiesce(self) -> None:
+        self.port._tko_quiesce()
+        for connection in self.connections:
+            connection._tko_quiesce()
+        _hook(self.port.factory, "takeover_quiesce")
+        for connection in self.connections:
+            _hook(connection.protocol, "takeover_quiesce")
+
+    def resume(self) -> None:
+        _hook(self.port.factory, "takeover_resume")
+        for connection in self.connections:
+            _hook(connection.protocol, "takeover_resume")
+        self._run()
+
+    def release(self) -> None:
+        self.quiesce()
+        for connection in self.connections:
+            connection._tko_release()
+        self.port._tko_connections.clear()
+        self.port._tko_release()
+
+    def adopt(self, runtime: Any) -> None:
+        reactor = _check_reactor(runtime)
+        self.port._tko_adopt(reactor)
+        for connection in self.connections:
+            if getattr(connection, "TLS", False):
+                raise MigrationRefusedError(
+                    f"connection {connection!r} runs TLS; TLS sessions cannot move yet"
+                )
+            connection._tko_adopt(reactor)
+
+    def start(self) -> None:
+        _hook(self.port.factory, "takeover_adopted")
+        for connection in self.connections:
+            _hook(connection.protocol, "takeover_adopted")
+        self._run()
+
+    def discard(self) -> None:
+        for connection in self.connections:
+            connection._tko_discard()
+        self.port._tko_connections.clear()
+        self.port._tko_discard()
+
+    def _run(self) -> None:
+        for connection in self.connections:
+            connection._tko_run()
+        self.port._tko_run()
+
+    # -- closing (not migration) -------------------------------------------------
+
+    def close(self) -> Any:
+        """Stop listening (``stopListening``): the connections stay open."""
+        return self.port.stopListening()  # type: ignore[no-untyped-call]
+
+    def close_connections(self) -> None:
+        """Close every connection, as ``transport.loseConnection()`` would."""
+        for connection in self.connections:
+            connection.loseConnection()
+
+    def __repr__(self) -> str:
+        return f"<MigratablePort {self.service_name!r} {self.describe()}>"
