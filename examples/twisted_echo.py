@@ -2,6 +2,8 @@
 
 python examples/twisted_echo.py --port 8007 --control /tmp/echo.sock
 takeover take --runtime twisted /tmp/echo.sock   # another process takes it; clients stay
+
+With ``--unix PATH`` it listens on an AF_UNIX stream socket instead.
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ class EchoFactory(protocol.Factory):
 
 def main(args: argparse.Namespace) -> None:
     reactor = takeover.install_reactor()
-    port = takeover.listen_tcp(args.port, EchoFactory(), name="echo", interface=args.host)
+    if args.unix:
+        port = takeover.listen_unix(args.unix, EchoFactory(), name="echo")
+        where = args.unix
+    else:
+        port = takeover.listen_tcp(args.port, EchoFactory(), name="echo", interface=args.host)
+        where = f"{args.host}:{args.port}"
     done = takeover.serve_until_moved(
         port,
         **takeover.control_options(args),
-        ready=lambda m: print(f"echo on {args.host}:{args.port}, control {m.path}", flush=True),
+        ready=lambda m: print(f"echo on {where}, control {m.path}", flush=True),
     )
     done.addErrback(lambda failure: print(failure.getTraceback(), flush=True))
     done.addBoth(lambda _: reactor.stop())
@@ -58,5 +65,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8007)
+    parser.add_argument("--unix", metavar="PATH", help="listen on this AF_UNIX path instead")
     takeover.add_control_options(parser)
     main(parser.parse_args())

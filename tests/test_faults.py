@@ -229,11 +229,15 @@ def run_cell(
     procs: list[Proc],
     *,
     tcp: bool = False,
+    example: str = "echo",
+    take_args: tuple[str, ...] = (),
 ) -> Result:
     """Play one cell of the matrix and check its invariants; return what happened.
 
     With ``tcp``, the control channel is ``tcp:127.0.0.1:PORT`` (descriptors then
     travel on the separate same-host fd transport) and ``control`` is ignored.
+    ``example`` is the line echo to run (``twisted_echo`` for the Twisted
+    runtime, with ``take_args`` ``--runtime twisted``).
     """
     secret = secret_file(workdir)
     if tcp:
@@ -243,7 +247,7 @@ def run_cell(
     origin_env = None
     if fault == KILL_ORIGINATOR:
         origin_env = {"TAKEOVER_FAULTS": f"{step.originator_point}=stop"}
-    origin = run_example("echo", port, control, "--secret-file", secret, env=origin_env)
+    origin = run_example(example, port, control, "--secret-file", secret, env=origin_env)
     procs.append(origin)
     want = expected(step, fault)
     with streaming(port, step.clients) as clients:
@@ -260,7 +264,7 @@ def run_cell(
         recipient_env = None
         if fault == KILL_RECIPIENT:
             recipient_env = {"TAKEOVER_FAULTS": f"{step.recipient_point}=stop"}
-        recipient = takeover("take", target, "--secret-file", secret, env=recipient_env)
+        recipient = takeover("take", target, "--secret-file", secret, *take_args, env=recipient_env)
         procs.append(recipient)
 
         if fault in (KILL_RECIPIENT, KILL_ORIGINATOR):

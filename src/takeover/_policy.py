@@ -360,6 +360,12 @@ class UnpicklePolicy:
             isinstance(obj, _FUNCTIONS) and self._located(obj) and self.allowed(obj.__module__, app)
         ):
             return  # not takeover's own functions (its command line...) unless allowed by name
+        elif (
+            _is_interface(obj)
+            and self.allowed(obj.__module__, app)
+            and getattr(sys.modules.get(obj.__module__), "__dict__", {}).get(obj.__name__) is obj
+        ):
+            return  # a zope.interface declaration (a marker, like a class) of an allowed module
         raise self.refusal(f"{module}.{name}", module)
 
     def guards(self, cls: type, app: Collection[str] = ()) -> bool:
@@ -435,6 +441,12 @@ class UnpicklePolicy:
 
 _METHOD_DESCRIPTOR = type(list.append)
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _is_interface(obj: Any) -> bool:
+    """Whether ``obj`` is a zope.interface interface (Twisted names them in its graphs)."""
+    kind = type(obj)
+    return kind.__module__ == "zope.interface.interface" and kind.__name__ == "InterfaceClass"
 
 
 def _static_lookup(owner: Any, cls: type, name: str) -> Any:
