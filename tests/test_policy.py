@@ -474,6 +474,23 @@ def test_script_may_not_be_installed_code():
     assert "antigravity" not in sys.modules
 
 
+def test_script_anyone_may_write_is_not_loaded(tmp_path, monkeypatch):
+    """A main script that others may write to is refused, and its top level does not run."""
+    monkeypatch.setattr(sys, "path", [*sys.path])  # loading the script prepends its directory
+    monkeypatch.setitem(sys.modules, "__takeover_main__", None)
+    del sys.modules["__takeover_main__"]  # absent during the test, absent after it
+    script = tmp_path / "app.py"
+    marker = tmp_path / "ran"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\nclass App:\n    pass\n")
+    script.chmod(0o666)
+    with pytest.raises(MigrationRefusedError, match="anyone may write to it"):
+        loads(b"c__main__\nApp\n)\x81.", [], main=f"path:{script}")
+    assert not marker.exists()
+    script.chmod(0o644)
+    assert type(loads(b"c__main__\nApp\n)\x81.", [], main=f"path:{script}")).__name__ == "App"
+    assert marker.exists()
+
+
 def test_takeover_machinery_cannot_be_named():
     """A graph may not build takeover's unpickler, policy or session, nor call its functions."""
     for qualified in (

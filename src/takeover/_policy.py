@@ -340,6 +340,14 @@ class UnpicklePolicy:
                 return "a script is a .py file"
             if _installed(target):
                 return "it lies among installed code, not an application's script"
+            try:
+                st = os.stat(target)
+            except OSError:
+                return None  # load_main says what is wrong with it
+            if st.st_uid not in (os.geteuid(), 0):
+                return f"it belongs to uid {st.st_uid}, not to this user or root"
+            if st.st_mode & 0o002:
+                return "anyone may write to it"
             return None
         return None  # malformed: load_main says so
 
