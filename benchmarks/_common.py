@@ -227,6 +227,30 @@ def describe_pinning(server: Sequence[int], client: Sequence[int]) -> str:
     )
 
 
+def busy() -> float:
+    """Runnable processes on the machine (besides the caller), averaged over 0.5 s."""
+    samples = []
+    for _ in range(5):
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    samples.append(int(line.split()[1]) - 1)
+        time.sleep(0.1)
+    return sum(samples) / len(samples)
+
+
+def wait_quiet(max_wait: float) -> dict[str, float]:
+    """Before a run on a shared machine: wait (up to ``max_wait`` s) until fewer
+    processes are runnable than there are CPUs; say how busy it was."""
+    limit = len(os.sched_getaffinity(0))
+    start = time.monotonic()
+    level = busy()
+    while level >= limit and time.monotonic() - start < max_wait:
+        time.sleep(0.5)
+        level = busy()
+    return {"waited_s": round(time.monotonic() - start, 2), "runnable": level}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -322,6 +322,11 @@ def controls(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[
     return [(starts[r["repeat"]], r) for r in moving]
 
 
+def runnable(data: dict[str, Any]) -> str:
+    values = [r["quiet"]["runnable"] for r in data["runs"] if r.get("quiet")]
+    return cell(values, 1) if values else "n/a"
+
+
 def loadavg(data: dict[str, Any]) -> str:
     """The 1-minute load average at the start of the runs: the machine is shared."""
     values = [r["loadavg"][0][0] for r in data["runs"] if r.get("loadavg")]
@@ -341,6 +346,8 @@ def render(data: dict[str, Any]) -> str:
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
         f"- Load average (1 min) at the start of each run: {loadavg(data)}",
+        f"- Runnable processes besides the benchmark at the start of each run: {runnable(data)}"
+        f" (each run waited up to {data.get('quiet_wait', 0):g} s for fewer than the CPUs)",
         f"- Processes {data.get('pinning', 'not pinned')}",
         "",
         f"Each repeat, for each app, three runs of {data['duration']:g} s back to back, the same",
@@ -541,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for the machine to quieten",
+    )
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -559,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "kind": "load",
         "command": command,
+        "quiet_wait": args.quiet_wait,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": scale.machine(),
         "repeats": args.repeats,
@@ -574,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for app in apps:
             for mode in MODES:
+                quiet = _common.wait_quiet(args.quiet_wait)
                 run = run_load(
                     app,
                     mode,
@@ -584,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                 )
                 run["repeat"] = repeat
+                run["quiet"] = quiet
                 data["runs"].append(run)
                 lat = run["latency"]
                 print(

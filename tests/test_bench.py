@@ -127,7 +127,7 @@ def _plots(workdir: str, option: str, name: str) -> None:
 def test_load_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "4", "--duration", "1", "--move-every", "0.2", "--repeats", "1"]
-    args += ["--warmup", "0.2"]
+    args += ["--warmup", "0.2", "--quiet-wait", "0"]
     _run("load.py", [*args, "--out", workdir], tag)
 
     with open(os.path.join(workdir, "load.md")) as f:
@@ -172,6 +172,7 @@ def test_load_quick_path(workdir: str) -> None:
 def test_sidebyside_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "3", "--drain", "0.3", "--warmup", "0.3", "--cooldown", "0.4"]
+    args += ["--quiet-wait", "0"]
     _run("sidebyside.py", [*args, "--repeats", "1", "--out", workdir], tag)
 
     with open(os.path.join(workdir, "sidebyside.md")) as f:
