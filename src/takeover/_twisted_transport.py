@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import tcp, unix
@@ -57,14 +58,13 @@ def _hook(obj: Any, name: str) -> None:
 
 
 def _check_reactor(runtime: Any) -> Any:
-    """The reactor to adopt into: ``runtime`` if it is one, else the installed one."""
+    """The reactor to adopt into: ``runtime`` if it is one (an ``IReactorFDSet``),
+    else the installed reactor if it is Twisted's asyncio reactor, running."""
+    if runtime is not None and callable(getattr(runtime, "addReader", None)):
+        return runtime
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-    reactor = runtime
-    if not isinstance(reactor, AsyncioSelectorReactor):
-        import sys
-
-        reactor = sys.modules.get("twisted.internet.reactor")
+    reactor = sys.modules.get("twisted.internet.reactor")
     if not isinstance(reactor, AsyncioSelectorReactor) or not reactor.running:
         raise MigrationRefusedError(
             "this is a Twisted service: take it with a Twisted recipient "
@@ -200,6 +200,8 @@ def _register(connection: _MigratableConnection) -> None:
 class _MigratablePort(_Gate):
     """What the two port classes add to Twisted's: the connections they accepted."""
 
+    # How the dry run names these attributes in a path (see _graphpath).
+    _takeover_path_names = {"_tko_connections": "connections"}
     _tko_connections: dict[_MigratableConnection, None]
     socket: socket.socket
     factory: Any
@@ -243,7 +245,7 @@ class MigratablePort:
     """
 
     # How the dry run names these attributes in a path (see _graphpath).
-    _takeover_path_names = {"port": "port", "_tko_connections": "connections"}
+    _takeover_path_names = {"port": "port"}
 
     def __init__(self, port: MigratableTCPPort | MigratableUNIXPort, name: str) -> None:
         self.service_name = name
