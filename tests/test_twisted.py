@@ -299,3 +299,31 @@ def test_policy_allows_interfaces_only_of_allowed_modules():
     )
     with pytest.raises(MigrationRefusedError, match="IUsernamePassword"):
         UnpicklePolicy().check_global("twisted.cred.credentials", "IUsernamePassword", interface)
+
+
+def test_the_api_takes_in_an_applications_own_reactor(control, free_port, procs):
+    """takeover.twisted.take and serve_until_moved in a program's own reactor:
+    it takes the echo with a live connection, serves it, and hands it on."""
+    origin = run_example("twisted_echo", free_port, control)
+    procs.append(origin)
+    app = os.path.join(ROOT, "tests", "apps", "twisted_recipient.py")
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        client.sendall(b"one\ntw")
+        assert client.recv(100) == b"one\n"
+        recipient = Proc([sys.executable, app, "--control", control])
+        procs.append(recipient)
+        pid = int(recipient.expect(r"^took echo 1 pid (\d+)").group(1))
+        recipient.expect(r"^serving at ")
+        assert origin.wait() == 0, origin.output()
+        client.sendall(b"o\n")
+        assert client.recv(100) == b"two\n"
+        # And on again, to the generic recipient.
+        last = takeover("take", control, *TWISTED)
+        procs.append(last)
+        last.expect(r"^took echo: 1 connections")
+        assert recipient.wait() == 0, recipient.output()
+        client.sendall(b"three\n")
+        assert client.recv(100) == b"three\n"
+        assert pid != last.pid
+    last.signal(signal.SIGTERM)
+    assert last.wait() == 0, last.output()
