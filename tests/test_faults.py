@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from mitm import TO_ORIGINATOR, TO_RECIPIENT, Relay, Trigger
-from procs import ROOT, Proc, list_fds, process_state, run_example, takeover, wait_until
+from procs import PYTHON, ROOT, Proc, list_fds, process_state, run_example, takeover, wait_until
 from streaming import streaming
 from takeover._protocol import Kind
 from test_rollback import check_own_fds, echo, service_fds
@@ -547,5 +547,53 @@ def test_stalled_recipient_is_rolled_back_after_the_step_timeout(
         assert "takeover: error: " in stalled.output()
         assert [p.pid for p in holders(inode, origin, stalled)] == [origin.pid]
         assert list_fds(origin.pid) == before
+        outcome = clients.finish()
+    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
+
+
+# -- a relay that dies looks like a dead originator ----------------------------------
+
+
+def test_dying_relay_mistaken_for_dead_originator_still_one_server(
+    workdir, control, free_port, procs
+):
+    """A relay dying as COMMIT passes fools the recipient's pidfd; the arbiter keeps one server."""
+    secret = secret_file(workdir)
+    origin = run_example("echo", free_port, control, "--secret-file", secret)
+    procs.append(origin)
+    with streaming(free_port, LIGHT) as clients:
+        clients.wait_all_echoing()
+        inode = listener_inode(free_port)
+        before = list_fds(origin.pid)
+        # The recipient's SO_PEERCRED peer, hence the process its pidfd watches,
+        # is the relay: when the relay dies before passing COMMIT on, the
+        # recipient sees "the originator" dead while the real one is alive and
+        # rolling back. Whichever records its decision first wins.
+        path = os.path.join(workdir, "relay.sock")
+        script = os.path.join(ROOT, "tests", "mitm.py")
+        relay = Proc([PYTHON, script, path, control, TO_RECIPIENT, "COMMIT", "die"])
+        procs.append(relay)
+        relay.expect(r"^relay on ")
+        recipient = takeover("take", path, "--secret-file", secret)
+        procs.append(recipient)
+        assert relay.wait() == 0, relay.output()
+        wait_until(
+            lambda: (
+                recipient.popen.poll() is not None or "serving 1 service(s)" in recipient.output()
+            ),
+            what="the recipient to serve or give up",
+        )
+        if recipient.popen.poll() is None:
+            winner = recipient
+            assert "died before committing 'echo'" in recipient.output()
+            assert origin.wait() == 0, origin.output()
+        else:
+            winner = origin
+            assert recipient.wait() == 1, recipient.output()
+            wait_until(lambda: list_fds(origin.pid) == before, what="the originator's fd table")
+        assert [p.pid for p in holders(inode, origin, recipient)] == [winner.pid]
+        clients.wait_progress()
+        with socket.create_connection(("127.0.0.1", free_port), timeout=10) as fresh:
+            assert echo(fresh, b"one\n") == b"one\n"
         outcome = clients.finish()
     assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
