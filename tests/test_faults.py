@@ -433,6 +433,15 @@ def render() -> str:
         "  outcomes (`test_fault_matrix_over_tcp`).",
         "- Through the relay the recipient's pidfd watches the relay (its SO_PEERCRED peer),",
         "  which stays alive: the cut cells take the discard path, as with a live originator.",
+        "  A relay in its own process that dies as COMMIT passes does look like a dead",
+        "  originator to the recipient; the arbiter still leaves exactly one server (in runs",
+        "  so far the originator's rollback is recorded first), with no client error",
+        "  (`test_dying_relay_mistaken_for_dead_originator_still_one_server`).",
+        "- Also asserted, outside the table: an originator SIGKILLed after the graph and fds",
+        "  went out (stopped at `originator.fds-sent`, at `originator.ready-received`, or",
+        "  while it waits for READY) leaves the recipient serving 50 streams with no error;",
+        "  a recipient stopped past a 1 s `--step-timeout` (at `recipient.connected`,",
+        "  `fds-received` or `adopted`) is rolled back while it is still stopped.",
     ]
     lines += ["", "Known gaps:", ""]
     for (name, fault), reason in KNOWN_GAPS.items():
