@@ -411,30 +411,67 @@ class UnpicklePolicy:
 
     # -- bound methods ----------------------------------------------------------------
 
-    def method(self, owner: Any, name: str, app: Collection[str] = ()) -> Any:
-        """``owner.name``, if it is a method of a class the policy trusts."""
+    def method(
+        self,
+        owner: Any,
+        name: str,
+        app: Collection[str] = (),
+        cache: dict[Any, str] | None = None,
+    ) -> Any:
+        """``owner.name``, if it is a method of a class the policy trusts.
+
+        ``cache`` keeps the verdict on each class and name for one load (a
+        graph may hold a bound method per connection).
+        """
         if self.trust:
             return getattr(owner, name)
-        where = f"{_qualified(owner if isinstance(owner, type) else type(owner))}.{name}"
+        is_class = isinstance(owner, type)
+        cls = owner if is_class else type(owner)
+        key = (cls, name, is_class)
+        kind = cache.get(key) if cache is not None else None
+        if kind is None:
+            kind = self._method_kind(owner, cls, name, app)
+            if cache is not None:
+                cache[key] = kind
+        if not is_class:
+            state = getattr(owner, "__dict__", None)
+            if isinstance(state, dict) and name in state:
+                raise MigrationRefusedError(
+                    f"refused bound method {_qualified(cls)}.{name}: the object's own "
+                    "attribute, not a method of its class"
+                )
+        method = getattr(owner, name)
+        if kind == "method" and isinstance(method, types.MethodType):
+            if method.__self__ is owner or method.__self__ is cls:
+                return method
+        elif (
+            kind == "builtin"
+            and isinstance(method, types.BuiltinMethodType)
+            and method.__self__ is owner
+        ):
+            return method
+        raise MigrationRefusedError(
+            f"refused bound method {_qualified(cls)}.{name}: not a method of the class"
+        )
+
+    def _method_kind(self, owner: Any, cls: type, name: str, app: Collection[str]) -> str:
+        """``"method"`` or ``"builtin"``: what ``cls.name`` may be rebuilt as; else raise."""
+        where = f"{_qualified(cls)}.{name}"
         if not isinstance(name, str) or not name.isidentifier() or _dunder(name):
             raise MigrationRefusedError(f"refused bound method {where}: not a method name")
         if isinstance(owner, types.ModuleType):
             raise self.refusal(f"{owner.__name__}.{name}", owner.__name__)
-        cls = owner if isinstance(owner, type) else type(owner)
-        static = _static_lookup(owner, cls, name)
+        is_class = isinstance(owner, type)
+        static = _static_lookup(cls, name)
         trusted = self._trusted_class(cls, app)
         if trusted and (
             isinstance(static, classmethod)
-            or (not isinstance(owner, type) and isinstance(static, types.FunctionType))
+            or (not is_class and isinstance(static, types.FunctionType))
         ):
-            method = getattr(owner, name)
-            if isinstance(method, types.MethodType) and method.__self__ in (owner, cls):
-                return method
+            return "method"
         builtin = trusted or f"{cls.__module__}.{cls.__qualname__}" in _CONTAINERS
-        if builtin and not isinstance(owner, type) and isinstance(static, _METHOD_DESCRIPTOR):
-            method = getattr(owner, name)
-            if isinstance(method, types.BuiltinMethodType) and method.__self__ is owner:
-                return method
+        if builtin and not is_class and isinstance(static, _METHOD_DESCRIPTOR):
+            return "builtin"
         if trusted:
             raise MigrationRefusedError(f"refused bound method {where}: not a method of the class")
         raise MigrationRefusedError(
@@ -457,12 +494,8 @@ def _is_interface(obj: Any) -> bool:
     return kind.__module__ == "zope.interface.interface" and kind.__name__ == "InterfaceClass"
 
 
-def _static_lookup(owner: Any, cls: type, name: str) -> Any:
+def _static_lookup(cls: type, name: str) -> Any:
     """``name`` as the class defines it, without running a descriptor or ``__getattr__``."""
-    if not isinstance(owner, type):
-        instance_dict = getattr(owner, "__dict__", None)
-        if isinstance(instance_dict, dict) and name in instance_dict:
-            return None  # shadowed by instance state: not a method
     for klass in cls.__mro__:
         if name in vars(klass):
             return vars(klass)[name]

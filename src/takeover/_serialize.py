@@ -112,7 +112,8 @@ def _bound_method(owner: Any, name: str) -> Any:
     Unlike ``getattr``, which pickle uses by default, this returns only a
     method of a class the policy trusts.
     """
-    return _load_state.policy.method(owner, name, _load_state.app)
+    state = _load_state
+    return state.policy.method(owner, name, state.app, state.methods)
 
 
 _policy.vet(_import_module, _bound_method)
@@ -228,6 +229,8 @@ class _LoadState:
     # Classes the graph named that are not the application's: their namespaces
     # as they were, to undo what BUILD's slot state may set on a class.
     classes: dict[int, tuple[type, dict[str, Any]]] = field(default_factory=dict)
+    # The policy's verdict on each (class, method name) seen in this load.
+    methods: dict[Any, str] = field(default_factory=dict)
 
 
 def _restore_classes(state: _LoadState) -> list[str]:
