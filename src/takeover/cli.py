@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE",
         help="let the graphs name classes and functions of MODULE and its submodules "
-        "(repeatable; the originator's script and takeover are always allowed)",
+        "(repeatable; the originator's script and takeover's runtime classes are always "
+        "allowed; the demo shell needs --allow takeover.demo)",
     )
     p.add_argument(
         "--trust",
