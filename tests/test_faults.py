@@ -231,13 +231,15 @@ def run_cell(
     tcp: bool = False,
     example: str = "echo",
     take_args: tuple[str, ...] = (),
+    waker_fds: int = 0,
 ) -> Result:
     """Play one cell of the matrix and check its invariants; return what happened.
 
     With ``tcp``, the control channel is ``tcp:127.0.0.1:PORT`` (descriptors then
     travel on the separate same-host fd transport) and ``control`` is ignored.
     ``example`` is the line echo to run (``twisted_echo`` for the Twisted
-    runtime, with ``take_args`` ``--runtime twisted``).
+    runtime, with ``take_args`` ``--runtime twisted``); a recipient of that
+    runtime holds ``waker_fds`` more descriptors of its own (the reactor's pipe).
     """
     secret = secret_file(workdir)
     if tcp:
@@ -308,10 +310,14 @@ def run_cell(
             moved = service_fds(recipient.pid, port)
             assert len(moved) == 1 + step.clients, moved  # the listener and every connection
             wait_until(
-                lambda: len(list_fds(recipient.pid)) == len(moved) + 7,
+                lambda: len(list_fds(recipient.pid)) == len(moved) + 7 + waker_fds,
                 what="the recipient's fd table to settle",
             )
             own = {fd: t for fd, t in list_fds(recipient.pid).items() if fd not in moved}
+            if waker_fds:
+                waker = [fd for fd, t in own.items() if t.startswith("pipe:") and t != own[1]]
+                assert len(waker) == waker_fds, own
+                own = {fd: t for fd, t in own.items() if fd not in waker}
             if not tcp:
                 # It took everything: it bound a temporary path and renamed it over CONTROL.
                 check_own_fds(recipient.pid, own, f"{target}.{recipient.pid}.tmp")

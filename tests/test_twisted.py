@@ -20,7 +20,16 @@ import time
 import pytest
 
 from procs import EXAMPLES, ROOT, Proc, run_example, takeover
-from test_faults import FAULTS, KILL_RECIPIENT, STEPS, expected, run_cell
+from test_faults import (
+    FAULTS,
+    KILL_RECIPIENT,
+    RECIPIENT,
+    STEP,
+    STEPS,
+    applicable,
+    expected,
+    run_cell,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -177,32 +186,37 @@ def test_a_default_recipient_refuses_a_logged_in_manhole(control, free_port, pro
     assert origin.popen.poll() is None
 
 
-# -- the fault matrix's recipient-killed cells ----------------------------------------
+# -- the fault matrix: every recipient-killed cell, and those the recipient wins ------
 
-KILL_CELLS = [
-    pytest.param(step.name, id=step.name.replace(" ", "-"))
+# Every cell where the recipient is SIGKILLed, and every cell whose outcome is
+# the recipient serving (the originator killed after the descriptors went out,
+# the channel cut or garbled after COMMIT): the Twisted recipient's orphan and
+# arbiter paths. The rest of the matrix exercises the originator's side, the
+# same asyncio channel code as tests/test_faults.py.
+TWISTED_CELLS = [
+    pytest.param(step.name, fault, id=f"{step.name.replace(' ', '-')}:{fault.replace(' ', '-')}")
     for step in STEPS
-    if step.recipient_point is not None
+    for fault in FAULTS
+    if applicable(step, fault) and (fault == KILL_RECIPIENT or expected(step, fault) == RECIPIENT)
 ]
-assert KILL_RECIPIENT in FAULTS
 
 
-@pytest.mark.parametrize("step", KILL_CELLS)
-def test_fault_matrix_recipient_killed(step, workdir, control, free_port, procs):
-    """SIGKILL of a Twisted recipient at every step: the Twisted originator serves on
-    (or, after COMMITTED, the service dies with its new owner), streams unharmed."""
-    (found,) = [s for s in STEPS if s.name == step]
+@pytest.mark.parametrize(("step", "fault"), TWISTED_CELLS)
+def test_fault_matrix_twisted(step, fault, workdir, control, free_port, procs):
+    """The fault matrix's cells for examples/twisted_echo.py and Twisted recipients:
+    the service runs exactly once, no stream loses, duplicates or alters a byte."""
     result = run_cell(
-        found,
-        KILL_RECIPIENT,
+        STEP[step],
+        fault,
         workdir,
         control,
         free_port,
         procs,
         example="twisted_echo",
         take_args=TWISTED,
+        waker_fds=2,
     )
-    assert result.server == expected(found, KILL_RECIPIENT)
+    assert result.server == expected(STEP[step], fault)
 
 
 # -- a UNIX port, and the unsent write buffer ----------------------------------------
