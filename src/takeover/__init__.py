@@ -1,6 +1,6 @@
 """takeover: move live network services between running Python processes.
 
-The runtimes live in :mod:`takeover.asyncio` (and, later, ``takeover.twisted``);
+The runtimes live in :mod:`takeover.asyncio` and :mod:`takeover.twisted`;
 this package exports what they share: the errors, the registry and the
 recipient's result type.
 """

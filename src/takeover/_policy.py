@@ -18,7 +18,9 @@ accepts only:
   and any module given with ``--allow``
   (``--allow myapp`` allows ``myapp`` and ``myapp.*``). Functions too, from
   the script and ``--allow`` modules, since a protocol factory may be one:
-  allowing a module means trusting all of its code.
+  allowing a module means trusting all of its code. zope.interface
+  interfaces of those modules too (a Twisted ``Portal`` keys its checkers by
+  them); they are looked up in their module like a class.
 
 Everything else is refused, naming the global: ``os.system`` (which pickles
 as ``posix.system``), ``builtins.eval``, ``exec``, ``getattr``,
