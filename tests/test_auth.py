@@ -349,3 +349,18 @@ def test_recipient_on_another_host_is_told_so(free_port, workdir, procs, netns):
         assert "runs on another host" in _single_error(remote)
         assert _echo(client, b"unmoved") == b"unmoved"
     assert origin.popen.poll() is None
+
+
+def test_large_frame_before_authentication_refused_at_once(control, free_port, workdir, procs):
+    """A frame header announcing megabytes before authentication is refused from the header."""
+    secret = _secret(workdir, "s", "small frames first")
+    origin = run_example("echo", free_port, control, "--secret-file", secret)
+    procs.append(origin)
+    with _raw_connect(control) as raw:
+        raw.settimeout(10)
+        raw.sendall(bytes([Kind.HELLO]) + (80 * 1024 * 1024).to_bytes(4, "big"))
+        # The originator gives up on the connection at once: no 80 MB wait, no buffering.
+        assert raw.recv(65536) == b""
+    listing = takeover("list", "--json", control, "--secret-file", secret)
+    procs.append(listing)
+    listing.expect(r'"state": "available"')

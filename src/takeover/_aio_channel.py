@@ -29,7 +29,7 @@ from ._errors import (
     MigrationTimeoutError,
     ProtocolError,
 )
-from ._protocol import FrameDecoder, Limits, Message
+from ._protocol import HANDSHAKE_FRAME_LIMIT, FrameDecoder, Limits, Message
 
 _READ_SIZE = 256 * 1024
 _TOKEN_BYTES = 32
@@ -140,13 +140,18 @@ class AsyncioChannel:
         limits: Limits = Limits(),
     ) -> None:
         self._io = _FdSocket(sock, loop or asyncio.get_running_loop())
-        self._decoder = FrameDecoder(limits.max_frame_size)
+        # Small until the handshake is over: an unauthenticated peer can't make
+        # this side wait for, or buffer, a large frame.
+        self._decoder = FrameDecoder(min(limits.max_frame_size, HANDSHAKE_FRAME_LIMIT))
         self._messages: collections.deque[Message] = collections.deque()
         self._peer = peer_credentials(sock)
 
     @property
     def peer(self) -> PeerCredentials | None:
         return self._peer
+
+    def limit_frames(self, size: int) -> None:
+        self._decoder.max_frame_size = size
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         await self._io.send(message.encode(), fds)
@@ -210,7 +215,9 @@ class StreamChannel:
         self._reader = reader
         self._writer = writer
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(limits.max_frame_size)
+        # Small until the handshake is over: an unauthenticated peer can't make
+        # this side wait for, or buffer, a large frame.
+        self._decoder = FrameDecoder(min(limits.max_frame_size, HANDSHAKE_FRAME_LIMIT))
         self._messages: collections.deque[Message] = collections.deque()
         self.encrypted = writer.get_extra_info("ssl_object") is not None
         self._listener: socket.socket | None = None
@@ -220,6 +227,9 @@ class StreamChannel:
     @property
     def peer(self) -> PeerCredentials | None:
         return None
+
+    def limit_frames(self, size: int) -> None:
+        self._decoder.max_frame_size = size
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         if fds:

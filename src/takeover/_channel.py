@@ -31,6 +31,14 @@ class Channel(Protocol):
         """The peer's credentials, where the transport tells them."""
         ...
 
+    def limit_frames(self, size: int) -> None:
+        """Accept frames of up to ``size`` bytes from now on.
+
+        Channels start with a small limit for the handshake; each side
+        raises it to its configured limit once the peer is authenticated.
+        """
+        ...
+
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         """Send ``message``; ``fds`` (at most 253) travel with it."""
         ...

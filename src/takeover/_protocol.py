@@ -60,6 +60,8 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
 
 DEFAULT_STEP_TIMEOUT = 30.0
+HANDSHAKE_FRAME_LIMIT = 64 * 1024
+"""The largest frame accepted before the peer has authenticated."""
 DEFAULT_MAX_FDS = 1_000_000
 
 _HEADER = struct.Struct("!BI")

@@ -85,6 +85,7 @@ async def serve_channel(
         return
     _faults.checkpoint("originator.authenticated")
     pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
+    channel.limit_frames(limits.max_frame_size)
     log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
     while True:
         message = await channel.receive(None)

@@ -204,6 +204,7 @@ class RecipientSession:
             )
         pid = self.channel.peer.pid if self.channel.peer is not None else self.originator["pid"]
         self._watch = ProcessWatch(pid)
+        self.channel.limit_frames(self.limits.max_frame_size)
         transport = self.originator.get("fd_transport")
         self._fd_transport = transport if isinstance(transport, dict) else None
         _faults.checkpoint("recipient.authenticated")
