@@ -1,7 +1,7 @@
 """The dry run: can a service's graph be pickled, and if not, what is in the way?
 
 Before an originator pauses anything it pickles the service once and throws
-the result away (:func:`check_graph`). Sockets are persistent ids, so no
+the result away (:func:`check_graph`). Sockets become descriptor slots, so no
 descriptor is touched. If that fails, :func:`find_unpicklable` walks the graph
 the way pickle does and names the object at fault by its path::
 
@@ -156,7 +156,7 @@ class _ShallowPickler(_GraphPickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, socket.socket):
-            return super().persistent_id(obj)
+            return None  # the graph pickler's own dispatch table checks it
         if obj is self._root and not self._root_seen:
             self._root_seen = True
             return None
@@ -257,7 +257,7 @@ def _children(obj: Any, protocol: int) -> Iterator[tuple[str, Any]]:
         yield from ((f".keywords[{k!r}]", v) for k, v in (obj.keywords or {}).items())
         yield from _state_items(getattr(obj, "__dict__", None) or {}, names)
         return
-    reducer = _GraphPickler.dispatch_table.get(kind)
+    reducer = _GraphPickler._BASE_TABLE.get(kind)
     reduced = reducer(obj) if reducer is not None else obj.__reduce_ex__(protocol)
     if isinstance(reduced, str):
         return  # a global

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import gc
 import importlib
 import importlib.util
 import io
@@ -41,7 +42,7 @@ import pickle
 import socket
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -116,7 +117,16 @@ def _bound_method(owner: Any, name: str) -> Any:
     return state.policy.method(owner, name, state.app, state.methods)
 
 
-_policy.vet(_import_module, _bound_method)
+def _socket_slot(slot: int, family: int, kind: int, proto: int) -> socket.socket:
+    """Rebuild a socket from the descriptor in ``slot`` of the load in progress."""
+    unpickler = _load_state.unpickler
+    if unpickler is None:
+        raise ProtocolError("a socket slot outside the load of a service graph")
+    sock: socket.socket = unpickler.socket_for(slot, family, kind, proto)
+    return sock
+
+
+_policy.vet(_import_module, _bound_method, _socket_slot)
 
 
 def _reduce_module(module: types.ModuleType) -> tuple[Callable[..., Any], tuple[str]]:
@@ -166,8 +176,17 @@ class Dumped:
         return [s.fileno() for s in self.sockets]
 
 
+def _refuse_tls(sock: socket.socket) -> Any:
+    # Its TLS session lives in this process's memory; the fd alone would give
+    # the recipient a stream of ciphertext.
+    raise SerializationError(f"cannot migrate TLS socket {sock!r}: TLS sessions cannot move yet")
+
+
 class _GraphPickler(pickle.Pickler):
-    dispatch_table = {
+    # Sockets go through the dispatch table, looked up by type in C, rather
+    # than a persistent_id hook, which pickle would call (in Python) for every
+    # object of the graph: that hook was most of the pickling time.
+    _BASE_TABLE: dict[Any, Any] = {
         **copyreg.dispatch_table,
         types.ModuleType: _reduce_module,
         types.MethodType: _reduce_method,
@@ -178,24 +197,38 @@ class _GraphPickler(pickle.Pickler):
         super().__init__(file, protocol)
         self.sockets: list[socket.socket] = []
         self._slots: dict[int, int] = {}
+        table = dict(self._BASE_TABLE)
+        table[socket.socket] = self._reduce_socket
+        ssl = sys.modules.get("ssl")
+        if ssl is not None:
+            table[ssl.SSLSocket] = _refuse_tls
+        self.dispatch_table = table
 
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, socket.socket):
-            if obj.fileno() < 0:
-                raise SerializationError(f"cannot migrate closed socket {obj!r}")
-            ssl = sys.modules.get("ssl")
-            if ssl is not None and isinstance(obj, ssl.SSLSocket):
-                # Its TLS session lives in this process's memory; the fd alone
-                # would give the recipient a stream of ciphertext.
-                raise SerializationError(
-                    f"cannot migrate TLS socket {obj!r}: TLS sessions cannot move yet"
-                )
-            slot = self._slots.get(id(obj))
-            if slot is None:
-                slot = self._slots[id(obj)] = len(self.sockets)
-                self.sockets.append(obj)
-            return ("socket", slot, int(obj.family), int(obj.type), obj.proto)
-        return None
+    def _reduce_socket(self, sock: socket.socket) -> Any:
+        if sock.fileno() < 0:
+            raise SerializationError(f"cannot migrate closed socket {sock!r}")
+        slot = self._slots.get(id(sock))
+        if slot is None:
+            slot = self._slots[id(sock)] = len(self.sockets)
+            self.sockets.append(sock)
+        return (_socket_slot, (slot, int(sock.family), int(sock.type), sock.proto))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic collection while a graph is pickled or rebuilt.
+
+    Both allocate one object after another and free nothing, which makes the
+    collector run again and again over a heap that only grows; the pause
+    pays for each run.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
@@ -207,7 +240,8 @@ def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
     buffer = io.BytesIO()
     pickler = _GraphPickler(buffer, protocol)
     try:
-        pickler.dump(graph)
+        with _gc_paused():
+            pickler.dump(graph)
     except SerializationError:
         raise
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
@@ -231,6 +265,8 @@ class _LoadState:
     classes: dict[int, tuple[type, dict[str, Any]]] = field(default_factory=dict)
     # The policy's verdict on each (class, method name) seen in this load.
     methods: dict[Any, str] = field(default_factory=dict)
+    # The unpickler whose descriptors socket slots refer to.
+    unpickler: Any = None
 
 
 def _restore_classes(state: _LoadState) -> list[str]:
@@ -329,6 +365,12 @@ class _GraphUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "socket"):
             raise ProtocolError(f"unknown persistent reference {pid!r} in the graph")
         _, slot, family, kind, proto = pid
+        return self.socket_for(slot, family, kind, proto)
+
+    def socket_for(self, slot: Any, family: Any, kind: Any, proto: Any) -> socket.socket:
+        """The socket around the descriptor in ``slot`` (one per slot)."""
+        if not all(isinstance(v, int) for v in (family, kind, proto)):
+            raise ProtocolError(f"malformed socket reference for slot {slot!r}")
         if not isinstance(slot, int) or not 0 <= slot < len(self.fds):
             raise ProtocolError(
                 f"the graph refers to descriptor slot {slot!r}, only {len(self.fds)} arrived"
@@ -394,10 +436,12 @@ def loads(
     previous_load = _load_state
     _main_state["reference"] = main
     _load_state = _LoadState(unpickler.policy)
+    _load_state.unpickler = unpickler
     if main is not None and main.startswith("module:") and not unpickler.policy.main_refusal(main):
         _load_state.app.add(main.partition(":")[2])
     try:
-        graph = unpickler.load()
+        with _gc_paused():
+            graph = unpickler.load()
         changed = _restore_classes(_load_state)
         if changed:
             raise MigrationRefusedError(
