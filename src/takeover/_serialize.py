@@ -304,6 +304,21 @@ def _current_main() -> types.ModuleType | None:
     return module
 
 
+def preload_main(reference: str, policy: UnpicklePolicy) -> None:
+    """Load the originator's script ahead of a move, if the policy allows it.
+
+    Loading runs the script's top level, which can take milliseconds; done
+    before TAKE, it stays out of the service's pause. Any failure is left
+    for the move itself to report, with the policy's or the loader's words.
+    """
+    if policy.main_refusal(reference) is not None:
+        return
+    try:
+        load_main(reference)
+    except (MigrationRefusedError, ProtocolError):
+        pass
+
+
 def load_main(reference: str) -> types.ModuleType:
     """The module that the originator's ``__main__`` classes resolve to here.
 

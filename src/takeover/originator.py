@@ -93,7 +93,9 @@ async def serve_channel(
         if message.kind is Kind.BYE:
             return
         if message.kind is Kind.LIST:
-            await send(Message(Kind.SERVICES, {"services": registry.describe()}))
+            # "main" lets the recipient load the script before the pause.
+            listing = {"services": registry.describe(), "main": main_reference()}
+            await send(Message(Kind.SERVICES, listing))
             _faults.checkpoint("originator.listed")
         elif message.kind is Kind.TAKE:
             name = message.body.get("service")

@@ -39,7 +39,7 @@ from ._fds import close_all
 from ._liveness import ProcessWatch
 from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import loads
+from ._serialize import loads, preload_main
 from .registry import Service
 
 log = logging.getLogger("takeover.recipient")
@@ -126,6 +126,7 @@ class RecipientSession:
             log.warning("%s", TRUST_WARNING)
         self._fd_transport: dict[str, Any] | None = None
         self._watch: ProcessWatch | None = None
+        self._main: str | None = None
         self.conversation = Conversation(Role.RECIPIENT)
         self.originator: dict[str, Any] = {}
         self.pickle_protocol = pickle.HIGHEST_PROTOCOL
@@ -217,6 +218,8 @@ class RecipientSession:
         services = reply.body.get("services")
         if not isinstance(services, list):
             raise ProtocolError("SERVICES frame lists no services")
+        main = reply.body.get("main")
+        self._main = main if isinstance(main, str) else None
         _faults.checkpoint("recipient.listed")
         return services
 
@@ -239,6 +242,9 @@ class RecipientSession:
             # Over TCP: connect the local descriptor socket first (same host only).
             await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)
             self._fd_transport = None
+        if self._main is not None:
+            # Load the originator's script now rather than inside the pause.
+            preload_main(self._main, self.policy)
         await self._send(Message(Kind.TAKE, {"service": name}))
         _faults.checkpoint("recipient.take-sent")
         graph_message = await self._receive(self.limits.step_timeout)
