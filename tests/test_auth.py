@@ -364,3 +364,20 @@ def test_large_frame_before_authentication_refused_at_once(control, free_port, w
     listing = takeover("list", "--json", control, "--secret-file", secret)
     procs.append(listing)
     listing.expect(r'"state": "available"')
+
+
+def test_demo_server_takes_a_secret_too(control, free_port, workdir, procs):
+    """`takeover demo serve --secret-file` moves only to a recipient with the same secret."""
+    secret = _secret(workdir, "s", "demo secret")
+    server = takeover(
+        "demo", "serve", "--port", str(free_port), "--control", control, "--secret-file", secret
+    )
+    procs.append(server)
+    server.expect(r"^move it with: ")
+    refused = takeover("take", "--allow", "takeover.demo", control)
+    procs.append(refused)
+    assert "requires a shared secret" in _single_error(refused)
+    recipient = takeover("take", "--allow", "takeover.demo", control, "--secret-file", secret)
+    procs.append(recipient)
+    recipient.expect(r"^took shell: 0 connections")
+    assert server.wait() == 0

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import asyncio as takeover
+from .._errors import TakeoverError
+from .._options import add_limit_options, add_security_options, limits, security_options
 from .console import Console, Logout
 from .telnet import EOF, INTERRUPT, LINE, TelnetCodec
 
@@ -201,8 +203,11 @@ def _parse_users(specs: Sequence[str]) -> dict[str, str]:
     return users
 
 
-async def serve(host: str, port: int, control: str, users: dict[str, str]) -> None:
-    """Serve the shell until it has moved away (or SIGINT/SIGTERM)."""
+async def serve(host: str, port: int, control: str, users: dict[str, str], **options: Any) -> None:
+    """Serve the shell until it has moved away (or SIGINT/SIGTERM).
+
+    ``options`` are ``serve_until_moved``'s ``secret``, ``tls`` and ``limits``.
+    """
     server = await takeover.start_server(ShellFactory(users), host, port, name="shell")
 
     def ready(migration: takeover.MigrationServer) -> None:
@@ -216,7 +221,9 @@ async def serve(host: str, port: int, control: str, users: dict[str, str]) -> No
         print(f"move it with: takeover take --allow takeover.demo {migration.path}", flush=True)
 
     loop = asyncio.get_running_loop()
-    moved = asyncio.ensure_future(takeover.serve_until_moved(server, control=control, ready=ready))
+    moved = asyncio.ensure_future(
+        takeover.serve_until_moved(server, control=control, ready=ready, **options)
+    )
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, moved.cancel)
     with contextlib.suppress(asyncio.CancelledError):
@@ -246,7 +253,13 @@ def main(argv: Sequence[str]) -> int:
         metavar="NAME:PASSWORD",
         help="an account (repeatable; default: admin with a random password, printed)",
     )
+    add_security_options(parser)
+    add_limit_options(parser)
     args = parser.parse_args(list(argv))
     users = _parse_users(args.user) or {"admin": secrets.token_urlsafe(6)}
-    asyncio.run(serve(args.host, args.port, args.control or default_control(), users))
+    try:
+        options = {**security_options(args), "limits": limits(args)}
+    except (ValueError, OSError, TakeoverError) as exc:
+        raise SystemExit(f"takeover demo serve: {exc}") from exc
+    asyncio.run(serve(args.host, args.port, args.control or default_control(), users, **options))
     return 0
