@@ -78,10 +78,10 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
 		--name scale-quick --command "make bench-quick"
-	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 2 --quiet-wait 2 \
+	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 2 --quiet-wait 1 \
 		--name load-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
-		--quiet-wait 2 --name sidebyside-quick --command "make bench-quick"
+		--quiet-wait 1 --name sidebyside-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
 		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json
 
