@@ -232,6 +232,7 @@ def run_cell(
     example: str = "echo",
     take_args: tuple[str, ...] = (),
     waker_fds: int = 0,
+    pollers: int | None = None,
 ) -> Result:
     """Play one cell of the matrix and check its invariants; return what happened.
 
@@ -240,7 +241,11 @@ def run_cell(
     ``example`` is the line echo to run (``twisted_echo`` for the Twisted
     runtime, with ``take_args`` ``--runtime twisted``); a recipient of that
     runtime holds ``waker_fds`` more descriptors of its own (the reactor's pipe).
+    An asyncio service has an epoll instance of its own for its connections
+    (``pollers``: 1 by default, 0 for the Twisted runtime).
     """
+    if pollers is None:
+        pollers = 0 if waker_fds else 1
     secret = secret_file(workdir)
     if tcp:
         with socket.socket() as s:
@@ -310,7 +315,7 @@ def run_cell(
             moved = service_fds(recipient.pid, port)
             assert len(moved) == 1 + step.clients, moved  # the listener and every connection
             wait_until(
-                lambda: len(list_fds(recipient.pid)) == len(moved) + 7 + waker_fds,
+                lambda: len(list_fds(recipient.pid)) == len(moved) + 7 + waker_fds + pollers,
                 what="the recipient's fd table to settle",
             )
             own = {fd: t for fd, t in list_fds(recipient.pid).items() if fd not in moved}
@@ -320,7 +325,7 @@ def run_cell(
                 own = {fd: t for fd, t in own.items() if fd not in waker}
             if not tcp:
                 # It took everything: it bound a temporary path and renamed it over CONTROL.
-                check_own_fds(recipient.pid, own, f"{target}.{recipient.pid}.tmp")
+                check_own_fds(recipient.pid, own, f"{target}.{recipient.pid}.tmp", pollers)
 
         # The survivor serves: the streams go on and a new client is echoed.
         if want != NONE:
@@ -507,7 +512,8 @@ def test_originator_dying_mid_move_leaves_the_recipient_serving(
         moved = service_fds(recipient.pid, free_port)
         assert len(moved) == 1 + FULL
         wait_until(
-            lambda: len(list_fds(recipient.pid)) == len(moved) + 7,
+            # 7 of its own, and the service's own epoll instance.
+            lambda: len(list_fds(recipient.pid)) == len(moved) + 8,
             what="the recipient's fd table to settle",
         )
         clients.wait_progress()

@@ -1,12 +1,15 @@
 """asyncio transports and servers that can be paused, pickled and adopted.
 
 asyncio's own selector transports cannot be paused for writing and keep
-their unsent output in a private buffer, so takeover brings its own, built
-on ``loop.add_reader``/``add_writer`` like asyncio's are. The differences
-that matter for migration:
+their unsent output in a private buffer, so takeover brings its own. The
+differences that matter for migration:
 
-* ``quiesce()`` unregisters the socket from the selector and stops writing;
-  output the protocol writes meanwhile is buffered, never lost.
+* A server's connections are watched by an epoll instance of its own (a
+  :class:`_Poller`), and the event loop watches that one descriptor. So
+  ``quiesce()`` stops every connection at once by removing one reader from
+  the loop, not one per connection, and a recipient registers its
+  connections with one C call each instead of a trip through the selector.
+  Output the protocol writes while paused is buffered, never lost.
 * The transport pickles: its socket (as a descriptor slot), its protocol, its
   unsent output and its flags travel; the event loop does not.
 * ``release()`` (originator, after commit) unregisters and closes this
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +40,71 @@ log = logging.getLogger("takeover.asyncio")
 _READ_SIZE = 256 * 1024
 _HIGH_WATER = 64 * 1024
 _ACCEPT_RETRY = 1.0
+
+
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+
+class _Poller:
+    """One epoll instance for a server's connections.
+
+    The loop watches the instance's descriptor (readable when any connection
+    is ready); :meth:`ready` then dispatches. Level-triggered, so whatever is
+    not handled in one round is reported again in the next.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._masks: dict[int, int] = {}
+        self._transports: dict[int, MigratableTransport] = {}
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def watch(self, transport: MigratableTransport, read: bool, write: bool) -> None:
+        fd = transport._sock.fileno()
+        mask = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        old = self._masks.get(fd, 0)
+        if mask == old:
+            return
+        if not mask:
+            self.forget(transport)
+        elif not old:
+            self._epoll.register(fd, mask)
+            self._masks[fd] = mask
+            self._transports[fd] = transport
+        else:
+            self._epoll.modify(fd, mask)
+            self._masks[fd] = mask
+
+    def forget(self, transport: MigratableTransport) -> None:
+        """Stop watching ``transport`` (before its socket is closed)."""
+        fd = transport._sock.fileno()
+        if self._masks.pop(fd, None) is not None:
+            del self._transports[fd]
+            self._epoll.unregister(fd)
+
+    def ready(self) -> None:
+        try:
+            events = self._epoll.poll(0)
+        except InterruptedError:
+            return
+        masks, transports = self._masks, self._transports
+        for fd, event in events:
+            transport = transports.get(fd)
+            if transport is None:
+                continue
+            if event & _READ_EVENTS and masks.get(fd, 0) & select.EPOLLIN:
+                transport._read_ready()
+            if event & _WRITE_EVENTS and masks.get(fd, 0) & select.EPOLLOUT:
+                transport._write_ready()
+
+    def close(self) -> None:
+        """Drop every registration at once (originator, after commit)."""
+        self._epoll.close()
+        self._masks.clear()
+        self._transports.clear()
 
 
 def _hook(obj: Any, name: str) -> None:
@@ -56,7 +125,7 @@ class MigratableTransport(asyncio.Transport):
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        server: MigratableServer | None,
+        server: MigratableServer,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__()
@@ -120,15 +189,13 @@ class MigratableTransport(asyncio.Transport):
         if self._reading_paused or self._closing:
             return
         self._reading_paused = True
-        if not self._quiesced and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+        self._sync()
 
     def resume_reading(self) -> None:
         if not self._reading_paused or self._closing:
             return
         self._reading_paused = False
-        if not self._quiesced and not self._eof_received and self._loop is not None:
-            self._loop.add_reader(self._sock.fileno(), self._read_ready)
+        self._sync()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._high_water = _HIGH_WATER if high is None else high
@@ -159,9 +226,10 @@ class MigratableTransport(asyncio.Transport):
             data = memoryview(data)[sent:]
             if not data:
                 return
-            assert self._loop is not None
-            self._loop.add_writer(self._sock.fileno(), self._write_ready)
-        self._buffer += data
+            self._buffer += data
+            self._sync()
+        else:
+            self._buffer += data
         self._maybe_pause_protocol()
 
     def can_write_eof(self) -> bool:
@@ -178,8 +246,7 @@ class MigratableTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if not self._quiesced and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+        self._sync()
         if not self._buffer:
             self._schedule_connection_lost(None)
 
@@ -200,8 +267,7 @@ class MigratableTransport(asyncio.Transport):
             self._protocol.data_received(data)  # type: ignore[attr-defined]
             return
         self._eof_received = True
-        assert self._loop is not None
-        self._loop.remove_reader(self._sock.fileno())
+        self._sync()
         keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
             self.close()
@@ -212,8 +278,6 @@ class MigratableTransport(asyncio.Transport):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            assert self._loop is not None
-            self._loop.remove_writer(self._sock.fileno())
             self._buffer.clear()
             self._fatal_error(exc)
             return
@@ -221,8 +285,7 @@ class MigratableTransport(asyncio.Transport):
         self._maybe_resume_protocol()
         if self._buffer:
             return
-        assert self._loop is not None
-        self._loop.remove_writer(self._sock.fileno())
+        self._sync()
         if self._closing:
             self._schedule_connection_lost(None)
         elif self._eof_pending:
@@ -262,9 +325,7 @@ class MigratableTransport(asyncio.Transport):
             return
         self._buffer.clear()
         self._closing = True
-        if not self._quiesced and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._loop.remove_writer(self._sock.fileno())
+        self._sync()
         self._schedule_connection_lost(exc)
 
     def _schedule_connection_lost(self, exc: Exception | None) -> None:
@@ -286,20 +347,21 @@ class MigratableTransport(asyncio.Transport):
         try:
             self._protocol.connection_lost(exc)
         finally:
+            self._server._detach(self)
+            if self._server._poller is not None:
+                self._server._poller.forget(self)
             self._sock.close()
-            if self._server is not None:
-                self._server._detach(self)
 
     # -- migration --------------------------------------------------------------
 
-    def _quiesce(self) -> None:
-        if self._quiesced:
+    def _sync(self) -> None:
+        """Tell the server's poller what this connection waits for now."""
+        if self._quiesced or self._lost:
             return
-        self._quiesced = True
-        if self._loop is not None and not self._lost:
-            fd = self._sock.fileno()
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
+        poller = self._server._poller
+        if poller is not None:
+            reading = not (self._closing or self._reading_paused or self._eof_received)
+            poller.watch(self, reading, bool(self._buffer))
 
     def _start(self) -> None:
         """Begin (or resume) I/O: carried output first, then reading."""
@@ -311,19 +373,18 @@ class MigratableTransport(asyncio.Transport):
             self._lost_pending = False
             self._loop.call_soon(self._connection_lost, None)
             return
-        fd = self._sock.fileno()
         if self._buffer:
             self._write_ready()
-            if self._buffer:
-                self._loop.add_writer(fd, self._write_ready)
         elif self._eof_pending:
             self._shutdown_write()
-        if not (self._closing or self._reading_paused or self._eof_received or self._lost):
-            self._loop.add_reader(fd, self._read_ready)
+        self._sync()
 
     def _release(self) -> None:
-        """Commit, originator side: drop this process's descriptor only."""
-        self._quiesce()
+        """Commit, originator side: drop this process's descriptor only.
+
+        The server has closed its poller first, so nothing watches it here.
+        """
+        self._quiesced = True
         self._lost = True
         self._sock.close()
 
@@ -368,12 +429,14 @@ class MigratableServer:
         self._sock: socket.socket | None = sock
         self._loop: asyncio.AbstractEventLoop | None = loop or asyncio.get_running_loop()
         self._transports: dict[MigratableTransport, None] = {}
+        self._poller: _Poller | None = None
         self._serving = False
         self._quiesced = True
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_loop"] = None
+        state["_poller"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -440,6 +503,15 @@ class MigratableServer:
 
     def _detach(self, transport: MigratableTransport) -> None:
         self._transports.pop(transport, None)
+        self._close_poller_when_done()
+
+    def _close_poller_when_done(self) -> None:
+        # A closed server whose last connection has gone needs no poller.
+        if self._sock is None and not self._transports and self._poller is not None:
+            if not self._quiesced and self._loop is not None:
+                self._loop.remove_reader(self._poller.fileno())
+            self._poller.close()
+            self._poller = None
 
     def close(self) -> None:
         """Stop accepting and close the listening socket (connections stay open)."""
@@ -449,6 +521,7 @@ class MigratableServer:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._sock = None
+        self._close_poller_when_done()
 
     def close_connections(self) -> None:
         """Close every connection, as ``transport.close()`` would."""
@@ -461,10 +534,14 @@ class MigratableServer:
         if self._quiesced:
             return
         self._quiesced = True
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
+        if self._loop is not None:
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            if self._poller is not None:
+                # Every connection stops here: they are all behind this one descriptor.
+                self._loop.remove_reader(self._poller.fileno())
         for transport in self._transports:
-            transport._quiesce()
+            transport._quiesced = True
         _hook(self.protocol_factory, "takeover_quiesce")
         for transport in self._transports:
             _hook(transport._protocol, "takeover_quiesce")
@@ -477,6 +554,11 @@ class MigratableServer:
 
     def release(self) -> None:
         self.quiesce()
+        if self._poller is not None:
+            # Closing the epoll instance drops every registration at once; the
+            # recipient's copies of the sockets are not watched here any more.
+            self._poller.close()
+            self._poller = None
         for transport in self._transports:
             transport._release()
         self._transports.clear()
@@ -499,6 +581,9 @@ class MigratableServer:
         self._run()
 
     def discard(self) -> None:
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
         for transport in self._transports:
             transport._sock.close()
         self._transports.clear()
@@ -506,11 +591,14 @@ class MigratableServer:
             self._sock.close()
 
     def _run(self) -> None:
+        assert self._loop is not None
         self._quiesced = False
+        if self._poller is None:
+            self._poller = _Poller()
         for transport in list(self._transports):
             transport._start()
+        self._loop.add_reader(self._poller.fileno(), self._poller.ready)
         if self._sock is not None:
-            assert self._loop is not None
             self._loop.add_reader(self._sock.fileno(), self._accept_ready)
             # Connections that queued while the service was paused.
             self._accept_ready()
