@@ -441,6 +441,7 @@ class MigratableServer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_poller", None)  # a graph from before 2d4ee1b has none
         self._quiesced = True
 
     @property
