@@ -10,9 +10,18 @@ import stat
 from procs import APPS, PYTHON, Proc, process_state, takeover
 
 
-def _start_ticker(port: int, control: str, *extra: str) -> Proc:
+def _start_ticker(port: int, control: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
     proc = Proc(
-        [PYTHON, os.path.join(APPS, "ticker.py"), "--port", str(port), "--control", control, *extra]
+        [
+            PYTHON,
+            os.path.join(APPS, "ticker.py"),
+            "--port",
+            str(port),
+            "--control",
+            control,
+            *extra,
+        ],
+        env=env,
     )
     proc.expect("control")
     return proc
@@ -35,13 +44,17 @@ def _ticks(sock: socket.socket, buffer: bytearray, count: int) -> list[tuple[int
 
 
 def _check_ticks_cross_move(
-    client: socket.socket, origin_pid: int, control: str, procs: list[Proc]
+    client: socket.socket,
+    origin_pid: int,
+    control: str,
+    procs: list[Proc],
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """Read ticks from the originator, move the service, read ticks from the recipient."""
     buffer = bytearray()
     before = _ticks(client, buffer, 3)
     assert all(pid == origin_pid for _, pid in before)
-    recipient = takeover("take", control)
+    recipient = takeover("take", control, env=env)
     procs.append(recipient)
     recipient.expect(r"^serving ")
     after = _ticks(client, buffer, 40)
@@ -140,3 +153,33 @@ def test_stalled_recipient_rolled_back_after_step_timeout(control, free_port, pr
     listing = takeover("list", "--json", control)
     procs.append(listing)
     listing.expect(r'"state": "available"')
+
+
+def test_failing_quiesce_hook_refuses_the_move(control, free_port, procs):
+    """A takeover_quiesce hook that raises: the take fails saying so, the service goes on."""
+    origin = _start_ticker(free_port, control, env={"TICKER_FAIL_HOOK": "quiesce"})
+    procs.append(origin)
+    with socket.create_connection(("127.0.0.1", free_port)) as client:
+        buffer = bytearray()
+        first = _ticks(client, buffer, 2)
+        refused = takeover("take", control)
+        procs.append(refused)
+        assert refused.wait() != 0
+        lines = refused.output().splitlines()
+        assert len(lines) == 1 and "could not be paused" in lines[0], lines
+        assert "refuses to be paused" in lines[0]
+        later = _ticks(client, buffer, 20)
+        assert {pid for _, pid in later} == {origin.pid}
+        numbers = [n for n, _ in first + later]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def test_failing_adopted_hook_does_not_lose_the_service(control, free_port, procs):
+    """A takeover_adopted hook that raises after commit is logged; the service keeps serving."""
+    failing = {"TICKER_FAIL_HOOK": "adopted"}
+    origin = _start_ticker(free_port, control)
+    procs.append(origin)
+    with socket.create_connection(("127.0.0.1", free_port)) as client:
+        recipient = _check_ticks_cross_move(client, origin.pid, control, procs, env=failing)
+        assert "takeover_adopted() of" in recipient.output()
+    assert origin.wait() == 0

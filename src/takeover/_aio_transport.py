@@ -108,11 +108,23 @@ class _Poller:
 
 
 def _hook(obj: Any, name: str) -> None:
+    """Call ``obj``'s migration hook ``name``, if it has one.
+
+    A failing ``takeover_quiesce`` aborts the move (the originator rolls
+    back); the other hooks run when there is no going back, so their failure
+    is logged and the service goes on.
+    """
     if isinstance(obj, type):
         return
     method = getattr(obj, name, None)
-    if callable(method):
+    if not callable(method):
+        return
+    try:
         method()
+    except Exception:
+        if name == "takeover_quiesce":
+            raise
+        log.exception("%s() of %r failed", name, obj)
 
 
 class MigratableTransport(asyncio.Transport):
@@ -597,7 +609,12 @@ class MigratableServer:
         if self._poller is None:
             self._poller = _Poller()
         for transport in list(self._transports):
-            transport._start()
+            try:
+                transport._start()
+            except Exception as exc:
+                # One broken connection must not take the others down with it.
+                log.exception("starting %r failed; closing that connection", transport)
+                transport._force_close(exc)
         self._loop.add_reader(self._poller.fileno(), self._poller.ready)
         if self._sock is not None:
             self._loop.add_reader(self._sock.fileno(), self._accept_ready)

@@ -218,8 +218,18 @@ async def _move(
             return
         # The pause starts when quiescing starts: the first connection stops here.
         quiesced_at = time.monotonic()
-        service.quiesce()
+        # Set first: a quiesce that fails halfway is undone by resume() too.
         quiesced = True
+        try:
+            service.quiesce()
+        except Exception as exc:
+            text = (
+                f"service {name!r} could not be paused: {type(exc).__name__}: {exc} "
+                "(raised by its takeover_quiesce hook?); it goes on here"
+            )
+            log.exception("%s", text)
+            await send(_protocol.error(TakeoverError.code, text))
+            return
         _faults.checkpoint("originator.quiesced")
         try:
             dumped = dumps(service, pickle_protocol)

@@ -360,7 +360,13 @@ class RecipientSession:
             _faults.checkpoint("recipient.committed-sent")
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
-        service.start()
+        try:
+            service.start()
+        except Exception:
+            # Committed: the originator has let go, so there is no going back.
+            # Keep whatever did start rather than let the exception end the
+            # process and every connection with it.
+            log.exception("service %r failed to start completely after commit", name)
         started_at = time.monotonic()
         quiesced_at = meta.get("quiesced_at")
         pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0

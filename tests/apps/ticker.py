@@ -52,12 +52,16 @@ class Ticker(asyncio.Protocol):
 
     def takeover_quiesce(self) -> None:
         self._disarm()
+        if os.environ.get("TICKER_FAIL_HOOK") == "quiesce":
+            raise RuntimeError("this ticker refuses to be paused")
 
     def takeover_resume(self) -> None:
         self._arm()
 
     def takeover_adopted(self) -> None:
         self._arm()
+        if os.environ.get("TICKER_FAIL_HOOK") == "adopted":
+            raise RuntimeError("this ticker's adopted hook fails after re-arming")
 
 
 async def main(args: argparse.Namespace) -> None:
