@@ -6,16 +6,18 @@ Nothing here runs at import time: the recipient loads the originator's script
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,41 +132,34 @@ class Proc:
 
     def event(self, name: str, timeout: float) -> dict[str, Any]:
         """Wait for the JSON line ``{"event": name, ...}`` and return it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"{self.argv[1:]}: no {name!r} event within {timeout} s; output:\n"
-                    + "\n".join(self.lines)
-                )
+
+        def parse(line: str) -> dict[str, Any] | None:
+            if not line.startswith("{"):
+                return None
             try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                self._queue.put(None)
-                raise RuntimeError(
-                    f"{self.argv[1:]} exited ({self.popen.poll()}) before its {name!r} event; "
-                    "output:\n" + "\n".join(self.lines)
-                )
-            self.lines.append(line)
-            if line.startswith("{"):
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(data, dict) and data.get("event") == name:
-                    return data
+                data = json.loads(line)
+            except ValueError:
+                return None
+            return data if isinstance(data, dict) and data.get("event") == name else None
+
+        found: dict[str, Any] = self._wait_for(parse, f"{name!r} event", timeout)
+        return found
 
     def line(self, prefix: str, timeout: float) -> str:
         """Wait for a line starting with ``prefix`` and return it."""
+        found: str = self._wait_for(
+            lambda line: line if line.startswith(prefix) else None, f"line {prefix!r}", timeout
+        )
+        return found
+
+    def _wait_for(self, match: Callable[[str], Any], what: str, timeout: float) -> Any:
+        """The first non-None ``match(line)`` over the lines to come, within ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RuntimeError(
-                    f"{self.argv[1:]}: no line {prefix!r} within {timeout} s; output:\n"
+                    f"{self.argv[1:]}: no {what} within {timeout} s; output:\n"
                     + "\n".join(self.lines)
                 )
             try:
@@ -174,12 +169,13 @@ class Proc:
             if line is None:
                 self._queue.put(None)
                 raise RuntimeError(
-                    f"{self.argv[1:]} exited ({self.popen.poll()}) before a line {prefix!r}; "
+                    f"{self.argv[1:]} exited ({self.popen.poll()}) before its {what}; "
                     "output:\n" + "\n".join(self.lines)
                 )
             self.lines.append(line)
-            if line.startswith(prefix):
-                return line
+            found = match(line)
+            if found is not None:
+                return found
 
     def send_line(self, text: str) -> None:
         assert self.popen.stdin is not None
@@ -269,3 +265,43 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 PYTHON = sys.executable
+
+
+def add_run_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every load-style benchmark shares: where and how to report."""
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--command", help="the command to quote in the report (default: argv)")
+    parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
+    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for the machine to quieten",
+    )
+
+
+def render_only(path: str, write: Callable[[dict[str, Any], str, str], Any]) -> None:
+    """Redraw the markdown report of the results in ``path`` with ``write``."""
+    with open(path) as f:
+        loaded = json.load(f)
+    directory, base = os.path.split(path)
+    print(write(loaded, directory or ".", os.path.splitext(base)[0])[1])
+
+
+def run_header(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What every report starts with: kind, command, date, machine, repeats."""
+    import scale
+
+    command = args.command or " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
+    )
+    return {
+        "kind": kind,
+        "command": command,
+        "quiet_wait": args.quiet_wait,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": scale.machine(),
+        "repeats": args.repeats,
+    }

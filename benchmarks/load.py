@@ -23,7 +23,6 @@ import argparse
 import array
 import json
 import os
-import shlex
 import shutil
 import signal
 import statistics
@@ -543,39 +542,16 @@ def main(argv: list[str] | None = None) -> int:
         help="library: benchmarks/_mover.py, started ahead and told when to take (default); "
         "cli: python -m takeover take --json, started at each move",
     )
-    parser.add_argument("--out", default=os.path.join(_common.HERE, "results"))
-    parser.add_argument("--name", default="load")
-    parser.add_argument("--command", help="the command to quote in the report (default: argv)")
-    parser.add_argument("--render", metavar="JSON", help="only redraw the markdown of JSON")
-    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place processes")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=30.0,
-        help="before each run, wait up to this many seconds for the machine to quieten",
-    )
+    _common.add_run_options(parser, "load")
     args = parser.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            loaded = json.load(f)
-        directory, base = os.path.split(args.render)
-        print(write(loaded, directory or ".", os.path.splitext(base)[0])[1])
+        _common.render_only(args.render, write)
         return 0
-    import scale
-
     _common.raise_nofile()
-    command = args.command or " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]
-    )
     apps = [a for a in args.apps.split(",") if a]
     PIN["server"], PIN["client"] = _common.cpu_split(not args.no_pin)
     data: dict[str, Any] = {
-        "kind": "load",
-        "command": command,
-        "quiet_wait": args.quiet_wait,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": scale.machine(),
-        "repeats": args.repeats,
+        **_common.run_header("load", args),
         "apps": apps,
         "connections": args.connections,
         "duration": args.duration,
