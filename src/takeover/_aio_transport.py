@@ -32,7 +32,7 @@ import asyncio
 import logging
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger("takeover.asyncio")
@@ -100,11 +100,63 @@ class _Poller:
             if event & _WRITE_EVENTS and masks.get(fd, 0) & select.EPOLLOUT:
                 transport._write_ready()
 
+    def start_idle(self, transports: Iterable[MigratableTransport]) -> list[MigratableTransport]:
+        """Start each transport that only waits to read; return the others.
+
+        The common case of a recipient's start (an idle connection, nothing
+        to send) costs one epoll registration and no Python call; what is
+        left (output to send, a close pending, already watched) goes through
+        :meth:`MigratableTransport._start`.
+        """
+        register, masks, owners = self._epoll.register, self._masks, self._transports
+        others = []
+        for t in transports:
+            if not t._quiesced or (
+                t._lost
+                or t._lost_pending
+                or t._closing
+                or t._buffer
+                or t._eof_pending
+                or t._eof_received
+                or t._reading_paused
+            ):
+                others.append(t)
+                continue
+            fd = t._sock.fileno()
+            if fd in masks:
+                others.append(t)
+                continue
+            try:
+                register(fd, select.EPOLLIN)
+            except (OSError, ValueError):
+                others.append(t)  # _start() will fail again, and close it
+                continue
+            masks[fd] = select.EPOLLIN
+            owners[fd] = t
+            t._quiesced = False
+        return others
+
     def close(self) -> None:
         """Drop every registration at once (originator, after commit)."""
         self._epoll.close()
         self._masks.clear()
         self._transports.clear()
+
+
+def _hooks(objects: Iterable[Any], name: str) -> None:
+    """:func:`_hook` on each object, looking the hook up once per class.
+
+    An object whose class has no such attribute (and no ``__getattr__``)
+    has the hook only if its own ``__dict__`` does.
+    """
+    verdicts: dict[type, bool] = {}
+    for obj in objects:
+        cls = type(obj)
+        may = verdicts.get(cls)
+        if may is None:
+            may = verdicts[cls] = hasattr(cls, name) or hasattr(cls, "__getattr__")
+        if may or name in getattr(obj, "__dict__", ()):
+            _hook(obj, name)
 
 
 def _hook(obj: Any, name: str) -> None:
@@ -133,57 +185,72 @@ class MigratableTransport(asyncio.Transport):
     # How the dry run names these attributes in a path (see _graphpath).
     _takeover_path_names = {"_protocol": "protocol", "_sock": "socket", "_server": "server"}
 
+    # Every flag has its default here, on the class: an idle connection's
+    # instance dict holds only its socket, protocol, server and output buffer,
+    # so it pickles and unpickles in C (no __getstate__ or __setstate__ runs
+    # per connection) and small. The event loop is the server's, not stored
+    # here. (asyncio.BaseTransport's ``_extra`` slot is not used: what
+    # get_extra_info() reads is cached in ``_info``.)
+    _closing = False
+    _lost = False
+    _eof_received = False
+    _eof_pending = False
+    _eof_written = False
+    _reading_paused = False
+    _protocol_paused = False
+    _high_water = _HIGH_WATER
+    _low_water = _HIGH_WATER // 4
+    _quiesced = True
+    _lost_pending = False
+    _info: dict[str, Any] | None = None
+
     def __init__(
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
         server: MigratableServer,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        super().__init__()
-        sock.setblocking(False)
+        # No super().__init__(): it would only fill the unused _extra slot.
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
         self._sock = sock
         self._protocol = protocol
         self._server = server
-        self._loop: asyncio.AbstractEventLoop | None = loop
         self._buffer = bytearray()
-        self._closing = False
-        self._lost = False
-        self._eof_received = False
-        self._eof_pending = False
-        self._eof_written = False
-        self._reading_paused = False
-        self._protocol_paused = False
-        self._high_water = _HIGH_WATER
-        self._low_water = _HIGH_WATER // 4
-        self._quiesced = True
-        self._lost_pending = False
-        self._extra: dict[str, Any] = {}
-        for key, getter in (("peername", sock.getpeername), ("sockname", sock.getsockname)):
-            try:
-                self._extra[key] = getter()
-            except OSError:
-                pass
 
-    # -- pickling -----------------------------------------------------------
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._server._loop
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_loop"] = None
-        state["_buffer"] = bytes(self._buffer)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def _legacy_state(self) -> None:
+        """Bring a transport pickled by takeover 0.1 (full ``__dict__``) up to date."""
+        state = self.__dict__
+        state.pop("_loop", None)
+        extra = state.pop("_extra", None)
+        if extra:
+            state["_info"] = dict(extra)
         self._buffer = bytearray(self._buffer)
-        self._quiesced = True
 
     # -- asyncio.Transport ----------------------------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
             return self._sock
-        return self._extra.get(name, default)
+        info = self._info
+        if info is None:
+            # Read when first asked (not at accept time: two system calls per
+            # connection saved), then cached, and carried when it moves.
+            info = self._info = {}
+            for key, getter in (
+                ("peername", self._sock.getpeername),
+                ("sockname", self._sock.getsockname),
+            ):
+                try:
+                    info[key] = getter()
+                except OSError:
+                    pass
+        return info.get(name, default)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -380,10 +447,11 @@ class MigratableTransport(asyncio.Transport):
         if not self._quiesced or self._lost:
             return
         self._quiesced = False
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         if self._lost_pending or (self._closing and not self._buffer):
             self._lost_pending = False
-            self._loop.call_soon(self._connection_lost, None)
+            loop.call_soon(self._connection_lost, None)
             return
         if self._buffer:
             self._write_ready()
@@ -401,7 +469,7 @@ class MigratableTransport(asyncio.Transport):
         self._sock.close()
 
     def __repr__(self) -> str:
-        peer = self._extra.get("peername")
+        peer = (self._info or {}).get("peername")
         state = "quiesced" if self._quiesced else "closing" if self._closing else "open"
         return f"<MigratableTransport fd={self._sock.fileno()} peer={peer} {state}>"
 
@@ -445,16 +513,25 @@ class MigratableServer:
         self._serving = False
         self._quiesced = True
 
+    # The layout of the pickled state: 2 since transports pickle without
+    # __getstate__ (a graph without the key comes from takeover 0.1).
+    _STATE_VERSION = 2
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_loop"] = None
         state["_poller"] = None
+        state["_state_version"] = self._STATE_VERSION
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        version = state.pop("_state_version", 1)
         self.__dict__.update(state)
         self.__dict__.setdefault("_poller", None)  # a graph from before 2d4ee1b has none
         self._quiesced = True
+        if version < 2:
+            for transport in self._transports:
+                transport._legacy_state()
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -556,13 +633,11 @@ class MigratableServer:
         for transport in self._transports:
             transport._quiesced = True
         _hook(self.protocol_factory, "takeover_quiesce")
-        for transport in self._transports:
-            _hook(transport._protocol, "takeover_quiesce")
+        _hooks([t._protocol for t in self._transports], "takeover_quiesce")
 
     def resume(self) -> None:
         _hook(self.protocol_factory, "takeover_resume")
-        for transport in list(self._transports):
-            _hook(transport._protocol, "takeover_resume")
+        _hooks([t._protocol for t in self._transports], "takeover_resume")
         self._run()
 
     def release(self) -> None:
@@ -581,16 +656,18 @@ class MigratableServer:
     def adopt(self, runtime: Any) -> None:
         loop = runtime if runtime is not None else asyncio.get_running_loop()
         self._loop = loop
-        if self._sock is not None:
+        # The descriptors arrive non-blocking (O_NONBLOCK belongs to the open
+        # file, shared with the originator, and the socket objects are built
+        # knowing it): no system call per connection here.
+        if self._sock is not None and self._sock.gettimeout() != 0.0:
             self._sock.setblocking(False)
         for transport in self._transports:
-            transport._loop = loop
-            transport._sock.setblocking(False)
+            if transport._sock.gettimeout() != 0.0:
+                transport._sock.setblocking(False)
 
     def start(self) -> None:
         _hook(self.protocol_factory, "takeover_adopted")
-        for transport in list(self._transports):
-            _hook(transport._protocol, "takeover_adopted")
+        _hooks([t._protocol for t in self._transports], "takeover_adopted")
         self._run()
 
     def discard(self) -> None:
@@ -608,7 +685,7 @@ class MigratableServer:
         self._quiesced = False
         if self._poller is None:
             self._poller = _Poller()
-        for transport in list(self._transports):
+        for transport in self._poller.start_idle(list(self._transports)):
             try:
                 transport._start()
             except Exception as exc:
