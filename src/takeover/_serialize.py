@@ -3,8 +3,8 @@
 A service graph is pickled in one pass. Two kinds of object get special
 treatment:
 
-* **sockets** become persistent ids, ``("socket", slot, family, type,
-  proto)``: their descriptors are collected in slot order and travel beside
+* **sockets** become descriptor slots, ``_socket_slot(slot, family, type,
+  proto)`` (SOCK_NONBLOCK in the type when the socket is non-blocking): their descriptors are collected in slot order and travel beside
   the pickle over SCM_RIGHTS; the recipient rebuilds each socket around the
   descriptor in its slot. The kernel object is never copied, so kernel
   buffers and connection state are untouched.
@@ -31,6 +31,7 @@ closed, so that the originator can roll back with nothing leaked here.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import copyreg
 import gc
@@ -196,7 +197,6 @@ class _GraphPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, protocol: int) -> None:
         super().__init__(file, protocol)
         self.sockets: list[socket.socket] = []
-        self._slots: dict[int, int] = {}
         table = dict(self._BASE_TABLE)
         table[socket.socket] = self._reduce_socket
         ssl = sys.modules.get("ssl")
@@ -205,22 +205,37 @@ class _GraphPickler(pickle.Pickler):
         self.dispatch_table = table
 
     def _reduce_socket(self, sock: socket.socket) -> Any:
+        # Called once per socket object: pickle's memo answers for the next
+        # reference to it. The family, type and protocol are read in C (the
+        # socket module's properties convert them to enums, in Python); a
+        # non-blocking socket says so with SOCK_NONBLOCK in its type, so that
+        # the recipient builds it without a system call.
         if sock.fileno() < 0:
             raise SerializationError(f"cannot migrate closed socket {sock!r}")
-        slot = self._slots.get(id(sock))
-        if slot is None:
-            slot = self._slots[id(sock)] = len(self.sockets)
-            self.sockets.append(sock)
-        return (_socket_slot, (slot, int(sock.family), int(sock.type), sock.proto))
+        slot = len(self.sockets)
+        self.sockets.append(sock)
+        kind = _raw_type(sock)
+        if sock.gettimeout() == 0.0:
+            kind |= _SOCK_NONBLOCK
+        return (_socket_slot, (slot, _raw_family(sock), kind, _raw_proto(sock)))
+
+
+_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]
+_raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
+_raw_proto = _socket.socket.proto.__get__  # type: ignore[attr-defined]
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No cyclic collection while a graph is pickled or rebuilt.
 
     Both allocate one object after another and free nothing, which makes the
     collector run again and again over a heap that only grows; the pause
-    pays for each run.
+    pays for each run. Nested pauses are fine: only the outermost one turns
+    the collector back on. The originator and the recipient hold one over the
+    whole pause of a move, so that the collection owed for a large graph
+    runs after the service is serving again, not inside the pause.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -240,7 +255,7 @@ def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
     buffer = io.BytesIO()
     pickler = _GraphPickler(buffer, protocol)
     try:
-        with _gc_paused():
+        with gc_paused():
             pickler.dump(graph)
     except SerializationError:
         raise
@@ -384,16 +399,16 @@ class _GraphUnpickler(pickle.Unpickler):
 
     def socket_for(self, slot: Any, family: Any, kind: Any, proto: Any) -> socket.socket:
         """The socket around the descriptor in ``slot`` (one per slot)."""
-        if not all(isinstance(v, int) for v in (family, kind, proto)):
+        sock = self.sockets.get(slot)
+        if sock is not None:
+            return sock
+        if type(family) is not int or type(kind) is not int or type(proto) is not int:
             raise ProtocolError(f"malformed socket reference for slot {slot!r}")
-        if not isinstance(slot, int) or not 0 <= slot < len(self.fds):
+        if type(slot) is not int or not 0 <= slot < len(self.fds):
             raise ProtocolError(
                 f"the graph refers to descriptor slot {slot!r}, only {len(self.fds)} arrived"
             )
-        sock = self.sockets.get(slot)
-        if sock is None:
-            sock = socket.socket(family, kind, proto, fileno=self.fds[slot])
-            self.sockets[slot] = sock
+        sock = self.sockets[slot] = socket.socket(family, kind, proto, self.fds[slot])
         return sock
 
     def find_class(self, module: str, name: str) -> Any:
@@ -455,7 +470,7 @@ def loads(
     if main is not None and main.startswith("module:") and not unpickler.policy.main_refusal(main):
         _load_state.app.add(main.partition(":")[2])
     try:
-        with _gc_paused():
+        with gc_paused():
             graph = unpickler.load()
         changed = _restore_classes(_load_state)
         if changed:

@@ -44,7 +44,7 @@ from ._errors import (
 from ._fds import batches
 from ._graphpath import check_graph
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import dumps, main_reference
+from ._serialize import dumps, gc_paused, main_reference
 from .registry import Registry
 
 log = logging.getLogger("takeover.originator")
@@ -216,52 +216,56 @@ async def _move(
             log.warning("cannot move %r, left running: %s", name, problem)
             await send(_protocol.error(SerializationError.code, problem.explain(name)))
             return
-        # The pause starts when quiescing starts: the first connection stops here.
-        quiesced_at = time.monotonic()
-        # Set first: a quiesce that fails halfway is undone by resume() too.
-        quiesced = True
-        try:
-            service.quiesce()
-        except Exception as exc:
-            text = (
-                f"service {name!r} could not be paused: {type(exc).__name__}: {exc} "
-                "(raised by its takeover_quiesce hook?); it goes on here"
-            )
-            log.exception("%s", text)
-            await send(_protocol.error(TakeoverError.code, text))
-            return
-        _faults.checkpoint("originator.quiesced")
-        try:
-            dumped = dumps(service, pickle_protocol)
-        except TakeoverError as exc:
-            # It pickled before quiescing: a takeover_quiesce hook changed that.
-            problem = check_graph(service, name, pickle_protocol)
-            text = str(exc) if problem is None else problem.explain(name)
-            log.warning("cannot move %r after quiescing it: %s", name, text)
-            await send(_protocol.error(exc.code, text))
-            return
-        # The arbiter travels last, after the service's own descriptors.
-        arbiter = Arbiter.create()
-        fds = [*dumped.fds, arbiter.fd]
-        if len(fds) > limits.max_fds:
-            text = f"service {name!r} holds {len(fds)} descriptors; the limit is {limits.max_fds}"
-            await send(_protocol.error("limit", text))
-            return
-        meta = {
-            "service": name,
-            "fds": len(fds),
-            "size": len(dumped.blob),
-            "main": main_reference(),
-            "quiesced_at": quiesced_at,
-            "pickle_protocol": pickle_protocol,
-            "originator_pid": os.getpid(),
-            "arbiter": True,
-        }
-        await send(Message(Kind.GRAPH, meta, dumped.blob))
-        _faults.checkpoint("originator.graph-sent")
-        for batch in batches(fds):
-            await send(Message(Kind.FDS, {"count": len(batch)}), batch)
-        _faults.checkpoint("originator.fds-sent")
+        # No cyclic collection from quiesce until the graph is sent: the
+        # collector would otherwise run over the pickled objects inside the
+        # pause (it runs later, while the recipient rebuilds them).
+        with gc_paused():
+            # The pause starts when quiescing starts: the first connection stops here.
+            quiesced_at = time.monotonic()
+            # Set first: a quiesce that fails halfway is undone by resume() too.
+            quiesced = True
+            try:
+                service.quiesce()
+            except Exception as exc:
+                text = (
+                    f"service {name!r} could not be paused: {type(exc).__name__}: {exc} "
+                    "(raised by its takeover_quiesce hook?); it goes on here"
+                )
+                log.exception("%s", text)
+                await send(_protocol.error(TakeoverError.code, text))
+                return
+            _faults.checkpoint("originator.quiesced")
+            try:
+                dumped = dumps(service, pickle_protocol)
+            except TakeoverError as exc:
+                # It pickled before quiescing: a takeover_quiesce hook changed that.
+                problem = check_graph(service, name, pickle_protocol)
+                text = str(exc) if problem is None else problem.explain(name)
+                log.warning("cannot move %r after quiescing it: %s", name, text)
+                await send(_protocol.error(exc.code, text))
+                return
+            # The arbiter travels last, after the service's own descriptors.
+            arbiter = Arbiter.create()
+            fds = [*dumped.fds, arbiter.fd]
+            if len(fds) > limits.max_fds:
+                text = f"service {name!r} holds {len(fds)} descriptors; the limit is {limits.max_fds}"
+                await send(_protocol.error("limit", text))
+                return
+            meta = {
+                "service": name,
+                "fds": len(fds),
+                "size": len(dumped.blob),
+                "main": main_reference(),
+                "quiesced_at": quiesced_at,
+                "pickle_protocol": pickle_protocol,
+                "originator_pid": os.getpid(),
+                "arbiter": True,
+            }
+            await send(Message(Kind.GRAPH, meta, dumped.blob))
+            _faults.checkpoint("originator.graph-sent")
+            for batch in batches(fds):
+                await send(Message(Kind.FDS, {"count": len(batch)}), batch)
+            _faults.checkpoint("originator.fds-sent")
         reply = await channel.receive(limits.step_timeout)
         conversation.receive(reply)
         if reply.kind is Kind.REFUSED:

@@ -39,7 +39,7 @@ from ._fds import close_all
 from ._liveness import ProcessWatch
 from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import loads, preload_main
+from ._serialize import gc_paused, loads, preload_main
 from .registry import Service
 
 log = logging.getLogger("takeover.recipient")
@@ -270,7 +270,9 @@ class RecipientSession:
         if meta.get("arbiter") is True and fds:
             arbiter = Arbiter.adopt(fds.pop())
         try:
-            return await self._adopt(name, runtime, meta, graph_message.blob, fds, arbiter)
+            # No cyclic collection until the service has started (see gc_paused).
+            with gc_paused():
+                return await self._adopt(name, runtime, meta, graph_message.blob, fds, arbiter)
         finally:
             if arbiter is not None:
                 arbiter.close()
