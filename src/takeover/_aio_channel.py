@@ -35,8 +35,24 @@ _READ_SIZE = 256 * 1024
 _TOKEN_BYTES = 32
 
 
-async def _wait_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, writable: bool) -> None:
-    """Wait until ``sock`` is readable (or writable)."""
+async def _wait_fd(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    writable: bool,
+    deadline: float | None = None,
+    what: str = "",
+) -> None:
+    """Wait until ``sock`` is readable (or writable), until ``deadline`` (loop time).
+
+    ``what`` completes the timeout's message: "the peer sent nothing for WHAT".
+
+    A timer on the loop, not ``asyncio.wait_for``: that would run the wait
+    in a task of its own, which costs two more turns of the loop per frame
+    (a move's pause is a few frames long).
+
+    Raises:
+        MigrationTimeoutError: the deadline passed first.
+    """
     fd = sock.fileno()
     future: asyncio.Future[None] = loop.create_future()
 
@@ -44,6 +60,13 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, writabl
         if not future.done():
             future.set_result(None)
 
+    def expired() -> None:
+        if not future.done():
+            future.set_exception(_timeout_error(what))
+
+    timer = None
+    if deadline is not None:
+        timer = loop.call_at(deadline, expired)
     if writable:
         loop.add_writer(fd, ready)
     else:
@@ -51,10 +74,16 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, writabl
     try:
         await future
     finally:
+        if timer is not None:
+            timer.cancel()
         if writable:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+def _timeout_error(what: str) -> MigrationTimeoutError:
+    return MigrationTimeoutError(f"the peer sent nothing for {what}; giving up on this step")
 
 
 async def _with_timeout(awaitable: Any, timeout: float | None, what: str) -> Any:
@@ -100,13 +129,16 @@ class _FdSocket:
                 raise ChannelClosedError("the control channel was closed") from exc
             raise ChannelClosedError(f"the control channel broke: {exc}") from exc
 
-    async def read(self) -> bytes:
-        """Bytes read (b"" at EOF); descriptors that came along are queued."""
+    async def read(self, deadline: float | None = None, what: str = "") -> bytes:
+        """Bytes read (b"" at EOF); descriptors that came along are queued.
+
+        Reads at once when data is there: the loop is entered only to wait.
+        """
         while True:
             try:
                 data, fds = _fds.recv_with_fds(self.sock, _READ_SIZE)
             except (BlockingIOError, InterruptedError):
-                await _wait_fd(self.loop, self.sock, writable=False)
+                await _wait_fd(self.loop, self.sock, False, deadline, what)
                 continue
             except ProtocolError:
                 raise
@@ -157,14 +189,14 @@ class AsyncioChannel:
         await self._io.send(message.encode(), fds)
 
     async def receive(self, timeout: float | None) -> Message:
-        message: Message = await _with_timeout(self._receive(), timeout, "waiting for a frame")
-        return message
-
-    async def _receive(self) -> Message:
+        if self._messages:
+            return self._messages.popleft()
+        deadline = None if timeout is None else self._io.loop.time() + timeout
+        what = "" if timeout is None else f"{timeout:g} s while waiting for a frame"
         while not self._messages:
             if self._io.eof:
                 raise ChannelClosedError("the peer closed the control channel")
-            data = await self._io.read()
+            data = await self._io.read(deadline, what)
             if not data:
                 if self._decoder.pending:
                     raise ProtocolError(
