@@ -408,7 +408,7 @@ OUT_OF_TURN = [
     ("idle", Role.ORIGINATOR, Kind.GRAPH),
     ("idle", Role.ORIGINATOR, Kind.COMMIT),
     ("taking", Role.RECIPIENT, Kind.TAKE),
-    ("taking", Role.ORIGINATOR, Kind.FDS),
+    ("taking", Role.RECIPIENT, Kind.FDS),
     ("sending-fds", Role.RECIPIENT, Kind.READY),
     ("sending-fds", Role.ORIGINATOR, Kind.COMMIT),
     ("await-ready", Role.ORIGINATOR, Kind.COMMIT),
@@ -539,3 +539,21 @@ def test_check_hello_rejects_bad_numbers(key, value):
     """pid and pickle_protocol must be non-negative integers."""
     with pytest.raises(ProtocolError, match=f"'{key}' must be a non-negative integer"):
         check_hello(recipient_hello(**{key: value}), Role.RECIPIENT)
+
+
+def test_descriptors_may_go_ahead_of_the_graph():
+    """FDS frames before GRAPH (the arbiter, the sockets the dry run found) keep the state."""
+    for role in (Role.ORIGINATOR, Role.RECIPIENT):
+        conversation = _conversation_in("taking", role)
+        message = Message(Kind.FDS, {"count": 3, "kinds": [[3, 2, 1, 6]]})
+        if role is Role.ORIGINATOR:
+            conversation.send(message)
+        else:
+            conversation.receive(message)
+        assert conversation.state == "taking"
+        empty = Message(Kind.FDS, {"count": 0})
+        with pytest.raises(ProtocolError, match="ahead of the graph carries no descriptors"):
+            if role is Role.ORIGINATOR:
+                conversation.send(empty)
+            else:
+                conversation.receive(empty)

@@ -35,6 +35,9 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _staging
+from ._staging import Staging
+
 log = logging.getLogger("takeover.asyncio")
 
 _READ_SIZE = 256 * 1024
@@ -58,6 +61,34 @@ class _Poller:
         self._epoll = select.epoll()
         self._masks: dict[int, int] = {}
         self._transports: dict[int, MigratableTransport] = {}
+
+    @classmethod
+    def from_staging(cls, staging: Staging, transports: Iterable[MigratableTransport]) -> _Poller:
+        """A poller made of the staged epoll instance (recipient, before start).
+
+        Connections that will read keep the registration made when their
+        socket arrived; every other staged descriptor is unregistered.
+        """
+        poller = cls.__new__(cls)
+        poller._epoll = staging.epoll
+        poller._masks = masks = {}
+        poller._transports = owners = {}
+        registered = staging.registered
+        for t in transports:
+            fd = t._sock.fileno()
+            if fd in registered and not (
+                t._lost or t._lost_pending or t._closing or t._eof_received or t._reading_paused
+            ):
+                masks[fd] = select.EPOLLIN
+                owners[fd] = t
+                registered.discard(fd)
+        for fd in registered:
+            try:
+                poller._epoll.unregister(fd)
+            except OSError:
+                pass
+        registered.clear()
+        return poller
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -124,7 +155,10 @@ class _Poller:
                 continue
             fd = t._sock.fileno()
             if fd in masks:
-                others.append(t)
+                if masks[fd] == select.EPOLLIN and owners.get(fd) is t:
+                    t._quiesced = False  # registered already (staged, or before a rollback)
+                else:
+                    others.append(t)
                 continue
             try:
                 register(fd, select.EPOLLIN)
@@ -664,6 +698,12 @@ class MigratableServer:
         for transport in self._transports:
             if transport._sock.gettimeout() != 0.0:
                 transport._sock.setblocking(False)
+        if self._poller is None:
+            # The connections' registrations, made as their sockets arrived
+            # ahead of the graph, become this server's poller.
+            staging = _staging.claim()
+            if staging is not None:
+                self._poller = _Poller.from_staging(staging, self._transports)
 
     def start(self) -> None:
         _hook(self.protocol_factory, "takeover_adopted")

@@ -90,15 +90,21 @@ class Unpicklable:
 
 
 def check_graph(
-    graph: Any, root: str, protocol: int = pickle.HIGHEST_PROTOCOL
+    graph: Any,
+    root: str,
+    protocol: int = pickle.HIGHEST_PROTOCOL,
+    sockets: list[socket.socket] | None = None,
 ) -> Unpicklable | None:
     """Pickle ``graph`` as a move would and discard the result.
 
     Returns None if it pickles, else where and why it does not. ``root`` is
-    the name paths start with (the service name).
+    the name paths start with (the service name). The graph's sockets, in
+    pickling order, are appended to ``sockets`` if given.
     """
     try:
-        dumps(graph, protocol)
+        dumped = dumps(graph, protocol)
+        if sockets is not None:
+            sockets.extend(dumped.sockets)
     except Exception as exc:  # whatever pickling raises, the graph cannot move
         found = find_unpicklable(graph, root, protocol)
         if found is not None:

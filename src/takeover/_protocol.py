@@ -29,6 +29,8 @@ The recipient connects and speaks first. Written from the originator's side
     checking        --out CHECKED-->     idle              (can it move; if not, what is in the way)
     checking        --out ERROR-->       idle              (no such service)
     taking          --out ERROR-->       idle              (busy, no such service, unpicklable)
+    taking          --out FDS-->         taking            (sent ahead of the graph: the arbiter,
+                                                            the sockets the dry run found)
     taking          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
     sending-fds     --out FDS-->         sending-fds ... await-ready once all are sent
     await-ready     --in READY-->        committing
@@ -206,6 +208,7 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("checking", _OUT, Kind.CHECKED): "idle",
     ("checking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.ERROR): "idle",
+    ("taking", _OUT, Kind.FDS): "taking",
     ("taking", _OUT, Kind.GRAPH): "sending-fds",
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
     ("await-ready", _IN, Kind.READY): "committing",
@@ -259,6 +262,9 @@ class Conversation:
         if message.kind is Kind.GRAPH:
             self.fds_expected = _count(message.body, "fds")
             nxt = "sending-fds" if self.fds_expected else "await-ready"
+        elif message.kind is Kind.FDS and self.state == "taking":
+            if _count(message.body, "count") == 0:
+                raise ProtocolError("FDS frame sent ahead of the graph carries no descriptors")
         elif message.kind is Kind.FDS:
             count = _count(message.body, "count")
             if count == 0 or count > self.fds_expected:

@@ -4,10 +4,12 @@ A service graph is pickled in one pass. Two kinds of object get special
 treatment:
 
 * **sockets** become descriptor slots, ``_socket_slot(slot, family, type,
-  proto)`` (SOCK_NONBLOCK in the type when the socket is non-blocking): their descriptors are collected in slot order and travel beside
-  the pickle over SCM_RIGHTS; the recipient rebuilds each socket around the
-  descriptor in its slot. The kernel object is never copied, so kernel
-  buffers and connection state are untouched.
+  proto)`` (SOCK_NONBLOCK in the type when the socket is non-blocking):
+  their descriptors are collected in slot order and travel over SCM_RIGHTS,
+  those the dry run found ahead of the pickle (:class:`EarlySockets`); the
+  recipient rebuilds each socket around the descriptor in its slot. The
+  kernel object is never copied, so kernel buffers and connection state are
+  untouched.
 * **modules** travel by name and are imported again on the other side.
 
 Classes defined in a script run as ``python app.py`` pickle as
@@ -127,7 +129,21 @@ def _socket_slot(slot: int, family: int, kind: int, proto: int) -> socket.socket
     return sock
 
 
-_policy.vet(_import_module, _bound_method, _socket_slot)
+def _socket_ahead(slot: int) -> socket.socket:
+    """The socket sent ahead of the graph in ``slot`` (each slot once).
+
+    A graph load resolves this name to its own ``dict.pop`` of those sockets
+    (see ``_GraphUnpickler.find_class``), so that no Python runs per socket;
+    this function is what a load with ``--trust`` calls instead.
+    """
+    unpickler = _load_state.unpickler
+    if unpickler is None:
+        raise ProtocolError("a socket slot outside the load of a service graph")
+    sock: socket.socket = unpickler.ahead.pop(slot)
+    return sock
+
+
+_policy.vet(_import_module, _bound_method, _socket_slot, _socket_ahead)
 
 
 def _reduce_module(module: types.ModuleType) -> tuple[Callable[..., Any], tuple[str]]:
@@ -194,11 +210,18 @@ class _GraphPickler(pickle.Pickler):
         types.BuiltinMethodType: _reduce_builtin,
     }
 
-    def __init__(self, file: io.BytesIO, protocol: int) -> None:
+    def __init__(self, file: io.BytesIO, protocol: int, early: EarlySockets | None = None) -> None:
         super().__init__(file, protocol)
         self.sockets: list[socket.socket] = []
         table = dict(self._BASE_TABLE)
-        table[socket.socket] = self._reduce_socket
+        if early is None:
+            table[socket.socket] = self._reduce_socket
+        else:
+            # Sockets sent ahead have their reduction ready: the lookup is a
+            # dict's, in C; any other socket comes to _reduce_socket.
+            self.sockets.extend(early.sockets)
+            reductions = _Reductions(early.reductions, self._reduce_socket)
+            table[socket.socket] = reductions.__getitem__
         ssl = sys.modules.get("ssl")
         if ssl is not None:
             table[ssl.SSLSocket] = _refuse_tls
@@ -206,23 +229,117 @@ class _GraphPickler(pickle.Pickler):
 
     def _reduce_socket(self, sock: socket.socket) -> Any:
         # Called once per socket object: pickle's memo answers for the next
-        # reference to it. The family, type and protocol are read in C (the
-        # socket module's properties convert them to enums, in Python); a
-        # non-blocking socket says so with SOCK_NONBLOCK in its type, so that
-        # the recipient builds it without a system call.
+        # reference to it.
         if sock.fileno() < 0:
             raise SerializationError(f"cannot migrate closed socket {sock!r}")
         slot = len(self.sockets)
         self.sockets.append(sock)
-        kind = _raw_type(sock)
-        if sock.gettimeout() == 0.0:
-            kind |= _SOCK_NONBLOCK
-        return (_socket_slot, (slot, _raw_family(sock), kind, _raw_proto(sock)))
+        return (_socket_slot, (slot, *_socket_kind(sock)))
 
 
-_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]
-_raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
-_raw_proto = _socket.socket.proto.__get__  # type: ignore[attr-defined]
+class _Reductions(dict):  # type: ignore[type-arg]
+    """Ready reductions of the sockets sent ahead; others are reduced on demand."""
+
+    def __init__(self, ready: dict[socket.socket, Any], reduce: Callable[[Any], Any]) -> None:
+        super().__init__(ready)
+        self._reduce = reduce
+
+    def __missing__(self, sock: socket.socket) -> Any:
+        reduction = self[sock] = self._reduce(sock)
+        return reduction
+
+
+def _socket_kind(sock: socket.socket) -> tuple[int, int, int]:
+    """(family, type, proto), read in C; SOCK_NONBLOCK in the type if non-blocking.
+
+    The socket module's properties convert them to enums, in Python; the
+    flag lets the recipient build the socket without a system call.
+    """
+    kind = _raw_type(sock)
+    if sock.gettimeout() == 0.0:
+        kind |= _SOCK_NONBLOCK
+    return _raw_family(sock), kind, _raw_proto(sock)
+
+
+class EarlySockets:
+    """The sockets a move sends ahead of its graph, while the service still runs.
+
+    The dry run's pickle names every socket of the graph. Their descriptors
+    go to the recipient before the service is paused, so that the recipient
+    builds its socket objects and registers the connections with its poller
+    outside the pause; the graph, pickled after quiescing, then refers to
+    them by slot. Sockets closed since (see :meth:`forget_closed`) leave
+    their slot unused; sockets opened since are sent after the graph.
+    """
+
+    def __init__(self, sockets: Sequence[socket.socket]) -> None:
+        self.sockets = [s for s in sockets if s.fileno() >= 0]
+        self.reductions: dict[socket.socket, Any] = {}
+        self.kinds: list[list[int]] = []
+        for slot, sock in enumerate(self.sockets):
+            kind = _socket_kind(sock)
+            self.reductions[sock] = (_socket_ahead, (slot,))
+            if self.kinds and self.kinds[-1][1:] == list(kind):
+                self.kinds[-1][0] += 1
+            else:
+                self.kinds.append([1, *kind])
+
+    def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
+        """(descriptors, their kinds) in batches of at most ``size``."""
+        runs = [list(k) for k in self.kinds]
+        fds = [s.fileno() for s in self.sockets]
+        for start in range(0, len(fds), size):
+            batch = fds[start : start + size]
+            kinds: list[list[int]] = []
+            need = len(batch)
+            while need:
+                take = min(need, runs[0][0])
+                kinds.append([take, *runs[0][1:]])
+                runs[0][0] -= take
+                need -= take
+                if not runs[0][0]:
+                    runs.pop(0)
+            yield batch, kinds
+
+    def forget_closed(self) -> None:
+        """Drop the reductions of sockets closed since they were sent."""
+        for sock in self.sockets:
+            if sock.fileno() < 0:
+                self.reductions.pop(sock, None)
+
+
+def build_sockets(fds: Sequence[int], kinds: Any) -> list[socket.socket]:
+    """Socket objects for descriptors sent ahead, described by ``kinds``.
+
+    ``kinds`` is ``[[count, family, type, proto], ...]`` in descriptor order
+    (what :class:`EarlySockets` sends). On error every descriptor is closed.
+    """
+    built: list[socket.socket] = []
+    try:
+        if not isinstance(kinds, list) or not all(
+            isinstance(k, list) and len(k) == 4 and all(type(v) is int for v in k) for k in kinds
+        ):
+            raise ProtocolError(f"malformed socket kinds {kinds!r} for descriptors sent ahead")
+        if sum(k[0] for k in kinds) != len(fds):
+            raise ProtocolError(
+                f"socket kinds describe {sum(k[0] for k in kinds)} descriptors, {len(fds)} arrived"
+            )
+        position = 0
+        for count, family, kind, proto in kinds:
+            for fd in fds[position : position + count]:
+                built.append(socket.socket(family, kind, proto, fd))
+            position += count
+    except BaseException:
+        for sock in built:
+            sock.close()
+        close_all(list(fds[len(built) :]))
+        raise
+    return built
+
+
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_raw_proto = _socket.socket.proto.__get__
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
@@ -246,14 +363,19 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def dumps(graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Dumped:
+def dumps(
+    graph: Any, protocol: int = pickle.HIGHEST_PROTOCOL, early: EarlySockets | None = None
+) -> Dumped:
     """Pickle ``graph``; sockets in it become descriptor slots.
+
+    With ``early``, its sockets keep the first slots (they were sent ahead);
+    ``Dumped.sockets`` lists them too, then the sockets found besides.
 
     Raises:
         SerializationError: something in the graph cannot be pickled.
     """
     buffer = io.BytesIO()
-    pickler = _GraphPickler(buffer, protocol)
+    pickler = _GraphPickler(buffer, protocol, early)
     try:
         with gc_paused():
             pickler.dump(graph)
@@ -384,10 +506,19 @@ def load_main(reference: str) -> types.ModuleType:
 
 class _GraphUnpickler(pickle.Unpickler):
     def __init__(
-        self, file: io.BytesIO, fds: Sequence[int], policy: UnpicklePolicy | None = None
+        self,
+        file: io.BytesIO,
+        fds: Sequence[int],
+        policy: UnpicklePolicy | None = None,
+        prebuilt: Sequence[socket.socket] = (),
     ) -> None:
         super().__init__(file)
         self.policy = policy if policy is not None else UnpicklePolicy()
+        # Slots 0..len(prebuilt)-1 are the sockets sent ahead, already built
+        # (``ahead`` holds those the graph has not used yet); the descriptors
+        # sent with the graph follow.
+        self.prebuilt = list(prebuilt)
+        self.ahead: dict[int, socket.socket] = dict(enumerate(self.prebuilt))
         self.fds = list(fds)
         self.sockets: dict[int, socket.socket] = {}
 
@@ -404,14 +535,40 @@ class _GraphUnpickler(pickle.Unpickler):
             return sock
         if type(family) is not int or type(kind) is not int or type(proto) is not int:
             raise ProtocolError(f"malformed socket reference for slot {slot!r}")
-        if type(slot) is not int or not 0 <= slot < len(self.fds):
+        ahead = len(self.prebuilt)
+        if type(slot) is not int or not 0 <= slot < ahead + len(self.fds):
             raise ProtocolError(
-                f"the graph refers to descriptor slot {slot!r}, only {len(self.fds)} arrived"
+                f"the graph refers to descriptor slot {slot!r}, only "
+                f"{ahead + len(self.fds)} arrived"
             )
-        sock = self.sockets[slot] = socket.socket(family, kind, proto, self.fds[slot])
+        if slot < ahead:
+            sock = self.ahead.pop(slot)
+        else:
+            sock = socket.socket(family, kind, proto, self.fds[slot - ahead])
+        self.sockets[slot] = sock
         return sock
 
+    def close_unused(self) -> None:
+        """Close what arrived but is not in the graph."""
+        for sock in self.ahead.values():
+            sock.close()
+        self.ahead.clear()
+        ahead = len(self.prebuilt)
+        close_all([fd for i, fd in enumerate(self.fds) if i + ahead not in self.sockets])
+
+    def close_all(self) -> None:
+        """Close everything that arrived (the graph is not going to be used)."""
+        for sock in self.prebuilt:
+            sock.close()
+        for sock in self.sockets.values():
+            sock.close()
+        self.close_unused()
+
     def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_socket_ahead":
+            # In C: each socket sent ahead is taken out as the graph uses it,
+            # so a slot named twice fails and those left over are closed.
+            return self.ahead.pop
         policy = self.policy
         try:
             if module in _MAIN_NAMES:
@@ -445,8 +602,12 @@ def loads(
     *,
     main: str | None = None,
     policy: UnpicklePolicy | None = None,
+    prebuilt: Sequence[socket.socket] = (),
 ) -> Any:
     """Rebuild a graph from ``blob`` and the descriptors that came with it.
+
+    ``prebuilt`` are the sockets sent ahead of the graph (its first slots);
+    ``fds`` are the descriptors sent with it, in the slots that follow.
 
     ``policy`` says which globals the pickle may name (default: the strict
     :class:`~takeover._policy.UnpicklePolicy`, no ``--allow``).
@@ -461,7 +622,7 @@ def loads(
         ProtocolError: the blob or its descriptor references are malformed.
     """
     global _load_state
-    unpickler = _GraphUnpickler(io.BytesIO(blob), fds, policy)
+    unpickler = _GraphUnpickler(io.BytesIO(blob), fds, policy, prebuilt)
     previous = _main_state["reference"]
     previous_load = _load_state
     _main_state["reference"] = main
@@ -479,12 +640,14 @@ def loads(
                 "its objects, not of takeover's or the standard library's classes"
             )
     except BaseException as exc:
-        for sock in unpickler.sockets.values():
-            sock.close()
-        used = {s for s in unpickler.sockets}
-        close_all([fd for slot, fd in enumerate(fds) if slot not in used])
+        unpickler.close_all()
         if isinstance(exc, (MigrationRefusedError, ProtocolError)):
             raise
+        if isinstance(exc, KeyError) and isinstance(exc.args[0] if exc.args else None, int):
+            raise ProtocolError(
+                f"the graph refers to socket slot {exc.args[0]} sent ahead, which did not "
+                "arrive or is already in use"
+            ) from exc
         if isinstance(exc, Exception):
             raise MigrationRefusedError(
                 f"cannot rebuild the service graph: {type(exc).__name__}: {exc}"
@@ -496,5 +659,5 @@ def loads(
             module.__class__ = original
         _main_state["reference"] = previous
         _load_state = previous_load
-    close_all([fd for slot, fd in enumerate(fds) if slot not in unpickler.sockets])
+    unpickler.close_unused()
     return graph

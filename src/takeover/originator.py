@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import sys
 import time
 from typing import Any
@@ -41,10 +42,10 @@ from ._errors import (
     ServiceBusyError,
     TakeoverError,
 )
-from ._fds import batches
+from ._fds import SCM_MAX_FD, batches
 from ._graphpath import check_graph
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import dumps, gc_paused, main_reference
+from ._serialize import EarlySockets, dumps, gc_paused, main_reference
 from .registry import Registry
 
 log = logging.getLogger("takeover.originator")
@@ -211,11 +212,28 @@ async def _move(
         # Over TCP, the recipient connects the descriptor socket before TAKE.
         await channel.accept_fd_transport(limits.step_timeout)
         # The dry run: nothing is paused until the graph is known to pickle.
-        problem = check_graph(service, name, pickle_protocol)
+        found: list[socket.socket] = []
+        problem = check_graph(service, name, pickle_protocol, found)
         if problem is not None:
             log.warning("cannot move %r, left running: %s", name, problem)
             await send(_protocol.error(SerializationError.code, problem.explain(name)))
             return
+        # Sent ahead, while the service still runs: the arbiter, and the
+        # sockets the dry run found, so that the recipient builds and
+        # registers them outside the pause.
+        early = EarlySockets(found)
+        if len(early.sockets) + 1 > limits.max_fds:
+            text = (
+                f"service {name!r} holds {len(early.sockets) + 1} descriptors; "
+                f"the limit is {limits.max_fds}"
+            )
+            await send(_protocol.error("limit", text))
+            return
+        arbiter = Arbiter.create()
+        await send(Message(Kind.FDS, {"count": 1, "arbiter": True}), [arbiter.fd])
+        for batch, kinds in early.batches(SCM_MAX_FD):
+            await send(Message(Kind.FDS, {"count": len(batch), "kinds": kinds}), batch)
+        _faults.checkpoint("originator.fds-sent-ahead")
         # No cyclic collection from quiesce until the graph is sent: the
         # collector would otherwise run over the pickled objects inside the
         # pause (it runs later, while the recipient rebuilds them).
@@ -235,8 +253,10 @@ async def _move(
                 await send(_protocol.error(TakeoverError.code, text))
                 return
             _faults.checkpoint("originator.quiesced")
+            # A connection closed while the sockets went ahead keeps its slot, unused.
+            early.forget_closed()
             try:
-                dumped = dumps(service, pickle_protocol)
+                dumped = dumps(service, pickle_protocol, early)
             except TakeoverError as exc:
                 # It pickled before quiescing: a takeover_quiesce hook changed that.
                 problem = check_graph(service, name, pickle_protocol)
@@ -244,22 +264,25 @@ async def _move(
                 log.warning("cannot move %r after quiescing it: %s", name, text)
                 await send(_protocol.error(exc.code, text))
                 return
-            # The arbiter travels last, after the service's own descriptors.
-            arbiter = Arbiter.create()
-            fds = [*dumped.fds, arbiter.fd]
-            if len(fds) > limits.max_fds:
-                text = f"service {name!r} holds {len(fds)} descriptors; the limit is {limits.max_fds}"
+            # Sockets that appeared since the dry run travel after the graph.
+            fds = [s.fileno() for s in dumped.sockets[len(early.sockets) :]]
+            if len(early.sockets) + len(fds) + 1 > limits.max_fds:
+                text = (
+                    f"service {name!r} holds {len(early.sockets) + len(fds) + 1} descriptors; "
+                    f"the limit is {limits.max_fds}"
+                )
                 await send(_protocol.error("limit", text))
                 return
             meta = {
                 "service": name,
                 "fds": len(fds),
+                "ahead": len(early.sockets),
                 "size": len(dumped.blob),
                 "main": main_reference(),
                 "quiesced_at": quiesced_at,
                 "pickle_protocol": pickle_protocol,
                 "originator_pid": os.getpid(),
-                "arbiter": True,
+                "arbiter": "ahead",
             }
             await send(Message(Kind.GRAPH, meta, dumped.blob))
             _faults.checkpoint("originator.graph-sent")

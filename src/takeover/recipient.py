@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _faults, _protocol
+from . import _faults, _protocol, _staging
 from ._arbiter import COMMITTED, Arbiter
 from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
 from ._channel import Channel
@@ -39,7 +40,8 @@ from ._fds import close_all
 from ._liveness import ProcessWatch
 from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import gc_paused, loads, preload_main
+from ._serialize import build_sockets, gc_paused, loads, preload_main
+from ._staging import Staging
 from .registry import Service
 
 log = logging.getLogger("takeover.recipient")
@@ -247,33 +249,77 @@ class RecipientSession:
             preload_main(self._main, self.policy)
         await self._send(Message(Kind.TAKE, {"service": name}))
         _faults.checkpoint("recipient.take-sent")
-        graph_message = await self._receive(self.limits.step_timeout)
-        _faults.checkpoint("recipient.graph-received")
-        meta = graph_message.body
+        arbiter: Arbiter | None = None
+        ahead: list[socket.socket] = []
+        staging: Staging | None = None
         fds: list[int] = []
-        count = meta.get("fds")
-        if not isinstance(count, int) or count > self.limits.max_fds:
-            raise ProtocolError(
-                f"service {name!r} brings {count!r} descriptors; the limit is {self.limits.max_fds}"
-            )
         try:
-            while len(fds) < count:
-                batch = await self._receive(self.limits.step_timeout)
-                fds.extend(
-                    await self.channel.take_fds(int(batch.body["count"]), self.limits.step_timeout)
+            # Before the graph, while the service still runs over there: the
+            # arbiter and the sockets sent ahead. Each batch is built and its
+            # connections registered for reading (passively) as it arrives.
+            while True:
+                message = await self._receive(self.limits.step_timeout)
+                if message.kind is not Kind.FDS:
+                    break
+                count = int(message.body["count"])
+                if len(ahead) + count + 1 > self.limits.max_fds:
+                    raise ProtocolError(
+                        f"service {name!r} sends more than {self.limits.max_fds} descriptors"
+                    )
+                batch = await self.channel.take_fds(count, self.limits.step_timeout)
+                if message.body.get("arbiter") is True:
+                    if arbiter is not None or count != 1:
+                        close_all(batch)
+                        raise ProtocolError("a second arbiter, or one with other descriptors")
+                    arbiter = Arbiter.adopt(batch[0])
+                    continue
+                sockets = build_sockets(batch, message.body.get("kinds"))
+                ahead.extend(sockets)
+                if staging is None:
+                    staging = Staging()
+                staging.add(sockets)
+            graph_message = message
+            _faults.checkpoint("recipient.graph-received")
+            meta = graph_message.body
+            late = meta.get("fds")
+            if not isinstance(late, int) or len(ahead) + late > self.limits.max_fds:
+                raise ProtocolError(
+                    f"service {name!r} brings {late!r} more descriptors; "
+                    f"the limit is {self.limits.max_fds}"
                 )
+            if meta.get("ahead", 0) != len(ahead):
+                raise ProtocolError(
+                    f"the graph counts {meta.get('ahead')!r} sockets sent ahead, "
+                    f"{len(ahead)} arrived"
+                )
+            while len(fds) < late:
+                batch_message = await self._receive(self.limits.step_timeout)
+                fds.extend(
+                    await self.channel.take_fds(
+                        int(batch_message.body["count"]), self.limits.step_timeout
+                    )
+                )
+            _faults.checkpoint("recipient.fds-received")
+            if arbiter is None and meta.get("arbiter") is True and fds:
+                arbiter = Arbiter.adopt(fds.pop())
         except BaseException:
             close_all(fds)
+            for sock in ahead:
+                sock.close()
+            if staging is not None:
+                staging.close()
+            if arbiter is not None:
+                arbiter.close()
             raise
-        _faults.checkpoint("recipient.fds-received")
-        arbiter = None
-        if meta.get("arbiter") is True and fds:
-            arbiter = Arbiter.adopt(fds.pop())
         try:
             # No cyclic collection until the service has started (see gc_paused).
             with gc_paused():
-                return await self._adopt(name, runtime, meta, graph_message.blob, fds, arbiter)
+                return await self._adopt(
+                    name, runtime, meta, graph_message.blob, fds, arbiter, ahead, staging
+                )
         finally:
+            if staging is not None:
+                staging.close()  # a no-op if a server claimed it
             if arbiter is not None:
                 arbiter.close()
 
@@ -285,6 +331,8 @@ class RecipientSession:
         blob: bytes,
         fds: Sequence[int],
         arbiter: Arbiter | None,
+        ahead: Sequence[socket.socket] = (),
+        staging: Staging | None = None,
     ) -> Taken:
         """Rebuild and adopt the graph, commit through READY/COMMIT, start."""
         service: Service | None = None
@@ -295,13 +343,19 @@ class RecipientSession:
                 fds,
                 main=main if isinstance(main, str) else None,
                 policy=self.policy,
+                prebuilt=ahead,
             )
             if not isinstance(graph, Service):
                 raise MigrationRefusedError(
                     f"the graph of {name!r} is a {type(graph).__qualname__}, not a takeover service"
                 )
             service = graph
-            service.adopt(runtime)
+            # A server may take the staged registrations as its poller.
+            _staging.offer(staging)
+            try:
+                service.adopt(runtime)
+            finally:
+                _staging.offer(None)
         except TakeoverError as exc:
             if service is not None:
                 service.discard()
@@ -378,7 +432,7 @@ class RecipientSession:
             connections=int(described.get("connections", 0)),
             pause_ms=pause,
             graph_bytes=len(blob),
-            fds=len(fds),
+            fds=len(ahead) + len(fds),
         )
 
     async def check(self, name: str) -> CheckResult:
