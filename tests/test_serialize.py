@@ -20,7 +20,7 @@ import pytest
 
 from takeover import MigrationRefusedError, ProtocolError, SerializationError
 from takeover._policy import UnpicklePolicy
-from takeover._serialize import MAIN_ALIAS, dumps
+from takeover._serialize import MAIN_ALIAS, EarlySockets, build_sockets, dumps
 from takeover._serialize import loads as strict_loads
 
 # The classes of these tests live in this module and in throwaway tk_* modules,
@@ -393,3 +393,109 @@ def test_script_run_as_module_loads_by_module_name(tmp_path):
     lines = run(str(tmp_path / "loader.py"), blob1, reference, blob2, cwd=str(tmp_path))
     assert lines[:2] == ["tk_app Greeter", "hello world from tk_app"]
     assert marker.read_text() == "ran\n"
+
+
+# -- sockets sent ahead of the graph ------------------------------------------------
+
+
+def send_ahead(early: EarlySockets) -> list[socket.socket]:
+    """What a recipient builds from the batches an originator sends ahead."""
+    built: list[socket.socket] = []
+    for batch, kinds in early.batches(2):  # small batches: kinds split across them
+        built.extend(build_sockets(dup_all(batch), kinds))
+    return built
+
+
+def test_sockets_sent_ahead_keep_their_slots_and_new_ones_follow(sockets):
+    """The dry run's sockets go ahead; one closed since is dropped, one opened since follows."""
+    a, b, listener = sockets["a"], sockets["b"], sockets["listener"]
+    gone_a, gone_b = socket.socketpair()
+    graph = Holder(a=a, b=b, gone=gone_a, listener=listener)
+    early = EarlySockets(dumps(graph).sockets)
+    stream = socket.SOCK_STREAM
+    assert early.kinds == [[3, socket.AF_UNIX, stream, 0], [1, socket.AF_INET, stream, 0]]
+    ahead = send_ahead(early)
+    # Meanwhile (the service still runs) one socket closes and another appears.
+    graph.gone = None
+    gone_a.close()
+    gone_b.close()
+    late_a, late_b = socket.socketpair()
+    graph.late = late_a
+    early.forget_closed()
+    before = open_count()
+    dumped = dumps(graph, early=early)
+    assert dumped.sockets[:4] == early.sockets and dumped.sockets[4:] == [late_a]
+    loaded = loads(dumped.blob, dup_all([late_a.fileno()]), prebuilt=ahead)
+    try:
+        assert (loaded.a, loaded.b, loaded.listener) == (ahead[0], ahead[1], ahead[3])
+        assert ahead[2].fileno() == -1  # sent ahead, then unused: closed by loads
+        assert open_count() == before  # 1 dup arrived, 1 socket sent ahead was closed
+        loaded.late.sendall(b"late")
+        assert late_b.recv(10) == b"late"
+        loaded.a.sendall(b"ahead")
+        assert b.recv(10) == b"ahead"
+        assert loaded.listener.gettimeout() == listener.gettimeout()
+    finally:
+        for sock in (*ahead, loaded.late, late_a, late_b):
+            sock.close()
+
+
+def test_socket_sent_ahead_closed_but_still_in_the_graph_refused(sockets):
+    """A socket closed after going ahead cannot be referred to by slot any more."""
+    a, b = socket.socketpair()
+    graph = Holder(a=a, b=sockets["b"])
+    early = EarlySockets(dumps(graph).sockets)
+    a.close()
+    b.close()
+    early.forget_closed()
+    with pytest.raises(SerializationError, match="closed socket"):
+        dumps(graph, early=early)
+
+
+def test_socket_slot_sent_ahead_used_twice_refused_and_all_closed(sockets):
+    """A graph naming one slot sent ahead twice is refused; every socket is closed."""
+    early = EarlySockets([sockets["a"], sockets["b"]])
+    ahead = send_ahead(early)
+    reduction = early.reductions[sockets["a"]]
+
+    blob = pickle.dumps(
+        [copyreg_call(*reduction), copyreg_call(*reduction)], pickle.HIGHEST_PROTOCOL
+    )
+    with pytest.raises(ProtocolError, match="slot 0 sent ahead"):
+        loads(blob, [], prebuilt=ahead)
+    assert [s.fileno() for s in ahead] == [-1, -1]
+
+
+class copyreg_call:
+    """Pickles as ``function(*args)``, as a separate object each time."""
+
+    def __init__(self, function: Any, args: tuple[Any, ...]) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> Any:
+        return (self.function, self.args)
+
+
+def test_kinds_that_do_not_match_the_descriptors_refused_and_closed(sockets):
+    """Malformed kinds, or kinds counting other descriptors than arrived: refused, closed."""
+    for kinds in ([[3, 1, 1, 0]], "stream", [[1, 1, 1]], [[1, "1", 1, 0]]):
+        fds = dup_all([sockets["a"].fileno()])
+        with pytest.raises(ProtocolError):
+            build_sockets(fds, kinds)
+        with pytest.raises(OSError):
+            os.fstat(fds[0])
+
+
+def test_non_blocking_socket_arrives_non_blocking(sockets):
+    """SOCK_NONBLOCK travels in the type: the copy is non-blocking with no setblocking call."""
+    a = sockets["a"]
+    a.setblocking(False)
+    dumped = dumps({"a": a, "b": sockets["b"]})
+    loaded = loads(dumped.blob, dup_all(dumped.fds))
+    try:
+        assert loaded["a"].gettimeout() == 0.0
+        assert loaded["a"].type == socket.SOCK_STREAM  # the flag is not part of .type
+        assert loaded["b"].gettimeout() is None
+    finally:
+        loaded["a"].close()
+        loaded["b"].close()
