@@ -71,7 +71,9 @@ def instrument(marks: dict[str, float]) -> None:
 
     async def send(self: Any, message: Any, fds: Any = ()) -> None:
         await real_send(self, message, fds)
-        if message.kind in sent:
+        if message.kind is Kind.FDS and "graph_sent" not in marks:
+            marks["ahead_sent"] = time.monotonic()  # sent ahead of the graph: the last wins
+        elif message.kind in sent:
             marks[sent[message.kind]] = time.monotonic()  # FDS: the last batch wins
 
     profiling: list[Any] = []

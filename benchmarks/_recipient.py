@@ -25,16 +25,19 @@ import takeover.asyncio as takeover
 from takeover import recipient
 from takeover._aio_transport import MigratableServer
 from takeover._protocol import Kind
+from takeover._staging import Staging
 
 
 def instrument(marks: dict[str, float]) -> None:
     """Record when each phase of a move ends, on the shared monotonic clock."""
 
-    def around(owner: Any, name: str, after: str) -> None:
+    def around(owner: Any, name: str, after: str, before: str | None = None) -> None:
         real = getattr(owner, name)
 
         @functools.wraps(real)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                marks[before] = time.monotonic()
             try:
                 return real(*args, **kwargs)
             finally:
@@ -42,9 +45,10 @@ def instrument(marks: dict[str, float]) -> None:
 
         setattr(owner, name, wrapper)
 
-    around(recipient, "loads", "loads_end")
+    around(recipient, "loads", "loads_end", "loads_start")
     around(MigratableServer, "adopt", "adopt_end")
     around(MigratableServer, "start", "start_end")
+    around(Staging, "add", "staged")  # the last batch sent ahead, registered
 
     real_send = takeover.AsyncioChannel.send
     real_receive = takeover.AsyncioChannel.receive
@@ -59,7 +63,9 @@ def instrument(marks: dict[str, float]) -> None:
 
     async def receive(self: Any, timeout: float | None) -> Any:
         message = await real_receive(self, timeout)
-        if message.kind in received:
+        if message.kind is Kind.FDS and "graph_received" not in marks:
+            marks["ahead_received"] = time.monotonic()  # ahead of the graph: the last wins
+        elif message.kind in received:
             marks[received[message.kind]] = time.monotonic()  # FDS: the last batch wins
         return message
 

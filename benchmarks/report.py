@@ -19,17 +19,18 @@ Row = dict[str, Any]
 # The pause, cut at the phase boundaries both processes recorded on the shared
 # monotonic clock: (label, process of the start mark, start, process, end).
 PHASES: list[tuple[str, str, str, str, str]] = [
+    ("quiesce (originator)", "o", "quiesce_start", "o", "quiesce_end"),
     ("pickle (originator)", "o", "quiesce_end", "o", "dumps_end"),
     ("graph frame sent + received", "o", "dumps_end", "r", "graph_received"),
-    ("fds received (SCM_RIGHTS)", "r", "graph_received", "r", "fds_received"),
-    ("unpickle (recipient)", "r", "fds_received", "r", "loads_end"),
+    ("fds after the graph, if any", "r", "graph_received", "r", "loads_start"),
+    ("unpickle (recipient)", "r", "loads_start", "r", "loads_end"),
     ("adopt", "r", "loads_end", "r", "adopt_end"),
     ("READY -> COMMIT", "r", "adopt_end", "r", "commit_received"),
     ("COMMITTED + start", "r", "commit_received", "r", "start_end"),
 ]
 OUTSIDE: list[tuple[str, str, str, str, str]] = [
-    ("TAKE -> quiesce (dry run)", "o", "take_received", "o", "quiesce_start"),
-    ("quiesce (before the pause)", "o", "quiesce_start", "o", "quiesce_end"),
+    ("TAKE -> quiesce (dry run, sockets sent ahead)", "o", "take_received", "o", "quiesce_start"),
+    ("sockets ahead staged -> graph received", "r", "staged", "r", "graph_received"),
     ("release (originator, after commit)", "o", "release_start", "o", "release_end"),
 ]
 
@@ -207,7 +208,10 @@ def render(data: Row) -> str:
         "## Where the pause goes",
         "",
         "The pause cut at the marks both processes recorded (ms, median). The phases in the",
-        "pause add up to it, give or take the clock reads; quiesce and release lie outside it.",
+        "pause add up to it, give or take the clock reads. Outside it: the dry run and the",
+        "sockets sent ahead (the service still runs; the recipient builds and registers them",
+        "meanwhile; the next column is how long before the graph it was done, negative if",
+        "the graph waited for it) and the originator's release after commit.",
         "",
     ]
     rows = []
