@@ -71,9 +71,7 @@ STEPS = [
     # After TAKE the originator sends the arbiter and the sockets its dry run
     # found (FDS frames), while the service still runs; then it quiesces and
     # sends the graph, then any socket that appeared since (none here).
-    Step(
-        "take asked", "recipient.take-sent", "originator.take-received", (TO_RECIPIENT, Kind.FDS)
-    ),
+    Step("take asked", "recipient.take-sent", "originator.take-received", (TO_RECIPIENT, Kind.FDS)),
     Step("fds sent ahead", None, "originator.fds-sent-ahead", (TO_RECIPIENT, Kind.GRAPH)),
     Step("mid-graph", None, None, (TO_RECIPIENT, Kind.GRAPH), inside=True),
     Step(
