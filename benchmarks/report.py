@@ -222,6 +222,11 @@ def render(data: Row) -> str:
         rows.append(row)
     out += _table(["N"] + [p[0] for p in PHASES + OUTSIDE], rows)
 
+    out += [
+        "",
+        "What each optimisation bought, change by change: `benchmarks/README.md`",
+        '("What each optimisation bought").',
+    ]
     out += ["", "## Memory", ""]
     rows = []
     for size, runs, _floors in _by_size(data):
