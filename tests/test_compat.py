@@ -52,3 +52,53 @@ def test_server_state_without_poller_starts() -> None:
             new.discard()
 
     assert asyncio.run(main()) == b"ping\n"
+
+
+def test_peername_and_sockname_after_a_move() -> None:
+    """get_extra_info() answers in the new process (asyncio's _extra slot never travelled)."""
+    import os
+
+    from takeover._policy import UnpicklePolicy
+    from takeover._serialize import dumps, loads
+
+    async def main() -> tuple[object, object, object, object]:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = listener.getsockname()
+        old = MigratableServer(listener, Echo, "echo", loop)
+        old.start()
+        client = socket.create_connection(address)
+        while not old.connections:
+            await asyncio.sleep(0.01)
+        old.quiesce()
+        dumped = dumps(old)
+        try:
+            policy = UnpicklePolicy(allow=(__name__,))
+            new = loads(dumped.blob, [os.dup(fd) for fd in dumped.fds], policy=policy)
+        except BaseException:
+            client.close()
+            old.discard()
+            raise
+        new.adopt(loop)
+        new.start()
+        old.release()
+        (transport,) = new.connections
+        try:
+            return (
+                transport.get_extra_info("peername"),
+                client.getsockname(),
+                transport.get_extra_info("sockname"),
+                address,
+            )
+        finally:
+            client.close()
+            new.close_connections()
+            new.close()
+            await asyncio.sleep(0.05)
+            new.discard()
+
+    peer, client_address, local, listening = asyncio.run(main())
+    assert peer == client_address
+    assert local == listening
