@@ -294,7 +294,7 @@ def build_server(
         ours, theirs = socket.socketpair()
         opened += [ours, theirs]
         protocol = factory()
-        transport = MigratableTransport(ours, protocol, server, loop)
+        transport = MigratableTransport(ours, protocol, server)
         protocol.transport = transport
         server._transports[transport] = None
     return server, opened

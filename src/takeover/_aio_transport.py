@@ -66,8 +66,10 @@ class _Poller:
     def from_staging(cls, staging: Staging, transports: Iterable[MigratableTransport]) -> _Poller:
         """A poller made of the staged epoll instance (recipient, before start).
 
-        Connections that will read keep the registration made when their
-        socket arrived; every other staged descriptor is unregistered.
+        Each connection keeps the registration (for reading) made when its
+        socket arrived; start() corrects the few that should not read
+        (``_start`` through ``_sync``). Staged descriptors that are not one of
+        these connections are unregistered.
         """
         poller = cls.__new__(cls)
         poller._epoll = staging.epoll
@@ -76,9 +78,7 @@ class _Poller:
         registered = staging.registered
         for t in transports:
             fd = t._sock.fileno()
-            if fd in registered and not (
-                t._lost or t._lost_pending or t._closing or t._eof_received or t._reading_paused
-            ):
+            if fd in registered:
                 masks[fd] = select.EPOLLIN
                 owners[fd] = t
                 registered.discard(fd)
@@ -243,7 +243,6 @@ class MigratableTransport(asyncio.Transport):
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
         server: MigratableServer,
-        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # No super().__init__(): it would only fill the unused _extra slot.
         if sock.gettimeout() != 0.0:
@@ -612,7 +611,7 @@ class MigratableServer:
                 log.exception("protocol factory of %s failed", self.service_name)
                 conn.close()
                 continue
-            transport = MigratableTransport(conn, protocol, self, self._loop)
+            transport = MigratableTransport(conn, protocol, self)
             self._transports[transport] = None
             transport._quiesced = False
             protocol.connection_made(transport)

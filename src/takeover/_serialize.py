@@ -51,7 +51,7 @@ from typing import Any, Callable, cast
 
 from . import _policy
 from ._errors import MigrationRefusedError, ProtocolError, SerializationError
-from ._fds import close_all
+from ._fds import batches, close_all
 from ._policy import UnpicklePolicy
 
 MAIN_ALIAS = "__takeover_main__"
@@ -132,9 +132,9 @@ def _socket_slot(slot: int, family: int, kind: int, proto: int) -> socket.socket
 def _socket_ahead(slot: int) -> socket.socket:
     """The socket sent ahead of the graph in ``slot`` (each slot once).
 
-    A graph load resolves this name to its own ``dict.pop`` of those sockets
-    (see ``_GraphUnpickler.find_class``), so that no Python runs per socket;
-    this function is what a load with ``--trust`` calls instead.
+    Only its name matters: every graph load resolves it to the unpickler's
+    own ``dict.pop`` of those sockets (see ``_GraphUnpickler.find_class``,
+    before any policy), so that no Python runs per socket.
     """
     unpickler = _load_state.unpickler
     if unpickler is None:
@@ -143,7 +143,7 @@ def _socket_ahead(slot: int) -> socket.socket:
     return sock
 
 
-_policy.vet(_import_module, _bound_method, _socket_slot, _socket_ahead)
+_policy.vet(_import_module, _bound_method, _socket_slot)
 
 
 def _reduce_module(module: types.ModuleType) -> tuple[Callable[..., Any], tuple[str]]:
@@ -287,9 +287,7 @@ class EarlySockets:
     def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
         """(descriptors, their kinds) in batches of at most ``size``."""
         runs = [list(k) for k in self.kinds]
-        fds = [s.fileno() for s in self.sockets]
-        for start in range(0, len(fds), size):
-            batch = fds[start : start + size]
+        for batch in batches([s.fileno() for s in self.sockets], size):
             kinds: list[list[int]] = []
             need = len(batch)
             while need:

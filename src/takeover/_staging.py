@@ -9,7 +9,7 @@ any event loop yet).
 
 After the graph is rebuilt, the first server that adopts it may :func:`claim`
 the instance as its poller (the asyncio runtime does); it keeps the
-registrations of its idle connections and removes the others. Whatever is not
+registrations of its connections and removes the others. Whatever is not
 claimed is closed with the move, which drops every registration at once. A
 rollback closes the sockets, which drops them as well.
 """

@@ -190,6 +190,14 @@ async def _check(registry: Registry, name: str, pickle_protocol: int, send: Any)
     await send(Message(Kind.CHECKED, body))
 
 
+def _over_fd_limit(name: str, count: int, limits: Limits) -> Message | None:
+    """The ERROR refusing a move of ``count`` descriptors, if over the limit."""
+    if count <= limits.max_fds:
+        return None
+    text = f"service {name!r} holds {count} descriptors; the limit is {limits.max_fds}"
+    return _protocol.error("limit", text)
+
+
 async def _move(
     channel: Channel,
     conversation: Conversation,
@@ -222,12 +230,9 @@ async def _move(
         # sockets the dry run found, so that the recipient builds and
         # registers them outside the pause.
         early = EarlySockets(found)
-        if len(early.sockets) + 1 > limits.max_fds:
-            text = (
-                f"service {name!r} holds {len(early.sockets) + 1} descriptors; "
-                f"the limit is {limits.max_fds}"
-            )
-            await send(_protocol.error("limit", text))
+        too_many = _over_fd_limit(name, len(early.sockets) + 1, limits)
+        if too_many is not None:
+            await send(too_many)
             return
         arbiter = Arbiter.create()
         await send(Message(Kind.FDS, {"count": 1, "arbiter": True}), [arbiter.fd])
@@ -266,12 +271,9 @@ async def _move(
                 return
             # Sockets that appeared since the dry run travel after the graph.
             fds = [s.fileno() for s in dumped.sockets[len(early.sockets) :]]
-            if len(early.sockets) + len(fds) + 1 > limits.max_fds:
-                text = (
-                    f"service {name!r} holds {len(early.sockets) + len(fds) + 1} descriptors; "
-                    f"the limit is {limits.max_fds}"
-                )
-                await send(_protocol.error("limit", text))
+            too_many = _over_fd_limit(name, len(early.sockets) + len(fds) + 1, limits)
+            if too_many is not None:
+                await send(too_many)
                 return
             meta = {
                 "service": name,
