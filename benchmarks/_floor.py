@@ -40,7 +40,7 @@ def receive(sock: socket.socket, count: int) -> None:
     received: list[int] = []
     space = socket.CMSG_SPACE(BATCH * _INT)
     while len(received) < count:
-        data, ancdata, flags, _ = sock.recvmsg(256 * 1024, space, _CLOEXEC)
+        data, ancdata, flags, _ = sock.recvmsg(64 * 1024, space, _CLOEXEC)
         if not data and not ancdata:
             raise RuntimeError("sender went away")
         if flags & socket.MSG_CTRUNC:

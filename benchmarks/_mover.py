@@ -49,6 +49,7 @@ async def main(control: str) -> None:
     waiter = asyncio.ensure_future(migration.wait_empty())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    moved_away = waiter.done() and not waiter.cancelled()
     for future in (waiter, stopper):
         future.cancel()
     await migration.aclose()
@@ -57,6 +58,8 @@ async def main(control: str) -> None:
         service.close_connections()
         service.close()
     await asyncio.sleep(0)
+    if moved_away:
+        takeover.retire()  # as the command does: leave without taking the successor's CPU
 
 
 if __name__ == "__main__":

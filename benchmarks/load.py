@@ -1,17 +1,21 @@
 """What clients see under load while the service is moved again and again.
 
     python benchmarks/load.py [--apps echo,http] [--connections 100] [--duration 10]
-        [--move-every 0.2] [--repeats 3] [--out DIR] [--name load]
+        [--move-every 0.2] [--repeats 3] [--modes steady,moving,starts,moving_starts]
+        [--mover library|cli] [--out DIR] [--name load]
 
 For each repeat and each app (``examples/echo.py``, ``examples/http_counter.py``)
-two runs of the same length, back to back: **steady** (the service stays where
-it is) and **moving** (``python -m takeover take --json CONTROL`` is started
-every ``--move-every`` seconds, each once the previous one printed its
-``serving`` line, for the whole run). The load is ``_client.py``: N
-connections in one process, each sending its next request as soon as the
-previous one is answered, every answer checked (echo: byte for byte and a
-CRC32 of each direction; http: the request's own path, and hit numbers 1..n
-each once across all answers), stopping by themselves at the end of the run.
+runs of the same length, back to back: **steady** (the service stays where it
+is), **moving** (moved every ``--move-every`` seconds, each move once the
+previous one printed its ``serving`` line, for the whole run, into recipients
+all started before the run), and two that show what starting the recipient
+processes during the run costs: **starts only** (recipients started at that
+rate and stopped unused) and **moving + starts** (both). The load is
+``_client.py``: N connections in one process, each sending its next request
+as soon as the previous one is answered, every answer checked (echo: byte for
+byte and a CRC32 of each direction; http: the request's own path, and hit
+numbers 1..n each once across all answers), stopping by themselves at the end
+of the run.
 
 Writes ``DIR/NAME.json`` and ``DIR/NAME.md``; ``--render NAME.json`` redraws the
 markdown from the JSON.
@@ -40,8 +44,15 @@ from _common import percentile
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
 TIMEOUT = 60.0
-MODES = ("steady", "starts", "moving")
+MODES = ("steady", "moving", "starts", "moving_starts")
+MODE_NAMES = {
+    "steady": "steady",
+    "moving": "moving",
+    "starts": "starts only",
+    "moving_starts": "moving + starts",
+}
 SPARES = 3
+"""Recipients kept started ahead while the run starts them (starts, moving + starts)."""
 PIN: dict[str, list[int]] = {"server": [], "client": []}
 """CPUs for the servers and for the clients (``--no-pin``: none)."""
 BIN_S = 0.02
@@ -166,14 +177,19 @@ def run_load(
             cpus=PIN["client"],
         )
         client.event("connected", TIMEOUT)
-        moving = mode == "moving"
-        if mode == "starts" or (moving and mover != "cli"):
-            # Recipients started ahead, SPARES of them at all times, so that a
-            # busy machine starting Python slowly does not hold up the moves.
+        moving = mode in ("moving", "moving_starts")
+        # moving + starts and the control keep SPARES recipients started ahead
+        # and start the next one as each is used, so that a busy machine
+        # starting Python slowly does not hold up the moves.
+        replenish = mode in ("starts", "moving_starts") and mover != "cli"
+        if replenish:
             spares = [spare(control) for _ in range(SPARES)]
-            for proc in spares:
-                proc.event("ready", TIMEOUT)
-                ready.add(proc.pid)
+        elif moving and mover != "cli":
+            # moving: every recipient of the run is started before it begins.
+            spares = [spare(control) for _ in range(int(duration / move_every) + 1)]
+        for proc in spares:
+            proc.event("ready", TIMEOUT)
+            ready.add(proc.pid)
         load_before = os.getloadavg()
         client.send_line("go")
         t0 = float(client.event("started", TIMEOUT)["t0"])
@@ -201,7 +217,9 @@ def run_load(
                         proc = _common.Proc(take_argv(control), cpus=PIN["server"])
                         holders.append(proc)
                     else:
-                        proc = spares.pop(0)
+                        # (Started here only if the run outlasts the recipients
+                        # started for it.)
+                        proc = spares.pop(0) if spares else spare(control)
                         holders.append(proc)
                         if proc.pid not in ready:
                             proc.event("ready", TIMEOUT)
@@ -213,7 +231,7 @@ def run_load(
                 except RuntimeError as exc:
                     failures.append(str(exc))
                     break
-                if mover != "cli":
+                if replenish:
                     spares.append(spare(control))
                 moves.append(
                     {
@@ -305,20 +323,14 @@ def lost_or_duplicated(run: dict[str, Any]) -> int:
     return int(run["echo_byte_difference"] + run["echo_crc_mismatches"])
 
 
-def pairs(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(steady, moving) runs of one app from the same repeat."""
+def pairs(
+    data: dict[str, Any], app: str, mode: str = "moving", base: str = "steady"
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(base, mode) runs of one app from the same repeat."""
     runs = [r for r in data["runs"] if r["app"] == app]
-    steady = {r["repeat"]: r for r in runs if r["mode"] == "steady"}
-    moving = [r for r in runs if r["mode"] == "moving" and r["repeat"] in steady]
-    return [(steady[r["repeat"]], r) for r in moving]
-
-
-def controls(data: dict[str, Any], app: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(starts only, moving) runs of one app from the same repeat."""
-    runs = [r for r in data["runs"] if r["app"] == app]
-    starts = {r["repeat"]: r for r in runs if r["mode"] == "starts"}
-    moving = [r for r in runs if r["mode"] == "moving" and r["repeat"] in starts]
-    return [(starts[r["repeat"]], r) for r in moving]
+    first = {r["repeat"]: r for r in runs if r["mode"] == base}
+    second = [r for r in runs if r["mode"] == mode and r["repeat"] in first]
+    return [(first[r["repeat"]], r) for r in second]
 
 
 def runnable(data: dict[str, Any]) -> str:
@@ -349,7 +361,8 @@ def render(data: dict[str, Any]) -> str:
         f" (each run waited up to {data.get('quiet_wait', 0):g} s for fewer than the CPUs)",
         f"- Processes {data.get('pinning', 'not pinned')}",
         "",
-        f"Each repeat, for each app, three runs of {data['duration']:g} s back to back, the same",
+        f"Each repeat, for each app, {len(data.get('modes', MODES))} runs of "
+        f"{data['duration']:g} s back to back, the same",
         f"load: {data['connections']} keep-alive connections from one client process",
         "(`benchmarks/_client.py`, selectors), each sending its next request as soon as the",
         "previous one is answered and stopping by itself at the end of the run. Before each",
@@ -358,13 +371,18 @@ def render(data: dict[str, Any]) -> str:
         "3x slower, which the steady run would otherwise be charged with.",
         "",
         "- **steady**: the service stays in the process that started it.",
-        "- **starts only**: the control: the recipient processes of a moving run are started",
-        f"  as often (one every {data['move_every']:g} s, three ahead) and stopped unused; the",
-        "  service stays. What starting Python that often costs the clients on this machine,",
-        "  without moving anything.",
         f"- **moving**: the service moved every {data['move_every']:g} s (each move once the",
         "  previous one printed its `serving` line), for the whole run: A → B → C → ..., each to a",
-        f"  fresh process: {MOVERS[data.get('mover', 'cli')]}.",
+        f"  fresh process: {MOVERS[data.get('mover', 'cli')]}. With the library mover, every",
+        "  recipient of the run is started (and idle) before the run begins, as a deploy starts",
+        "  its new process once: what the clients see is the moves, and the exits of the",
+        "  processes the service left.",
+        "- **starts only**: a control: recipient processes started at the moves' rate (one every",
+        f"  {data['move_every']:g} s, three ahead) and stopped unused, while the service stays:",
+        "  what starting Python five times a second on the server's CPU costs the clients,",
+        "  without moving anything.",
+        "- **moving + starts**: moving, with the recipients started during the run as in",
+        "  *starts only* (three ahead, the next one started at each move): both costs at once.",
         "",
         "Checks: echo answers byte for byte, and a CRC32 and byte count of each direction",
         "of each connection agree at the end; http answers carry the request's own path, and",
@@ -373,8 +391,9 @@ def render(data: dict[str, Any]) -> str:
         "also for 100 ms after the end. Latency: from sending a request to its whole answer.",
         "*Client stalls*: turns of the client's loop that took 50 ms longer than their wait",
         "(the client process was not running): a latency spike there is the machine's.",
-        "Figures: median over the repeats with (min..max); ratios are moving / steady of the",
-        "same repeat; *moving / starts only* leaves out what starting the processes costs.",
+        "Figures: median over the repeats with (min..max); ratios are between runs of the",
+        "same repeat; *moving + starts / starts only* leaves out what starting the processes",
+        "costs.",
         "",
         "## Errors and integrity",
         "",
@@ -385,11 +404,12 @@ def render(data: dict[str, Any]) -> str:
             runs = [r for r in data["runs"] if r["app"] == app and r["mode"] == mode]
             if not runs:
                 continue
+            moving = mode in ("moving", "moving_starts")
             rows.append(
                 [
                     app,
-                    mode,
-                    cell([len(r["moves"]) for r in runs], 0) if mode == "moving" else "0",
+                    MODE_NAMES[mode],
+                    cell([len(r["moves"]) for r in runs], 0) if moving else "0",
                     str(sum(r["errors"] for r in runs)),
                     str(sum(lost_or_duplicated(r) for r in runs)),
                     str(sum(len(r["failures"]) for r in runs)),
@@ -422,50 +442,65 @@ def render(data: dict[str, Any]) -> str:
     rows = []
     for app in data["apps"]:
         both = pairs(data, app)
-        starts = [(st, mv) for st, mv in controls(data, app)]
+        starts = pairs(data, app, "starts")
+        deploy = pairs(data, app, "moving_starts")
+        deploy_starts = pairs(data, app, "moving_starts", "starts")
+        if not both:
+            continue
+
+        def ratio(runs: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> str:
+            return cell([b["latency"][key] / a["latency"][key] for a, b in runs], 2)
+
         for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
-            if not both:
-                continue
             rows.append(
                 [
                     app,
                     label,
                     cell([s["latency"][key] for s, _ in both]),
-                    cell([st["latency"][key] for st, _ in starts]),
                     cell([mv["latency"][key] for _, mv in both]),
-                    cell([mv["latency"][key] / s["latency"][key] for s, mv in both], 2),
-                    cell([mv["latency"][key] / st["latency"][key] for st, mv in starts], 2),
+                    ratio(both, key),
                     cell([mv["latency_across_pause"][key] for _, mv in both]),
                     cell(
                         [mv["latency_across_pause"][key] / s["latency"][key] for s, mv in both], 2
                     ),
+                    cell([st["latency"][key] for _, st in starts]),
+                    cell([mv["latency"][key] for _, mv in deploy]),
+                    ratio(deploy, key),
+                    ratio(deploy_starts, key),
                 ]
             )
-        if both:
-            rows.append(
-                [
-                    app,
-                    "requests/s",
-                    cell([s["throughput_rps"] for s, _ in both], 0),
-                    cell([st["throughput_rps"] for st, _ in starts], 0),
-                    cell([mv["throughput_rps"] for _, mv in both], 0),
-                    cell([mv["throughput_rps"] / s["throughput_rps"] for s, mv in both], 2),
-                    cell([mv["throughput_rps"] / st["throughput_rps"] for st, mv in starts], 2),
-                    "",
-                    "",
-                ]
-            )
+
+        def rps(runs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+            return cell([b["throughput_rps"] / a["throughput_rps"] for a, b in runs], 2)
+
+        rows.append(
+            [
+                app,
+                "requests/s",
+                cell([s["throughput_rps"] for s, _ in both], 0),
+                cell([mv["throughput_rps"] for _, mv in both], 0),
+                rps(both),
+                "",
+                "",
+                cell([st["throughput_rps"] for _, st in starts], 0),
+                cell([mv["throughput_rps"] for _, mv in deploy], 0),
+                rps(deploy),
+                rps(deploy_starts),
+            ]
+        )
     out += _table(
         [
             "app",
             "latency",
             "steady ms",
-            "starts only ms",
             "moving ms (whole run)",
             "moving / steady",
-            "moving / starts only",
             "requests across a pause, ms",
             "across a pause / steady",
+            "starts only ms",
+            "moving + starts ms",
+            "moving + starts / steady",
+            "moving + starts / starts only",
         ],
         rows,
     )
@@ -479,22 +514,26 @@ def render(data: dict[str, Any]) -> str:
     ]
     rows = []
     for app in data["apps"]:
-        moves = [mv for _, run in pairs(data, app) for mv in run["moves"]]
-        if not moves:
-            continue
-        rows.append(
-            [
-                app,
-                str(len(moves)),
-                cell([mv["connections"] for mv in moves], 0),
-                cell([mv["pause_ms"] for mv in moves]),
-                cell([(mv["serving"] - mv["start"]) * 1000 for mv in moves], 1),
-                cell([mv["latency_across_pause"]["count"] for _, mv in pairs(data, app)], 0),
-            ]
-        )
+        for mode in ("moving", "moving_starts"):
+            runs = [run for _, run in pairs(data, app, mode)]
+            moves = [mv for run in runs for mv in run["moves"]]
+            if not moves:
+                continue
+            rows.append(
+                [
+                    app,
+                    MODE_NAMES[mode],
+                    str(len(moves)),
+                    cell([mv["connections"] for mv in moves], 0),
+                    cell([mv["pause_ms"] for mv in moves]),
+                    cell([(mv["serving"] - mv["start"]) * 1000 for mv in moves], 1),
+                    cell([run["latency_across_pause"]["count"] for run in runs], 0),
+                ]
+            )
     out += _table(
         [
             "app",
+            "run",
             "moves (all runs)",
             "connections moved",
             "pause ms",
@@ -536,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=float, default=2.0, help="seconds of unrecorded load before each run"
     )
     parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"runs per app and repeat, of {', '.join(MODES)} (steady and moving at least)",
+    )
+    parser.add_argument(
         "--mover",
         choices=("library", "cli"),
         default="library",
@@ -549,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _common.raise_nofile()
     apps = [a for a in args.apps.split(",") if a]
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown or "steady" not in modes or "moving" not in modes:
+        parser.error(f"--modes: steady and moving, and any of {', '.join(MODES[2:])}")
     PIN["server"], PIN["client"] = _common.cpu_split(not args.no_pin)
     data: dict[str, Any] = {
         **_common.run_header("load", args),
@@ -556,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "duration": args.duration,
         "move_every": args.move_every,
+        "modes": modes,
         "warmup": args.warmup,
         "mover": args.mover,
         "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
@@ -563,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for repeat in range(args.repeats):
         for app in apps:
-            for mode in MODES:
+            for mode in modes:
                 quiet = _common.wait_quiet(args.quiet_wait)
                 run = run_load(
                     app,

@@ -7,8 +7,8 @@
   against the number of connections, median with min..max bars, log-log.
 * ``NAME-latency.png`` from load.py's results: latency over time across the
   moves, per app: the worst and the median latency of the requests sent in
-  each 20 ms, the moving run against the steady and the starts-only runs of
-  the same repeat, each move's pause shaded.
+  each 20 ms, the moving run against the steady and the moving + starts runs
+  of the same repeat, each move's pause shaded.
 * ``NAME-latency.png`` from sidebyside.py's results: the worst latency of the
   long-lived connections per 20 ms around the replacement, per strategy, and
   the new connections that failed.
@@ -98,18 +98,19 @@ def plot_load(data: dict[str, Any], path: str) -> None:
         if steady is not None:
             s = steady["series"]
             ax.plot(s["t"], s["max_ms"], color="0.6", lw=0.8, label="steady: worst per 20 ms")
-        starts = next(
-            (r for r in runs if r["mode"] == "starts" and r["repeat"] == moving["repeat"]), None
+        deploy = next(
+            (r for r in runs if r["mode"] == "moving_starts" and r["repeat"] == moving["repeat"]),
+            None,
         )
-        if starts is not None:
-            s = starts["series"]
+        if deploy is not None:
+            s = deploy["series"]
             ax.plot(
                 s["t"],
                 s["max_ms"],
                 color="tab:green",
                 lw=0.7,
                 alpha=0.7,
-                label="starts only: worst per 20 ms",
+                label="moving + starts (recipients started during the run): worst per 20 ms",
             )
         for move in moving["moves"]:
             end = move["taken"]

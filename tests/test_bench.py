@@ -135,12 +135,9 @@ def test_load_quick_path(workdir: str) -> None:
     assert "Produced by `" in markdown and "CPU:" in markdown
     header, rows = _table(markdown, "Errors and integrity")
     assert [(row[0], row[1]) for row in rows] == [
-        ("echo", "steady"),
-        ("echo", "starts"),
-        ("echo", "moving"),
-        ("http", "steady"),
-        ("http", "starts"),
-        ("http", "moving"),
+        (app, mode)
+        for app in ("echo", "http")
+        for mode in ("steady", "moving", "starts only", "moving + starts")
     ]
     for row in rows:
         assert row[header.index("errors (all runs)")] == "0"
@@ -148,7 +145,7 @@ def test_load_quick_path(workdir: str) -> None:
         assert row[header.index("failed moves (all runs)")] == "0"
         assert _number(row[header.index("requests per run")]) > 0
     header, rows = _table(markdown, "Latency: moving against steady")
-    assert "moving / steady" in header and "moving / starts only" in header
+    assert "moving / steady" in header and "moving + starts / starts only" in header
     assert [(row[0], row[1]) for row in rows][:3] == [
         ("echo", "p50"),
         ("echo", "p99"),
@@ -158,8 +155,8 @@ def test_load_quick_path(workdir: str) -> None:
 
     with open(os.path.join(workdir, "load.json")) as f:
         data = json.load(f)
-    moving = [r for r in data["runs"] if r["mode"] == "moving"]
-    assert all(r["moves"] for r in moving), "no move happened"
+    moving = [r for r in data["runs"] if r["mode"] in ("moving", "moving_starts")]
+    assert len(moving) == 4 and all(r["moves"] for r in moving), "no move happened"
     assert all(m["connections"] == 4 for r in moving for m in r["moves"])
     assert all(
         r["hits_check"]["answers"] == r["completed"] + r["warmup_completed"]

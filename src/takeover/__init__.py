@@ -19,6 +19,7 @@ from ._errors import (
 from ._options import add_control_options, control_options
 from ._policy import UnpicklePolicy
 from ._protocol import Limits
+from ._retire import retire
 from .recipient import Taken
 from .registry import Registry, Service, ServiceState
 
@@ -43,4 +44,5 @@ __all__ = [
     "__version__",
     "add_control_options",
     "control_options",
+    "retire",
 ]

@@ -31,7 +31,8 @@ from ._errors import (
 )
 from ._protocol import HANDSHAKE_FRAME_LIMIT, FrameDecoder, Limits, Message
 
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024
+"""Below glibc's mmap threshold, as in _aio_transport: a read is not a fresh mapping."""
 _TOKEN_BYTES = 32
 
 

@@ -40,7 +40,13 @@ from ._staging import Staging
 
 log = logging.getLogger("takeover.asyncio")
 
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024
+"""Bytes asked of each ``recv`` (Twisted's choice too). Not asyncio's 256 KiB:
+``recv(n)`` allocates n bytes before it knows how many arrive, and above
+glibc's mmap threshold (128 KiB until a large block is freed) that is an
+mmap, an mremap and a munmap per read. A server answering small requests
+spent two thirds of its CPU there (42k requests/s against 120k in
+benchmarks/load.py), and whether it did depended on the process's history."""
 _HIGH_WATER = 64 * 1024
 _ACCEPT_RETRY = 1.0
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+from . import _retire
 from ._aio_channel import AsyncioChannel, StreamChannel, parse_control
 from ._aio_transport import MigratableServer, MigratableTransport, ProtocolFactory
 from ._auth import TLSConfig, load_secret
@@ -37,6 +38,7 @@ from ._errors import AuthenticationError, ChannelClosedError, TakeoverError
 from ._options import add_control_options, control_options
 from ._policy import UnpicklePolicy
 from ._protocol import Limits
+from ._retire import retire
 from .originator import serve_channel
 from .recipient import RecipientSession, Taken, select
 from .registry import Registry, Service
@@ -52,6 +54,7 @@ __all__ = [
     "connect",
     "control_options",
     "load_secret",
+    "retire",
     "serve_until_moved",
     "start_server",
     "start_unix_server",
@@ -476,6 +479,7 @@ async def serve_until_moved(
     secret: bytes | None = None,
     tls: TLSConfig | None = None,
     ready: Callable[[MigrationServer], object] | None = None,
+    retire: bool = True,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
@@ -492,6 +496,11 @@ async def serve_until_moved(
             :class:`MigrationServer`).
         ready: called once the control socket accepts recipients (to print
             a "ready" line, say).
+        retire: once everything has moved, prepare this process to exit
+            without taking CPU from its successor (:func:`takeover.retire`:
+            the garbage collector's heap frozen, so the interpreter's
+            teardown does not walk it, and the idle scheduling class).
+            Pass False if the program goes on working after this returns.
     """
     async with MigrationServer(
         control, limits=limits, replace=replace, secret=secret, tls=tls
@@ -501,3 +510,5 @@ async def serve_until_moved(
         if ready is not None:
             ready(migration)
         await migration.wait_empty()
+    if retire:
+        _retire.retire()

@@ -33,6 +33,7 @@ from typing import Any
 
 from ._errors import TakeoverError
 from ._options import add_limit_options, add_security_options, limits, security_options
+from ._retire import retire
 from .recipient import CheckResult, Taken, select
 
 EXIT_FAILURE = 1
@@ -199,6 +200,7 @@ async def _take(args: argparse.Namespace) -> int:
     waiter = asyncio.ensure_future(migration.wait_empty())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    moved_away = waiter.done() and not waiter.cancelled()
     for future in (waiter, stopper):
         future.cancel()
     # Stop recipients first: a move in progress rolls back into this process,
@@ -210,6 +212,9 @@ async def _take(args: argparse.Namespace) -> int:
         service.close()
     # Let connection_lost callbacks run before the loop goes away.
     await asyncio.sleep(0)
+    if moved_away:
+        # The successor serves on this machine: leave without taking its CPU.
+        retire()
     return EXIT_PARTIAL if failures else 0
 
 

@@ -181,6 +181,7 @@ def serve_until_moved(
     tls: TLSConfig | None = None,
     ready: Callable[[Any], object] | None = None,
     reactor: Any = None,
+    retire: bool = True,
 ) -> Any:
     """Publish ``services`` at ``control``; a Deferred that fires once all have moved.
 
@@ -198,6 +199,7 @@ def serve_until_moved(
             secret=secret,
             tls=tls,
             ready=ready,
+            retire=retire,
         ),
         reactor,
     )
