@@ -55,7 +55,9 @@ PROGRAM = textwrap.dedent(
 
 
 def test_small_reads_do_not_fault_fresh_pages() -> None:
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     # With 256 KiB reads: 2 faults per request (4000); now none after warming up.
