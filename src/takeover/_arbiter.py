@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 
 PENDING = b"P"
 COMMITTED = b"C"
@@ -38,6 +37,8 @@ class Arbiter:
         if create is not None:
             fd = create("takeover-arbiter", os.MFD_CLOEXEC)
         else:
+            import tempfile  # only where there is no memfd_create
+
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
         os.pwrite(fd, PENDING, 0)

@@ -12,11 +12,13 @@ An application adds them to its own parser and passes the result on::
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._auth import TLSConfig, load_secret
 from ._protocol import Limits
+
+if TYPE_CHECKING:  # argparse is the application's: not imported for a type
+    import argparse
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:

@@ -46,7 +46,6 @@ import logging
 import os
 import site
 import sys
-import sysconfig
 import types
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -190,6 +189,8 @@ def stdlib_names() -> frozenset[str]:
         return frozenset(names)
     # Python 3.9: what lives in the standard library's directories.
     found = set(sys.builtin_module_names)
+    import sysconfig
+
     suffixes = sorted(importlib.machinery.all_suffixes(), key=len, reverse=True)
     paths = sysconfig.get_paths()
     for directory in {paths["stdlib"], paths["platstdlib"]}:
@@ -214,6 +215,8 @@ def stdlib_names() -> frozenset[str]:
 @cache
 def _installed_dirs() -> tuple[str, ...]:
     """Where installed code lives: the standard library and site-packages."""
+    import sysconfig  # (once: the result is cached)
+
     paths = sysconfig.get_paths()
     dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
     try:
@@ -275,8 +278,14 @@ class UnpicklePolicy:
                     f"--allow takes a module name like myapp or myapp.models: {name!r}"
                 )
         object.__setattr__(self, "allow", allow)
+
+    def prepare(self) -> None:
+        """Import the vetted modules (datetime, decimal, uuid...) now, not while a
+        service is paused: a recipient calls this when its session opens. (Not
+        done on construction: a process that never unpickles, an originator,
+        would pay for them in its start-up.)"""
         if not self.trust:
-            _vetted()  # import the vetted modules now, not while a service is paused
+            _vetted()
 
     # -- modules ------------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class RecipientSession:
         self.policy = policy if policy is not None else UnpicklePolicy()
         if self.policy.trust:
             log.warning("%s", TRUST_WARNING)
+        self.policy.prepare()
         self._fd_transport: dict[str, Any] | None = None
         self._watch: ProcessWatch | None = None
         self._main: str | None = None
