@@ -8,26 +8,42 @@
   short frame per batch, ``MSG_CMSG_CLOEXEC`` on receipt). Timed from the
   first ``sendmsg`` to the child's last ``recvmsg`` on the shared monotonic
   clock.
-* pickle: N protocol objects of the benchmark's ``Echo`` class (fresh, no
-  transport) pickled with ``pickle.dumps`` at the highest protocol and
-  unpickled with ``pickle.loads``, in this process.
+* pickle, two ways, each with ``pickle.dumps`` at the highest protocol and
+  ``pickle.loads``, in this process, with the cyclic GC paused (as a move
+  pauses it; a collection is not part of the work, and how long one takes
+  depends on what else the process imported):
+
+  - **app objects**: N bare protocol objects of the benchmark's ``Echo``
+    class (no transport): the application's state alone, the strictest floor.
+  - **same graph**: the service's own objects, as a move pickles them: a
+    quiesced ``MigratableServer`` with N ``MigratableTransport``s, each with
+    its ``Echo``, pickled by a plain ``pickle.Pickler`` whose only addition
+    is that a socket pickles as its descriptor number.
 
 Prints ``{"event": "floor", "fds_ms": ..., "dumps_ms": ..., "loads_ms": ...,
-"pickle_bytes": ...}``.
+"pickle_bytes": ..., "graph_dumps_ms": ..., "graph_loads_ms": ...,
+"graph_bytes": ...}``.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
+import copyreg
+import gc
+import io
 import os
 import pickle
 import socket
 import struct
 import sys
 import time
+from typing import Any
 
 import _common
 from _echo_app import Echo
+
+from takeover.asyncio import MigratableServer, MigratableTransport
 
 BATCH = 253
 _INT = array.array("i").itemsize
@@ -94,20 +110,53 @@ def pass_fds(count: int) -> float:
     return (done - start) * 1000
 
 
-def pickle_protocols(count: int) -> tuple[float, float, int]:
-    """Milliseconds to pickle and unpickle ``count`` protocol objects, and the size."""
-    protocols = [Echo() for _ in range(count)]
-    start = time.monotonic()
-    blob = pickle.dumps(protocols, pickle.HIGHEST_PROTOCOL)
-    dumped = time.monotonic()
-    pickle.loads(blob)
-    loaded = time.monotonic()
+def timed_pickle(graph: Any, pickler: type[pickle.Pickler]) -> tuple[float, float, int]:
+    """Milliseconds to pickle and unpickle ``graph`` (GC paused), and the size."""
+    buffer = io.BytesIO()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.monotonic()
+        pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(graph)
+        blob = buffer.getvalue()
+        dumped = time.monotonic()
+        pickle.loads(blob)
+        loaded = time.monotonic()
+    finally:
+        if enabled:
+            gc.enable()
     return (dumped - start) * 1000, (loaded - dumped) * 1000, len(blob)
+
+
+class _FdPickler(pickle.Pickler):
+    """Plain pickle, except that a socket pickles as its descriptor number."""
+
+    dispatch_table = {**copyreg.dispatch_table, socket.socket: lambda s: (int, (s.fileno(),))}
+
+
+def same_graph(count: int) -> tuple[float, float, int]:
+    """The service's objects as a move of ``count`` connections pickles them."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count + 1)]
+    loop = asyncio.new_event_loop()
+    try:
+        server = MigratableServer(sockets[0], Echo, "echo", loop)
+        for sock in sockets[1:]:
+            protocol = Echo()
+            transport = MigratableTransport(sock, protocol, server)
+            server._transports[transport] = None
+            protocol.connection_made(transport)
+        server.quiesce()
+        return timed_pickle(server, _FdPickler)
+    finally:
+        loop.close()
+        for sock in sockets:
+            sock.close()
 
 
 def main(count: int) -> None:
     fds_ms = pass_fds(count + 1)
-    dumps_ms, loads_ms, size = pickle_protocols(count)
+    dumps_ms, loads_ms, size = timed_pickle([Echo() for _ in range(count)], pickle.Pickler)
+    graph_dumps_ms, graph_loads_ms, graph_bytes = same_graph(count)
     _common.emit(
         "floor",
         connections=count,
@@ -116,6 +165,9 @@ def main(count: int) -> None:
         dumps_ms=dumps_ms,
         loads_ms=loads_ms,
         pickle_bytes=size,
+        graph_dumps_ms=graph_dumps_ms,
+        graph_loads_ms=graph_loads_ms,
+        graph_bytes=graph_bytes,
         memory=_common.memory(),
     )
 

@@ -52,10 +52,20 @@ def plot_scale(data: dict[str, Any], path: str) -> None:
         ("pause (quiesce → started)", lambda r: r["pause_ms"], data["runs"], "o-"),
         ("take (TAKE → started)", lambda r: r.get("take_ms"), data["runs"], "s--"),
         (
-            "floor (SCM_RIGHTS + pickle alone)",
-            lambda f: f["fds_ms"] + f["dumps_ms"] + f["loads_ms"],
+            "floor: same graph (SCM_RIGHTS + plain pickle)",
+            lambda f: (
+                f["fds_ms"] + f["graph_dumps_ms"] + f["graph_loads_ms"]
+                if "graph_dumps_ms" in f
+                else None
+            ),
             data["floors"],
             "^:",
+        ),
+        (
+            "floor: app objects only",
+            lambda f: f["fds_ms"] + f["dumps_ms"] + f["loads_ms"],
+            data["floors"],
+            "v:",
         ),
     ]
     for label, get, rows, style in series:
