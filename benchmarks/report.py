@@ -120,6 +120,15 @@ def render(data: Row) -> str:
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
         f"- RLIMIT_NOFILE (soft, hard): {m['nofile'][0]}, {m['nofile'][1]}",
+        *(
+            [
+                "- Runnable processes besides the benchmark before each run: "
+                + cell([r["quiet"]["runnable"] for r in data["runs"] if "quiet" in r], 1)
+                + f" (each run waited up to {data['quiet_wait']:g} s for fewer than the CPUs)"
+            ]
+            if "quiet_wait" in data
+            else []
+        ),
         "",
         "Each run: a line-echo originator (`benchmarks/_echo_app.py`) in its own process, N idle",
         "TCP connections to it opened by the driver, the service moved to a recipient process",

@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         help="disable the cyclic GC in the originator and the recipient (an experiment)",
     )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=10.0,
+        help="before each run, wait up to this many seconds for the machine to quieten",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     _soft, hard = _common.raise_nofile()
@@ -257,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "recipient": args.recipient,
         "gc_off": args.gc_off,
+        "quiet_wait": args.quiet_wait,
         "sizes": sizes,
         "skipped": {},
         "runs": [],
@@ -270,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             data["skipped"][str(count)] = reason
             continue
         for repeat in range(args.repeats):
+            quiet = _common.wait_quiet(args.quiet_wait)
             move = run_move(count, args.recipient)
+            move["quiet"] = quiet
             floor = run_floor(count)
             data["runs"].append(move)
             data["floors"].append(floor)
