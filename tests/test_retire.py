@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from procs import ROOT
+
+SRC = os.path.join(ROOT, "src")
 
 PROGRAM = textwrap.dedent(
     """
@@ -76,3 +81,18 @@ def test_retire_without_idle_priority_only_freezes() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.skipif(shutil.which("pypy3") is None, reason="no pypy3 (make interpreters)")
+def test_retire_on_pypy_lowers_the_priority_without_gc_freeze() -> None:
+    """PyPy has neither gc.freeze nor os.SCHED_IDLE: retire() takes nice 19."""
+    code = "import os, takeover; takeover.retire(); print(os.nice(0))"
+    out = subprocess.run(
+        ["pypy3", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["19"]
