@@ -8,20 +8,20 @@ process start and the imports done before the move: prints
 every service, publishes them again at CONTROL (rename over it, before the
 conversation ends, as the command does) and prints ``{"event": "taken", ...}``
 per service and ``{"event": "serving", ...}``. It serves until its services
-have moved on (then exits 0) or until SIGTERM (then closes them).
+have moved on (then exits 0) or until SIGINT/SIGTERM (then closes them):
+``takeover.cli.hold``, as the command does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
-from typing import Any
 
 import _common
 
 import takeover.asyncio as takeover
+from takeover.cli import hold
 from takeover.recipient import select
 
 
@@ -44,22 +44,7 @@ async def main(control: str) -> None:
     for result in taken:
         _common.emit("taken", **result.summary())
     _common.emit("serving", control=migration.path, pid=os.getpid())
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    waiter = asyncio.ensure_future(migration.wait_empty())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    moved_away = waiter.done() and not waiter.cancelled()
-    for future in (waiter, stopper):
-        future.cancel()
-    await migration.aclose()
-    for name in migration.registry.names():
-        service: Any = migration.registry.withdraw(name)
-        service.close_connections()
-        service.close()
-    await asyncio.sleep(0)
-    if moved_away:
-        takeover.retire()  # as the command does: leave without taking the successor's CPU
+    await hold(migration)  # as the command does, retiring once it has moved on
 
 
 if __name__ == "__main__":

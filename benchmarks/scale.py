@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             floor = run_floor(count)
             data["runs"].append(move)
             data["floors"].append(floor)
-            graph_floor = floor["fds_ms"] + floor["graph_dumps_ms"] + floor["graph_loads_ms"]
-            app_floor = floor["fds_ms"] + floor["dumps_ms"] + floor["loads_ms"]
+            graph_floor = report._graph_floor_ms(floor) or 0.0
+            app_floor = report._floor_ms(floor)
             print(
                 f"N={count} run {repeat + 1}/{args.repeats}: pause {move['pause_ms']:.3f} ms, "
                 f"take {move['take_ms'] or 0:.3f} ms, graph {move['graph_bytes']} B, "

@@ -29,12 +29,15 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import TakeoverError
 from ._options import add_limit_options, add_security_options, limits, security_options
 from ._retire import retire
 from .recipient import CheckResult, Taken, select
+
+if TYPE_CHECKING:
+    from .asyncio import MigrationServer
 
 EXIT_FAILURE = 1
 EXIT_PARTIAL = 3
@@ -194,6 +197,17 @@ async def _take(args: argparse.Namespace) -> int:
     else:
         print(f"serving {len(taken)} service(s) at {migration.path} (pid {os.getpid()})")
     sys.stdout.flush()
+    await hold(migration)
+    return EXIT_PARTIAL if failures else 0
+
+
+async def hold(migration: MigrationServer) -> bool:
+    """Serve what ``migration`` publishes until it has all moved on (True) or
+    SIGINT/SIGTERM (False); then close what is left, and retire if it moved.
+
+    What ``takeover take`` does once it serves (benchmarks/_mover.py too).
+    """
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -215,7 +229,7 @@ async def _take(args: argparse.Namespace) -> int:
     if moved_away:
         # The successor serves on this machine: leave without taking its CPU.
         retire()
-    return EXIT_PARTIAL if failures else 0
+    return moved_away
 
 
 def _report_check(result: CheckResult, as_json: bool) -> None:
