@@ -65,9 +65,8 @@ def instrument(marks: dict[str, float]) -> None:
 
     real_send = takeover.AsyncioChannel.send
     real_receive = takeover.AsyncioChannel.receive
-    sent = {Kind.GRAPH: "graph_sent", Kind.FDS: "fds_sent", Kind.COMMIT: "commit_sent"}
-    received = {Kind.TAKE: "take_received", Kind.READY: "ready_received"}
-    received[Kind.COMMITTED] = "committed_received"
+    sent = {Kind.GRAPH: "graph_sent", Kind.FDS: "fds_sent"}
+    received = {Kind.TAKE: "take_received", Kind.COMMITTED: "committed_received"}
 
     async def send(self: Any, message: Any, fds: Any = ()) -> None:
         await real_send(self, message, fds)

@@ -52,9 +52,8 @@ def instrument(marks: dict[str, float]) -> None:
 
     real_send = takeover.AsyncioChannel.send
     real_receive = takeover.AsyncioChannel.receive
-    sent = {Kind.TAKE: "take_sent", Kind.READY: "ready_sent", Kind.COMMITTED: "committed_sent"}
+    sent = {Kind.TAKE: "take_sent", Kind.COMMITTED: "committed_sent"}
     received = {Kind.GRAPH: "graph_received", Kind.FDS: "fds_received"}
-    received[Kind.COMMIT] = "commit_received"
 
     async def send(self: Any, message: Any, fds: Any = ()) -> None:
         await real_send(self, message, fds)

@@ -25,8 +25,8 @@ PHASES: list[tuple[str, str, str, str, str]] = [
     ("fds after the graph, if any", "r", "graph_received", "r", "loads_start"),
     ("unpickle (recipient)", "r", "loads_start", "r", "loads_end"),
     ("adopt", "r", "loads_end", "r", "adopt_end"),
-    ("READY -> COMMIT", "r", "adopt_end", "r", "commit_received"),
-    ("COMMITTED + start", "r", "commit_received", "r", "start_end"),
+    ("commit (arbiter) + COMMITTED sent", "r", "adopt_end", "r", "committed_sent"),
+    ("start", "r", "committed_sent", "r", "start_end"),
 ]
 OUTSIDE: list[tuple[str, str, str, str, str]] = [
     ("TAKE -> quiesce (dry run, sockets sent ahead)", "o", "take_received", "o", "quiesce_start"),

@@ -1,13 +1,15 @@
 """The commit arbiter: one byte both processes share, decided once.
 
-The control channel alone cannot settle every failure after COMMIT: if it
-breaks between the recipient writing COMMITTED and the originator reading it
-(a relay that drops the frame, a TCP reset), the recipient serves while the
-originator, seeing no COMMITTED, would resume too. So each move carries an
-arbiter with its descriptors: a one-byte memfd that starts PENDING. Whichever
-side decides first — the recipient to commit when it reads COMMIT, the
-originator to roll back when it gives up — writes its decision under an
-exclusive ``flock``; the other side then finds it and abides by it.
+It is the commit point of a move. The originator sends it, a one-byte memfd
+that starts PENDING, ahead of the service's descriptors. Whichever side
+decides first — the recipient to commit, once it has adopted the graph and
+before it answers COMMITTED and starts; the originator to roll back, when it
+gives up for any reason (a refusal, its step timeout, a broken channel) —
+writes its decision under an exclusive ``flock``; the other side then finds
+it and abides by it. So the control channel may lose or garble any frame, and
+either process may die, and still at most one of them serves the service:
+an originator that finds COMMITTED releases instead of resuming, a recipient
+that finds ROLLED_BACK discards its copy.
 
 ``flock`` locks belong to an open file description, and a descriptor passed
 with SCM_RIGHTS shares the sender's, so the recipient reopens the memfd

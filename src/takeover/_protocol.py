@@ -32,19 +32,20 @@ The recipient connects and speaks first. Written from the originator's side
     taking          --out FDS-->         taking            (sent ahead of the graph: the arbiter,
                                                             the sockets the dry run found)
     taking          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
-    sending-fds     --out FDS-->         sending-fds ... await-ready once all are sent
-    await-ready     --in READY-->        committing
-    await-ready     --in REFUSED-->      idle              (rolled back)
-    committing      --out COMMIT-->      await-committed
+    sending-fds     --out FDS-->         sending-fds ... await-committed once all are sent
     await-committed --in COMMITTED-->    idle              (the service has moved)
+    await-committed --in REFUSED-->      idle              (rolled back)
     any             --either BYE-->      closed
 
 ERROR may also be sent in ``start`` and ``hello-received`` (authentication
-refused), after which the channel closes. The commit point is the COMMIT
-frame: before the originator sends it, any failure rolls the service back; the
-recipient starts I/O only after reading it, and answers COMMITTED before doing
-so, so that the originator releases its copies only once the recipient owns
-the service.
+refused), after which the channel closes. The commit point is not a frame but
+the move's arbiter (``_arbiter.py``), a byte both processes share and decide
+once: the recipient, once it has rebuilt and adopted the graph, records
+COMMITTED there, answers COMMITTED and starts; the originator records
+ROLLED_BACK there before it resumes for any reason (a refusal, a timeout, a
+broken channel), and whichever side is first wins. So the originator releases
+its copies only once the recipient owns the service, and a move costs one
+trip between the processes after the graph instead of three.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ from typing import Any
 
 from ._errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the recipient commits through the arbiter (no READY, no COMMIT frames)."""
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
 
 DEFAULT_STEP_TIMEOUT = 30.0
@@ -95,9 +97,8 @@ class Kind(enum.IntEnum):
     TAKE = 4
     GRAPH = 5
     FDS = 6
-    READY = 7
+    # 7 was READY and 9 COMMIT, in protocol 1.
     REFUSED = 8
-    COMMIT = 9
     COMMITTED = 10
     ERROR = 11
     BYE = 12
@@ -211,10 +212,8 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("taking", _OUT, Kind.FDS): "taking",
     ("taking", _OUT, Kind.GRAPH): "sending-fds",
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
-    ("await-ready", _IN, Kind.READY): "committing",
-    ("await-ready", _IN, Kind.REFUSED): "idle",
-    ("committing", _OUT, Kind.COMMIT): "await-committed",
     ("await-committed", _IN, Kind.COMMITTED): "idle",
+    ("await-committed", _IN, Kind.REFUSED): "idle",
 }
 
 
@@ -261,7 +260,7 @@ class Conversation:
             nxt = "authenticating"
         if message.kind is Kind.GRAPH:
             self.fds_expected = _count(message.body, "fds")
-            nxt = "sending-fds" if self.fds_expected else "await-ready"
+            nxt = "sending-fds" if self.fds_expected else "await-committed"
         elif message.kind is Kind.FDS and self.state == "taking":
             if _count(message.body, "count") == 0:
                 raise ProtocolError("FDS frame sent ahead of the graph carries no descriptors")
@@ -272,7 +271,7 @@ class Conversation:
                     f"FDS frame carries {count} descriptors, {self.fds_expected} were announced"
                 )
             self.fds_expected -= count
-            nxt = "sending-fds" if self.fds_expected else "await-ready"
+            nxt = "sending-fds" if self.fds_expected else "await-committed"
         self.state = nxt
 
 

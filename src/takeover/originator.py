@@ -6,16 +6,18 @@ is either committed (released here, forgotten by the registry) or rolled back
 
 * nothing is quiesced before the recipient has been authenticated and has
   asked for a service by name;
-* until COMMIT has been sent, any failure — a refusal, a malformed frame, a
-  timeout, a closed channel, an exception here — resumes the service;
-* after COMMIT, the originator waits for COMMITTED (sent by the recipient
-  before it starts any I/O) up to the step timeout. COMMITTED means the
-  recipient owns the service: only then are this process's descriptors
-  closed. Anything else (a timeout, a closed or garbled channel) is settled
-  by the move's arbiter (``_arbiter.py``), a byte both processes share: the
-  recipient records COMMITTED there before it answers, the originator records
-  ROLLED_BACK before it resumes, and whoever is first wins. So the channel
-  can break anywhere and still only one process serves the service.
+* the commit point is the move's arbiter (``_arbiter.py``), a byte both
+  processes share, sent to the recipient before anything is paused. The
+  recipient, once it has rebuilt and adopted the graph, records COMMITTED
+  there, answers COMMITTED and starts; the originator records ROLLED_BACK
+  there before it resumes for any reason. Whichever is first wins.
+* so after the graph the originator waits for COMMITTED up to the step
+  timeout. COMMITTED means the recipient owns the service: only then are this
+  process's descriptors closed. REFUSED resumes the service. Anything else (a
+  timeout, a closed or garbled channel, an exception here) asks the arbiter:
+  ROLLED_BACK recorded first resumes the service, COMMITTED found there
+  releases it. So the channel can break anywhere and still only one process
+  serves the service.
 
 The runtime supplies the channel; this module never touches a socket.
 """
@@ -291,31 +293,39 @@ async def _move(
             for batch in batches(fds):
                 await send(Message(Kind.FDS, {"count": len(batch)}), batch)
             _faults.checkpoint("originator.fds-sent")
-        reply = await channel.receive(limits.step_timeout)
-        conversation.receive(reply)
-        if reply.kind is Kind.REFUSED:
-            # The conversation goes on: the recipient may ask for another service.
-            reason = str(reply.body.get("reason", "no reason given"))
-            log.warning("the recipient refused %r, rolling back: %s", name, reason)
-            return
-        _faults.checkpoint("originator.ready-received")
-        await send(Message(Kind.COMMIT, {"service": name}))
-        _faults.checkpoint("originator.commit-sent")
+        broken: TakeoverError | None = None
+        reply: Message | None = None
         try:
             reply = await channel.receive(limits.step_timeout)
             conversation.receive(reply)
-            committed = True
         except TakeoverError as exc:
-            # Timeout, closed or garbled channel: the arbiter says whether the
-            # recipient committed (it decides before it answers COMMITTED).
-            committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+            # Timeout, closed or garbled channel.
+            broken, reply = exc, None
+        # The arbiter decides, not the frame: recording ROLLED_BACK fails if
+        # the recipient has recorded COMMITTED (it does before answering).
+        committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+        if broken is not None:
             if not committed:
-                raise
+                raise broken
             log.warning(
                 "service %r: no COMMITTED (%s), but the recipient committed: released here",
                 name,
-                exc,
+                broken,
             )
+        elif reply is not None and reply.kind is Kind.REFUSED:
+            # The conversation goes on: the recipient may ask for another service.
+            reason = str(reply.body.get("reason", "no reason given"))
+            if committed:
+                log.error("the recipient refused %r after committing it: released here", name)
+            else:
+                log.warning("the recipient refused %r, rolling back: %s", name, reason)
+        elif not committed:
+            raise ProtocolError(
+                f"the recipient answered COMMITTED for {name!r} without recording it "
+                "in the move's arbiter; rolled back"
+            )
+        if committed:
+            _faults.checkpoint("originator.committed-received")
     except TakeoverError as exc:
         log.warning("move of %r rolled back: %s", name, exc)
         raise

@@ -1,10 +1,12 @@
 """The recipient's half of a migration: ask for services and adopt them.
 
 For each service: TAKE, receive the graph and its descriptors, rebuild the
-graph, adopt it into this process's runtime *without starting any I/O*, say
-READY, wait for COMMIT, say COMMITTED, and only then start. If anything fails
-before COMMIT, the adopted copy is discarded (descriptors closed, nothing
-shut down) and the originator, which still holds its own copy, resumes.
+graph, adopt it into this process's runtime *without starting any I/O*, then
+commit: record COMMITTED in the move's arbiter (``_arbiter.py``), say
+COMMITTED, and only then start. If anything fails before that, or the
+originator recorded ROLLED_BACK first (it gave up waiting), the adopted copy
+is discarded (descriptors closed, nothing shut down) and the originator,
+which still holds its own copy, resumes.
 
 The runtime supplies the channel and the object passed to ``adopt``; this
 module never touches a socket.
@@ -37,7 +39,6 @@ from ._errors import (
     error_from_code,
 )
 from ._fds import close_all
-from ._liveness import ProcessWatch
 from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
 from ._serialize import build_sockets, gc_paused, loads, preload_main
@@ -45,10 +46,6 @@ from ._staging import Staging
 from .registry import Service
 
 log = logging.getLogger("takeover.recipient")
-
-# How long a recipient waits, after the channel broke, for a dying
-# originator's pidfd to report its exit.
-_EXIT_GRACE = 1.0
 
 
 @dataclass
@@ -128,7 +125,6 @@ class RecipientSession:
             log.warning("%s", TRUST_WARNING)
         self.policy.prepare()
         self._fd_transport: dict[str, Any] | None = None
-        self._watch: ProcessWatch | None = None
         self._main: str | None = None
         self.conversation = Conversation(Role.RECIPIENT)
         self.originator: dict[str, Any] = {}
@@ -206,8 +202,6 @@ class RecipientSession:
             raise AuthenticationError(
                 "the originator requires a shared secret: pass the same --secret-file"
             )
-        pid = self.channel.peer.pid if self.channel.peer is not None else self.originator["pid"]
-        self._watch = ProcessWatch(pid)
         self.channel.limit_frames(self.limits.max_frame_size)
         transport = self.originator.get("fd_transport")
         self._fd_transport = transport if isinstance(transport, dict) else None
@@ -238,8 +232,11 @@ class RecipientSession:
             NoSuchServiceError, ServiceBusyError: the originator said so.
             MigrationRefusedError: the graph could not be rebuilt or adopted
                 here; the originator has been told and resumes the service.
-            ChannelClosedError: the originator went away before COMMIT; the
-                service was not started here.
+            ChannelClosedError: the originator went away before this side held
+                the graph and every descriptor; the service was not started
+                here.
+            MigrationTimeoutError: the originator gave up waiting (its step
+                timeout) and rolled back before this side could commit.
         """
         if self._fd_transport is not None:
             # Over TCP: connect the local descriptor socket first (same host only).
@@ -301,8 +298,11 @@ class RecipientSession:
                     )
                 )
             _faults.checkpoint("recipient.fds-received")
-            if arbiter is None and meta.get("arbiter") is True and fds:
-                arbiter = Arbiter.adopt(fds.pop())
+            if arbiter is None:
+                # The arbiter is the commit point: no move without one.
+                raise ProtocolError(
+                    f"the originator sent no commit arbiter for {name!r} ahead of its graph"
+                )
         except BaseException:
             close_all(fds)
             for sock in ahead:
@@ -331,11 +331,11 @@ class RecipientSession:
         meta: dict[str, Any],
         blob: bytes,
         fds: Sequence[int],
-        arbiter: Arbiter | None,
+        arbiter: Arbiter,
         ahead: Sequence[socket.socket] = (),
         staging: Staging | None = None,
     ) -> Taken:
-        """Rebuild and adopt the graph, commit through READY/COMMIT, start."""
+        """Rebuild and adopt the graph, commit through the arbiter, start."""
         service: Service | None = None
         try:
             main = meta.get("main")
@@ -370,51 +370,25 @@ class RecipientSession:
                 service.discard()
             raise
         _faults.checkpoint("recipient.adopted")
-        orphaned = False
-        try:
-            await self._send(Message(Kind.READY, {"service": name}))
-            _faults.checkpoint("recipient.ready-sent")
-            await self._receive(self.limits.step_timeout)  # COMMIT
-        except ChannelClosedError as exc:
-            # This side holds the whole graph and every descriptor. If the
-            # originator is dead, nobody else can serve the service: serve it.
-            # If it is alive, it rolled back and serves it again.
-            if self._watch is None or not await self._watch.exited(_EXIT_GRACE):
-                service.discard()
-                raise ChannelClosedError(
-                    f"the originator went away before committing {name!r}; "
-                    "the service was not started here"
-                ) from exc
-            if arbiter is not None and arbiter.decide(COMMITTED) != COMMITTED:
-                service.discard()
-                raise ChannelClosedError(
-                    f"the originator rolled {name!r} back and then died; not started here"
-                ) from exc
-            orphaned = True
-            log.warning(
-                "the originator (pid %s) died before committing %r; this process holds the "
-                "whole service and serves it",
-                self._watch.pid,
-                name,
-            )
-        except BaseException:
+        # The commit point. The originator has quiesced the service and sent
+        # everything; unless it has given up first (recorded ROLLED_BACK, on
+        # its step timeout or a broken channel), the service is ours from here,
+        # whether or not the originator is still alive to read COMMITTED.
+        if arbiter.decide(COMMITTED) != COMMITTED:
             service.discard()
-            raise
-        if not orphaned:
-            _faults.checkpoint("recipient.commit-received")
-            if arbiter is not None and arbiter.decide(COMMITTED) != COMMITTED:
-                # The originator gave up first (its step timeout) and resumed.
-                service.discard()
-                raise MigrationTimeoutError(
-                    f"the originator rolled {name!r} back before this side could commit "
-                    "(it waited longer than its step timeout); not started here"
-                )
-            try:
-                await self._send(Message(Kind.COMMITTED, {"service": name}))
-            except ChannelClosedError:
-                # The originator is gone after COMMIT: the service is ours either way.
-                log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
-            _faults.checkpoint("recipient.committed-sent")
+            raise MigrationTimeoutError(
+                f"the originator rolled {name!r} back before this side could commit "
+                "(it gave up waiting, or its channel broke); not started here"
+            )
+        try:
+            await self._send(Message(Kind.COMMITTED, {"service": name}))
+        except ChannelClosedError:
+            # The originator learns it from the arbiter, or it is gone: either
+            # way the service is ours.
+            log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
+        except (TakeoverError, OSError) as exc:
+            log.warning("could not answer COMMITTED for %r (%s); serving it anyway", name, exc)
+        _faults.checkpoint("recipient.committed-sent")
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
         try:
@@ -468,9 +442,6 @@ class RecipientSession:
     def abort(self) -> None:
         """Close the channel at once, without BYE."""
         self.channel.close()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
 
 
 def select(services: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[str]:
