@@ -9,14 +9,11 @@ frame it acts instead of relaying:
   ``inside``, after passing on the first half of its bytes);
 * ``corrupt``: flip one byte of the frame (the middle of its JSON body, or
   with ``inside`` the middle of a GRAPH frame's pickle) and relay the rest
-  as usual;
-* ``die``: exit the process at once (``os._exit``) before passing the frame
-  on: only for a relay run in a process of its own (``python tests/mitm.py``).
+  as usual.
 """
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import struct
@@ -36,7 +33,7 @@ class Trigger:
 
     direction: str
     kind: Kind
-    action: str  # "cut", "corrupt" or "die"
+    action: str  # "cut" or "corrupt"
     inside: bool = False
 
 
@@ -146,8 +143,6 @@ class Relay(threading.Thread):
             trigger = self.trigger
             if not self.fired.is_set() and direction == trigger.direction and kind is trigger.kind:
                 self.fired.set()
-                if trigger.action == "die":
-                    os._exit(0)
                 if trigger.action == "cut":
                     if trigger.inside:
                         self._pass(sink, frame[: size // 2], fds)
@@ -169,15 +164,3 @@ class Relay(threading.Thread):
                 sink.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
-
-
-if __name__ == "__main__":
-    # python tests/mitm.py LISTEN TARGET DIRECTION KIND ACTION
-    import sys
-
-    listen, target, direction, kind, action = sys.argv[1:6]
-    relay = Relay(listen, target, Trigger(direction, Kind[kind], action))
-    relay.start()
-    print(f"relay on {listen}, pid {os.getpid()}", flush=True)
-    relay.join()
-    sys.exit(0 if relay.failure is None else 1)

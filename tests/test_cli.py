@@ -139,7 +139,7 @@ def test_take_busy_service(echo, control, free_port, procs):
         line = one_error(*run_cli("take", control))
         assert "service 'echo' is busy" in line
 
-        # Killing the stalled recipient before COMMIT rolls the service back.
+        # Killing the stalled recipient before it commits rolls the service back.
         stalled.kill()
 
         def available() -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from mitm import TO_ORIGINATOR, TO_RECIPIENT, Relay, Trigger
-from procs import PYTHON, ROOT, Proc, list_fds, process_state, run_example, takeover, wait_until
+from procs import ROOT, Proc, list_fds, process_state, run_example, takeover, wait_until
 from streaming import streaming
 from takeover._protocol import Kind
 from test_rollback import check_own_fds, echo, service_fds
@@ -74,11 +74,14 @@ STEPS = [
     Step("take asked", "recipient.take-sent", "originator.take-received", (TO_RECIPIENT, Kind.FDS)),
     Step("fds sent ahead", None, "originator.fds-sent-ahead", (TO_RECIPIENT, Kind.GRAPH)),
     Step("mid-graph", None, None, (TO_RECIPIENT, Kind.GRAPH), inside=True),
+    # After the graph (and any descriptor that follows it) the recipient
+    # rebuilds and adopts it, records COMMITTED in the move's arbiter, answers
+    # COMMITTED and starts: the next frame is COMMITTED.
     Step(
         "graph sent",
         "recipient.graph-received",
         "originator.graph-sent",
-        (TO_ORIGINATOR, Kind.READY),
+        (TO_ORIGINATOR, Kind.COMMITTED),
         clients=FULL,
     ),
     # The same frames as the row above (no descriptor follows the graph here),
@@ -87,25 +90,25 @@ STEPS = [
         "fds sent",
         "recipient.fds-received",
         "originator.fds-sent",
-        (TO_ORIGINATOR, Kind.READY),
+        (TO_ORIGINATOR, Kind.COMMITTED),
+        clients=FULL,
+        relay=False,
+    ),
+    # Adopted, not yet committed; the originator is waiting, at no point of its own.
+    Step(
+        "adopted",
+        "recipient.adopted",
+        None,
+        (TO_ORIGINATOR, Kind.COMMITTED),
         clients=FULL,
         relay=False,
     ),
     Step(
-        "ready sent",
-        "recipient.ready-sent",
-        "originator.ready-received",
-        (TO_RECIPIENT, Kind.COMMIT),
-        clients=FULL,
+        "committed",
+        "recipient.committed-sent",
+        "originator.committed-received",
+        (TO_ORIGINATOR, Kind.BYE),
     ),
-    Step(
-        "commit sent",
-        "recipient.commit-received",
-        "originator.commit-sent",
-        (TO_ORIGINATOR, Kind.COMMITTED),
-        clients=FULL,
-    ),
-    Step("committed", "recipient.committed-sent", None, (TO_ORIGINATOR, Kind.BYE)),
 ]
 STEP = {step.name: step for step in STEPS}
 
@@ -118,28 +121,27 @@ EXPECTED = {
         (name, KILL_ORIGINATOR): NONE
         for name in ("connected", "authenticated", "listed", "take asked", "fds sent ahead")
     },
-    # The recipient holds the whole graph and its descriptors, sees the
-    # originator dead through a pidfd, and serves the service itself.
+    # The recipient holds the whole graph and its descriptors: nobody has
+    # recorded ROLLED_BACK, so it commits and serves, whether or not the
+    # originator is alive to read COMMITTED.
     ("graph sent", KILL_ORIGINATOR): RECIPIENT,
     ("fds sent", KILL_ORIGINATOR): RECIPIENT,
-    ("ready sent", KILL_ORIGINATOR): RECIPIENT,
-    ("commit sent", KILL_ORIGINATOR): RECIPIENT,
+    # The relay acts on COMMITTED, which the recipient sends once it has
+    # recorded COMMITTED in the arbiter: the originator, finding no intact
+    # COMMITTED, asks the arbiter and releases.
+    ("graph sent", CUT): RECIPIENT,
+    ("graph sent", CORRUPT): RECIPIENT,
     # After COMMITTED the service is the recipient's: killing it kills the service.
     ("committed", KILL_RECIPIENT): NONE,
+    ("committed", KILL_ORIGINATOR): RECIPIENT,
     ("committed", CUT): RECIPIENT,
     ("committed", CORRUPT): RECIPIENT,
-    # A garbled answer after COMMIT shows the recipient read COMMIT (and may
-    # have started): the originator releases rather than risk serving twice.
-    ("commit sent", CORRUPT): RECIPIENT,
-    # The recipient read COMMIT and wrote COMMITTED: it is the one that should serve.
-    ("commit sent", CUT): RECIPIENT,
 }
 
 # Cells that fail today, with why (strict xfail: they must fail).
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    # None: a channel cut after COMMIT (the relay swallowing COMMITTED) used to
-    # leave both processes serving; the commit arbiter (src/takeover/_arbiter.py)
-    # now settles it.
+    # None: a channel cut that swallows COMMITTED used to leave both processes
+    # serving; the commit arbiter (src/takeover/_arbiter.py) settles it.
 }
 
 
@@ -373,8 +375,9 @@ def test_fault_matrix(step, fault, workdir, control, free_port, procs):
 
 TCP_CELLS = [
     pytest.param(name, fault, id=f"{name.replace(' ', '-')}:{fault.replace(' ', '-')}")
-    for name in ("fds sent", "ready sent", "commit sent")
+    for name in ("fds sent", "adopted", "committed")
     for fault in (KILL_RECIPIENT, KILL_ORIGINATOR)
+    if applicable(STEP[name], fault)
 ]
 
 
@@ -443,24 +446,21 @@ def render() -> str:
         "- **none**: the process that alone held the service was SIGKILLed, so its",
         "  connections died with it, as they would with no move in progress; the streams",
         "  still got back only bytes they had sent, in order, up to the cut.",
-        "- commit sent / cut channel and corrupt frame: whenever COMMITTED does not arrive",
-        "  intact, the move's commit arbiter (a one-byte memfd passed with the descriptors,",
-        "  decided once under flock) says who serves: the recipient records COMMITTED before",
-        "  answering, the originator records ROLLED_BACK before resuming; the first wins.",
+        "- The commit point is the move's arbiter (a one-byte memfd sent ahead of the",
+        "  service's descriptors, decided once under flock): the recipient records COMMITTED",
+        "  there once it has adopted the graph, before it answers and starts; the originator",
+        "  records ROLLED_BACK there before it resumes for any reason; the first wins. So",
+        "  whenever COMMITTED does not arrive intact (graph sent / cut channel and corrupt",
+        "  frame), the originator asks the arbiter, finds COMMITTED and releases.",
         "- Over a TCP control channel (descriptors on the same-host fd transport), the kill",
-        "  cells of the fds sent, ready sent and commit sent rows are run too, with the same",
+        "  cells of the fds sent, adopted and committed rows are run too, with the same",
         "  outcomes (`test_fault_matrix_over_tcp`).",
-        "- Through the relay the recipient's pidfd watches the relay (its SO_PEERCRED peer),",
-        "  which stays alive: the cut cells take the discard path, as with a live originator.",
-        "  A relay in its own process that dies as COMMIT passes does look like a dead",
-        "  originator to the recipient; the arbiter still leaves exactly one server (in runs",
-        "  so far the originator's rollback is recorded first), with no client error",
-        "  (`test_dying_relay_mistaken_for_dead_originator_still_one_server`).",
         "- Also asserted, outside the table: an originator SIGKILLed after the graph and fds",
-        "  went out (stopped at `originator.fds-sent`, at `originator.ready-received`, or",
-        "  while it waits for READY) leaves the recipient serving 50 streams with no error;",
-        "  a recipient stopped past a 1 s `--step-timeout` (at `recipient.connected`,",
-        "  `fds-received` or `adopted`) is rolled back while it is still stopped.",
+        "  went out (stopped at `originator.fds-sent`, or while it waits for COMMITTED)",
+        "  leaves the recipient serving 50 streams with no error; a recipient stopped past a",
+        "  1 s `--step-timeout` (at `recipient.connected`, `fds-received` or `adopted`) is",
+        "  rolled back while it is still stopped, and when it wakes finds ROLLED_BACK in the",
+        "  arbiter and starts nothing.",
     ]
     lines += ["", "Known gaps:", ""]
     for (name, fault), reason in KNOWN_GAPS.items():
@@ -483,30 +483,27 @@ def test_docs_table_is_the_matrix():
 # -- an originator that dies mid-move --------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "when",
-    ["originator.fds-sent", "awaiting READY", "originator.ready-received"],
-)
+@pytest.mark.parametrize("when", ["originator.fds-sent", "awaiting COMMITTED"])
 def test_originator_dying_mid_move_leaves_the_recipient_serving(
     when, workdir, control, free_port, procs
 ):
     """Originator killed after sending graph and fds: the recipient serves, 50 clients unharmed."""
     secret = secret_file(workdir)
-    origin_env = None if when == "awaiting READY" else {"TAKEOVER_FAULTS": f"{when}=stop"}
+    origin_env = None if when == "awaiting COMMITTED" else {"TAKEOVER_FAULTS": f"{when}=stop"}
     origin = run_example("echo", free_port, control, "--secret-file", secret, env=origin_env)
     procs.append(origin)
     with streaming(free_port, FULL) as clients:
         clients.wait_all_echoing()
         inode = listener_inode(free_port)
         recipient_env = None
-        if when == "awaiting READY":
-            # The recipient holds everything and stops before READY, while the
-            # originator waits for it; the originator dies then, and the
-            # recipient's READY meets a closed channel.
+        if when == "awaiting COMMITTED":
+            # The recipient holds everything and stops before it commits,
+            # while the originator waits for COMMITTED; the originator dies
+            # then, and the recipient's COMMITTED meets a closed channel.
             recipient_env = {"TAKEOVER_FAULTS": "recipient.adopted=stop"}
         recipient = takeover("take", control, "--secret-file", secret, env=recipient_env)
         procs.append(recipient)
-        if when == "awaiting READY":
+        if when == "awaiting COMMITTED":
             wait_stopped(recipient, "recipient.adopted")
         else:
             wait_stopped(origin, when)
@@ -515,7 +512,8 @@ def test_originator_dying_mid_move_leaves_the_recipient_serving(
         recipient.signal(signal.SIGCONT)
 
         recipient.expect(r"^serving 1 service\(s\) at ")
-        assert "died before committing 'echo'" in recipient.output()
+        if when == "awaiting COMMITTED":
+            assert "originator closed before COMMITTED for 'echo'" in recipient.output()
         assert [p.pid for p in holders(inode, origin, recipient)] == [recipient.pid]
         moved = service_fds(recipient.pid, free_port)
         assert len(moved) == 1 + FULL
@@ -574,55 +572,10 @@ def test_stalled_recipient_is_rolled_back_after_the_step_timeout(
         stalled.signal(signal.SIGCONT)
         assert stalled.wait() == 1, stalled.output()
         assert "takeover: error: " in stalled.output()
+        if point == "recipient.adopted":
+            # It held everything, and found ROLLED_BACK in the arbiter.
+            assert "the originator rolled 'echo' back before this side" in stalled.output()
         assert [p.pid for p in holders(inode, origin, stalled)] == [origin.pid]
         assert list_fds(origin.pid) == before
-        outcome = clients.finish()
-    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
-
-
-# -- a relay that dies looks like a dead originator ----------------------------------
-
-
-def test_dying_relay_mistaken_for_dead_originator_still_one_server(
-    workdir, control, free_port, procs
-):
-    """A relay dying as COMMIT passes fools the recipient's pidfd; the arbiter keeps one server."""
-    secret = secret_file(workdir)
-    origin = run_example("echo", free_port, control, "--secret-file", secret)
-    procs.append(origin)
-    with streaming(free_port, LIGHT) as clients:
-        clients.wait_all_echoing()
-        inode = listener_inode(free_port)
-        before = list_fds(origin.pid)
-        # The recipient's SO_PEERCRED peer, hence the process its pidfd watches,
-        # is the relay: when the relay dies before passing COMMIT on, the
-        # recipient sees "the originator" dead while the real one is alive and
-        # rolling back. Whichever records its decision first wins.
-        path = os.path.join(workdir, "relay.sock")
-        script = os.path.join(ROOT, "tests", "mitm.py")
-        relay = Proc([PYTHON, script, path, control, TO_RECIPIENT, "COMMIT", "die"])
-        procs.append(relay)
-        relay.expect(r"^relay on ")
-        recipient = takeover("take", path, "--secret-file", secret)
-        procs.append(recipient)
-        assert relay.wait() == 0, relay.output()
-        wait_until(
-            lambda: (
-                recipient.popen.poll() is not None or "serving 1 service(s)" in recipient.output()
-            ),
-            what="the recipient to serve or give up",
-        )
-        if recipient.popen.poll() is None:
-            winner = recipient
-            assert "died before committing 'echo'" in recipient.output()
-            assert origin.wait() == 0, origin.output()
-        else:
-            winner = origin
-            assert recipient.wait() == 1, recipient.output()
-            wait_until(lambda: list_fds(origin.pid) == before, what="the originator's fd table")
-        assert [p.pid for p in holders(inode, origin, recipient)] == [winner.pid]
-        clients.wait_progress()
-        with socket.create_connection(("127.0.0.1", free_port), timeout=10) as fresh:
-            assert echo(fresh, b"one\n") == b"one\n"
         outcome = clients.finish()
     assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []

@@ -252,7 +252,7 @@ class ConversationPair:
 
 
 def test_whole_conversation_both_sides_agree():
-    """HELLOs, LIST, TAKE, GRAPH, FDS frames, READY, COMMIT, COMMITTED, BYE: both sides agree."""
+    """HELLOs, LIST, TAKE, GRAPH, FDS frames, COMMITTED, BYE: both sides agree."""
     pair = ConversationPair()
     assert pair.states() == ("start", "start")
     pair.send(Role.RECIPIENT, recipient_hello())
@@ -273,10 +273,6 @@ def test_whole_conversation_both_sides_agree():
         assert pair.states() == ("sending-fds", "sending-fds")
         assert pair.originator.fds_expected == pair.recipient.fds_expected == left
     pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 94}))
-    assert pair.states() == ("await-ready", "await-ready")
-    pair.send(Role.RECIPIENT, Message(Kind.READY, {"service": "echo"}))
-    assert pair.states() == ("committing", "committing")
-    pair.send(Role.ORIGINATOR, Message(Kind.COMMIT, {"service": "echo"}))
     assert pair.states() == ("await-committed", "await-committed")
     pair.send(Role.RECIPIENT, Message(Kind.COMMITTED, {"service": "echo"}))
     assert pair.states() == ("idle", "idle")
@@ -284,12 +280,12 @@ def test_whole_conversation_both_sides_agree():
     assert pair.states() == ("closed", "closed")
 
 
-def test_graph_without_fds_goes_straight_to_await_ready():
-    """A GRAPH announcing no descriptors is followed by READY, with no FDS frame."""
+def test_graph_without_fds_goes_straight_to_await_committed():
+    """A GRAPH announcing no descriptors is followed by COMMITTED, with no FDS frame."""
     pair = ConversationPair()
     pair.handshake()
     pair.take(fds=0)
-    assert pair.states() == ("await-ready", "await-ready")
+    assert pair.states() == ("await-committed", "await-committed")
 
 
 def test_two_services_move_on_one_channel():
@@ -298,14 +294,12 @@ def test_two_services_move_on_one_channel():
     pair.handshake()
     for fds in (3, 1):
         pair.take(fds)
-        pair.send(Role.RECIPIENT, Message(Kind.READY))
-        pair.send(Role.ORIGINATOR, Message(Kind.COMMIT))
         pair.send(Role.RECIPIENT, Message(Kind.COMMITTED))
         assert pair.states() == ("idle", "idle")
 
 
 def test_refused_graph_returns_both_sides_to_idle():
-    """REFUSED instead of READY rolls back to idle; a new TAKE is allowed."""
+    """REFUSED instead of COMMITTED rolls back to idle; a new TAKE is allowed."""
     pair = ConversationPair()
     pair.handshake()
     pair.take(fds=2)
@@ -339,8 +333,6 @@ def test_originator_error_elsewhere_closes(step):
     if step == "await-committed":
         pair.send(Role.ORIGINATOR, originator_hello())
         pair.take(fds=0)
-        pair.send(Role.RECIPIENT, Message(Kind.READY))
-        pair.send(Role.ORIGINATOR, Message(Kind.COMMIT))
     assert pair.states() == (step, step)
     pair.send(Role.ORIGINATOR, error("permission", "refused"))
     assert pair.states() == ("closed", "closed")
@@ -381,8 +373,7 @@ def _conversation_in(state: str, role: Role) -> Conversation:
         "idle": ["hello"],
         "taking": ["hello", "take"],
         "sending-fds": ["hello", "take", "graph"],
-        "await-ready": ["hello", "take", "graph", "fds"],
-        "committing": ["hello", "take", "graph", "fds", "ready"],
+        "await-committed": ["hello", "take", "graph", "fds"],
     }[state]
     for step in steps:
         if step == "hello":
@@ -393,8 +384,6 @@ def _conversation_in(state: str, role: Role) -> Conversation:
             pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 2}, b"blob"))
         elif step == "fds":
             pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 2}))
-        elif step == "ready":
-            pair.send(Role.RECIPIENT, Message(Kind.READY))
     assert pair.states() == (state, state)
     return pair.sides[role]
 
@@ -404,18 +393,15 @@ OUT_OF_TURN = [
     ("start", Role.RECIPIENT, Kind.TAKE),
     ("start", Role.ORIGINATOR, Kind.HELLO),
     ("idle", Role.RECIPIENT, Kind.HELLO),
-    ("idle", Role.RECIPIENT, Kind.READY),
+    ("idle", Role.RECIPIENT, Kind.COMMITTED),
     ("idle", Role.ORIGINATOR, Kind.GRAPH),
-    ("idle", Role.ORIGINATOR, Kind.COMMIT),
     ("taking", Role.RECIPIENT, Kind.TAKE),
     ("taking", Role.RECIPIENT, Kind.FDS),
-    ("sending-fds", Role.RECIPIENT, Kind.READY),
-    ("sending-fds", Role.ORIGINATOR, Kind.COMMIT),
-    ("await-ready", Role.ORIGINATOR, Kind.COMMIT),
-    ("await-ready", Role.ORIGINATOR, Kind.FDS),
-    ("await-ready", Role.RECIPIENT, Kind.COMMITTED),
-    ("committing", Role.RECIPIENT, Kind.COMMITTED),
-    ("committing", Role.RECIPIENT, Kind.REFUSED),
+    ("sending-fds", Role.RECIPIENT, Kind.COMMITTED),
+    ("sending-fds", Role.RECIPIENT, Kind.REFUSED),
+    ("await-committed", Role.ORIGINATOR, Kind.FDS),
+    ("await-committed", Role.ORIGINATOR, Kind.GRAPH),
+    ("await-committed", Role.RECIPIENT, Kind.TAKE),
     # Right kind, wrong direction.
     ("idle", Role.ORIGINATOR, Kind.LIST),
     ("taking", Role.RECIPIENT, Kind.GRAPH),

@@ -199,8 +199,8 @@ def test_a_default_recipient_refuses_a_logged_in_manhole(control, free_port, pro
 
 # Every cell where the recipient is SIGKILLed, and every cell whose outcome is
 # the recipient serving (the originator killed after the descriptors went out,
-# the channel cut or garbled after COMMIT): the Twisted recipient's orphan and
-# arbiter paths. The rest of the matrix exercises the originator's side, the
+# the channel cut or garbled as COMMITTED passes): the Twisted recipient's
+# commit through the arbiter. The rest of the matrix exercises the originator's side, the
 # same asyncio channel code as tests/test_faults.py.
 TWISTED_CELLS = [
     pytest.param(step.name, fault, id=f"{step.name.replace(' ', '-')}:{fault.replace(' ', '-')}")

@@ -17,8 +17,8 @@ port, every connection, their protocols and the factory to a new process.
 
 **The reactor.** takeover's migration logic (``originator.serve_channel``,
 ``recipient.RecipientSession``) is sans-IO code written against
-:class:`~takeover._channel.Channel`; its control channels, timeouts and
-liveness watch are the asyncio runtime's. Twisted's ``asyncioreactor`` runs
+:class:`~takeover._channel.Channel`; its control channels and timeouts
+are the asyncio runtime's. Twisted's ``asyncioreactor`` runs
 the reactor on an asyncio event loop, so the very same channel code, already
 covered by the fault matrix and the fuzzers, serves here unchanged: the
 migration server and :func:`take` are coroutines on the reactor's loop,
