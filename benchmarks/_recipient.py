@@ -47,7 +47,7 @@ def instrument(marks: dict[str, float]) -> None:
 
     around(recipient, "loads", "loads_end", "loads_start")
     around(MigratableServer, "adopt", "adopt_end")
-    around(MigratableServer, "start", "start_end")
+    around(MigratableServer, "start", "start_end", "start_start")
     around(Staging, "add", "staged")  # the last batch sent ahead, registered
 
     real_send = takeover.AsyncioChannel.send

@@ -25,12 +25,13 @@ PHASES: list[tuple[str, str, str, str, str]] = [
     ("fds after the graph, if any", "r", "graph_received", "r", "loads_start"),
     ("unpickle (recipient)", "r", "loads_start", "r", "loads_end"),
     ("adopt", "r", "loads_end", "r", "adopt_end"),
-    ("commit (arbiter) + COMMITTED sent", "r", "adopt_end", "r", "committed_sent"),
-    ("start", "r", "committed_sent", "r", "start_end"),
+    ("commit (arbiter)", "r", "adopt_end", "r", "start_start"),
+    ("start", "r", "start_start", "r", "start_end"),
 ]
 OUTSIDE: list[tuple[str, str, str, str, str]] = [
     ("TAKE -> quiesce (dry run, sockets sent ahead)", "o", "take_received", "o", "quiesce_start"),
     ("sockets ahead staged -> graph received", "r", "staged", "r", "graph_received"),
+    ("COMMITTED sent (after start) -> received", "r", "start_end", "o", "committed_received"),
     ("release (originator, after commit)", "o", "release_start", "o", "release_end"),
 ]
 

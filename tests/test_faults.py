@@ -75,8 +75,8 @@ STEPS = [
     Step("fds sent ahead", None, "originator.fds-sent-ahead", (TO_RECIPIENT, Kind.GRAPH)),
     Step("mid-graph", None, None, (TO_RECIPIENT, Kind.GRAPH), inside=True),
     # After the graph (and any descriptor that follows it) the recipient
-    # rebuilds and adopts it, records COMMITTED in the move's arbiter, answers
-    # COMMITTED and starts: the next frame is COMMITTED.
+    # rebuilds and adopts it, records COMMITTED in the move's arbiter, starts
+    # and answers COMMITTED: the next frame is COMMITTED.
     Step(
         "graph sent",
         "recipient.graph-received",
@@ -448,10 +448,10 @@ def render() -> str:
         "  still got back only bytes they had sent, in order, up to the cut.",
         "- The commit point is the move's arbiter (a one-byte memfd sent ahead of the",
         "  service's descriptors, decided once under flock): the recipient records COMMITTED",
-        "  there once it has adopted the graph, before it answers and starts; the originator",
-        "  records ROLLED_BACK there before it resumes for any reason; the first wins. So",
-        "  whenever COMMITTED does not arrive intact (graph sent / cut channel and corrupt",
-        "  frame), the originator asks the arbiter, finds COMMITTED and releases.",
+        "  there once it has adopted the graph, then starts, then answers COMMITTED; the",
+        "  originator records ROLLED_BACK there before it resumes for any reason; the first",
+        "  wins. So whenever COMMITTED does not arrive intact (graph sent / cut channel and",
+        "  corrupt frame), the originator asks the arbiter, finds COMMITTED and releases.",
         "- Over a TCP control channel (descriptors on the same-host fd transport), the kill",
         "  cells of the fds sent, adopted and committed rows are run too, with the same",
         "  outcomes (`test_fault_matrix_over_tcp`).",

@@ -3,7 +3,7 @@
 It is the commit point of a move. The originator sends it, a one-byte memfd
 that starts PENDING, ahead of the service's descriptors. Whichever side
 decides first — the recipient to commit, once it has adopted the graph and
-before it answers COMMITTED and starts; the originator to roll back, when it
+before it starts any I/O (it answers COMMITTED after starting); the originator to roll back, when it
 gives up for any reason (a refusal, its step timeout, a broken channel) —
 writes its decision under an exclusive ``flock``; the other side then finds
 it and abides by it. So the control channel may lose or garble any frame, and

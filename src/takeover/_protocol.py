@@ -41,7 +41,7 @@ ERROR may also be sent in ``start`` and ``hello-received`` (authentication
 refused), after which the channel closes. The commit point is not a frame but
 the move's arbiter (``_arbiter.py``), a byte both processes share and decide
 once: the recipient, once it has rebuilt and adopted the graph, records
-COMMITTED there, answers COMMITTED and starts; the originator records
+COMMITTED there, starts and answers COMMITTED; the originator records
 ROLLED_BACK there before it resumes for any reason (a refusal, a timeout, a
 broken channel), and whichever side is first wins. So the originator releases
 its copies only once the recipient owns the service, and a move costs one

@@ -9,7 +9,7 @@ is either committed (released here, forgotten by the registry) or rolled back
 * the commit point is the move's arbiter (``_arbiter.py``), a byte both
   processes share, sent to the recipient before anything is paused. The
   recipient, once it has rebuilt and adopted the graph, records COMMITTED
-  there, answers COMMITTED and starts; the originator records ROLLED_BACK
+  there, starts and answers COMMITTED; the originator records ROLLED_BACK
   there before it resumes for any reason. Whichever is first wins.
 * so after the graph the originator waits for COMMITTED up to the step
   timeout. COMMITTED means the recipient owns the service: only then are this
@@ -302,7 +302,7 @@ async def _move(
             # Timeout, closed or garbled channel.
             broken, reply = exc, None
         # The arbiter decides, not the frame: recording ROLLED_BACK fails if
-        # the recipient has recorded COMMITTED (it does before answering).
+        # the recipient has recorded COMMITTED (it does before it starts).
         committed = arbiter.decide(ROLLED_BACK) == COMMITTED
         if broken is not None:
             if not committed:

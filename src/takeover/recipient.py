@@ -2,8 +2,8 @@
 
 For each service: TAKE, receive the graph and its descriptors, rebuild the
 graph, adopt it into this process's runtime *without starting any I/O*, then
-commit: record COMMITTED in the move's arbiter (``_arbiter.py``), say
-COMMITTED, and only then start. If anything fails before that, or the
+commit: record COMMITTED in the move's arbiter (``_arbiter.py``), start, and
+say COMMITTED. If anything fails before that, or the
 originator recorded ROLLED_BACK first (it gave up waiting), the adopted copy
 is discarded (descriptors closed, nothing shut down) and the originator,
 which still holds its own copy, resumes.
@@ -380,6 +380,19 @@ class RecipientSession:
                 f"the originator rolled {name!r} back before this side could commit "
                 "(it gave up waiting, or its channel broke); not started here"
             )
+        # Count what moved before start() accepts what queued meanwhile.
+        described = service.describe()
+        try:
+            service.start()
+        except Exception:
+            # Committed: the originator lets go whatever happens, so there is
+            # no going back. Keep whatever did start rather than let the
+            # exception end the process and every connection with it.
+            log.exception("service %r failed to start completely after commit", name)
+        started_at = time.monotonic()
+        # Only now tell the originator, so that its wake-up (which may take
+        # this CPU) falls after the pause: the arbiter already holds the
+        # decision, and the originator keeps its copies quiet until it reads it.
         try:
             await self._send(Message(Kind.COMMITTED, {"service": name}))
         except ChannelClosedError:
@@ -389,16 +402,6 @@ class RecipientSession:
         except (TakeoverError, OSError) as exc:
             log.warning("could not answer COMMITTED for %r (%s); serving it anyway", name, exc)
         _faults.checkpoint("recipient.committed-sent")
-        # Count what moved before start() accepts what queued meanwhile.
-        described = service.describe()
-        try:
-            service.start()
-        except Exception:
-            # Committed: the originator has let go, so there is no going back.
-            # Keep whatever did start rather than let the exception end the
-            # process and every connection with it.
-            log.exception("service %r failed to start completely after commit", name)
-        started_at = time.monotonic()
         quiesced_at = meta.get("quiesced_at")
         pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
         return Taken(
