@@ -531,7 +531,7 @@ def test_descriptors_may_go_ahead_of_the_graph():
     """FDS frames before GRAPH (the arbiter, the sockets the dry run found) keep the state."""
     for role in (Role.ORIGINATOR, Role.RECIPIENT):
         conversation = _conversation_in("taking", role)
-        message = Message(Kind.FDS, {"count": 3, "kinds": [[3, 2, 1, 6]]})
+        message = Message(Kind.FDS, {"count": 3, "kinds": [[3, 2, 1, 6, 1]], "twins": "asyncio"})
         if role is Role.ORIGINATOR:
             conversation.send(message)
         else:

@@ -413,7 +413,7 @@ def test_sockets_sent_ahead_keep_their_slots_and_new_ones_follow(sockets):
     graph = Holder(a=a, b=b, gone=gone_a, listener=listener)
     early = EarlySockets(dumps(graph).sockets)
     stream = socket.SOCK_STREAM
-    assert early.kinds == [[3, socket.AF_UNIX, stream, 0], [1, socket.AF_INET, stream, 0]]
+    assert early.kinds == [[3, socket.AF_UNIX, stream, 0, 0], [1, socket.AF_INET, stream, 0, 0]]
     ahead = send_ahead(early)
     # Meanwhile (the service still runs) one socket closes and another appears.
     graph.gone = None
@@ -478,7 +478,14 @@ class copyreg_call:
 
 def test_kinds_that_do_not_match_the_descriptors_refused_and_closed(sockets):
     """Malformed kinds, or kinds counting other descriptors than arrived: refused, closed."""
-    for kinds in ([[3, 1, 1, 0]], "stream", [[1, 1, 1]], [[1, "1", 1, 0]]):
+    for kinds in (
+        [[3, 1, 1, 0, 0]],  # counts 3 descriptors, 1 arrived
+        "stream",
+        [[1, 1, 1, 0]],  # no twin flag
+        [[1, "1", 1, 0, 0]],
+        [[1, 1, 1, 0, 2]],  # a twin flag that is neither 0 nor 1
+        [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]],  # an empty run
+    ):
         fds = dup_all([sockets["a"].fileno()])
         with pytest.raises(ProtocolError):
             build_sockets(fds, kinds)

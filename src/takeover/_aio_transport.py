@@ -32,7 +32,9 @@ import asyncio
 import logging
 import select
 import socket
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from . import _staging
@@ -217,6 +219,34 @@ def _hook(obj: Any, name: str) -> None:
         if name == "takeover_quiesce":
             raise
         log.exception("%s() of %r failed", name, obj)
+
+
+# A transport whose instance dict holds no more than these carries nothing
+# but its socket and protocol: it can travel as a twin (see new_twins).
+_TWIN_KEYS = frozenset({"_sock", "_protocol", "_server", "_buffer", "_quiesced"})
+
+
+def new_twins(sockets: Sequence[socket.socket]) -> list[MigratableTransport]:
+    """The recipient's transports for connections sent ahead, before their graph.
+
+    The graph refers to them through the move's pickle memo (see
+    ``_serialize.EarlySockets``) instead of pickling them; the server that
+    claims one gives it its protocol (``MigratableServer.__setstate__``).
+    Built with C loops (``map``): thousands arrive while the originator
+    pickles, and the graph waits for the last.
+    """
+    count = len(sockets)
+    cls = MigratableTransport
+    twins = list(map(cls.__new__, repeat(cls, count)))
+    deque(map(setattr, twins, repeat("_sock", count), sockets), maxlen=0)
+    buffers = map(bytearray, repeat(b"", count))
+    deque(map(setattr, twins, repeat("_buffer", count), buffers), maxlen=0)
+    return twins
+
+
+def twin_claimed(twin: MigratableTransport) -> bool:
+    """Whether a server of the graph took ``twin`` as one of its connections."""
+    return "_server" in twin.__dict__
 
 
 class MigratableTransport(asyncio.Transport):
@@ -553,24 +583,61 @@ class MigratableServer:
         self._quiesced = True
 
     # The layout of the pickled state: 2 since transports pickle without
-    # __getstate__ (a graph without the key comes from takeover 0.1).
-    _STATE_VERSION = 2
+    # __getstate__ (a graph without the key comes from takeover 0.1); 3 since
+    # the connections travel as two lists, transports and their protocols,
+    # so that a transport may travel as a twin, its protocol apart.
+    _STATE_VERSION = 3
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_loop"] = None
         state["_poller"] = None
+        transports = list(self._transports)
+        state["_transports"] = transports
+        state["_protocols"] = [t._protocol for t in transports]
         state["_state_version"] = self._STATE_VERSION
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         version = state.pop("_state_version", 1)
+        protocols = state.pop("_protocols", None)
         self.__dict__.update(state)
         self.__dict__.setdefault("_poller", None)  # a graph from before 2d4ee1b has none
         self._quiesced = True
         if version < 2:
             for transport in self._transports:
                 transport._legacy_state()
+        if version < 3:
+            return
+        transports: Any = self._transports
+        if (
+            type(transports) is not list
+            or type(protocols) is not list
+            or len(transports) != len(protocols)
+        ):
+            raise ValueError("a server's connections and protocols do not match")
+        # A twin (see new_twins) gets its protocol and server here; a transport
+        # that travelled in full has them already.
+        for transport, protocol in zip(transports, protocols):
+            if type(transport) is not MigratableTransport:
+                raise ValueError(f"a server's connection is a {type(transport).__name__}")
+            transport._protocol = protocol
+            transport._server = self
+        self._transports = dict.fromkeys(transports)
+
+    # -- twins (see _serialize.EarlySockets) -------------------------------------
+
+    takeover_twin_kind = "asyncio"
+
+    def takeover_twins(self) -> dict[socket.socket, MigratableTransport]:
+        """Each connection by its socket: each may travel as a twin (see new_twins)."""
+        return {t._sock: t for t in self._transports}
+
+    def takeover_unfit(self) -> list[MigratableTransport]:
+        """The connections that now carry more than their socket and protocol
+        (output to send, a flag set, addresses read): they travel in full."""
+        keys = _TWIN_KEYS
+        return [t for t in self._transports if t._buffer or not t.__dict__.keys() <= keys]
 
     @property
     def sockets(self) -> list[socket.socket]:

@@ -11,6 +11,12 @@ treatment:
   kernel object is never copied, so kernel buffers and connection state are
   untouched.
 * **modules** travel by name and are imported again on the other side.
+* **twins**: an object that stands for a socket sent ahead and carries
+  nothing else (an idle asyncio transport) is built on the recipient from
+  its socket while the service still runs. Both sides start the move's
+  pickle memo with those objects, one entry per socket sent ahead, so the
+  graph refers to each with a memo GET and pickles only what it points to
+  (see :class:`EarlySockets` and :class:`Twins`).
 
 Classes defined in a script run as ``python app.py`` pickle as
 ``__main__.X``, and the recipient's ``__main__`` is another program. The graph
@@ -40,12 +46,14 @@ import gc
 import importlib
 import importlib.util
 import io
+import itertools
 import os
 import pickle
 import socket
+import struct
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -222,6 +230,10 @@ class _GraphPickler(pickle.Pickler):
             self.sockets.extend(early.sockets)
             reductions = _Reductions(early.reductions, self._reduce_socket)
             table[socket.socket] = reductions.__getitem__
+            if early.memo is not None:
+                # Entry N is the twin of the socket in slot N (or a stand-in
+                # never referred to): the recipient starts its memo the same way.
+                self.memo = early.memo
         ssl = sys.modules.get("ssl")
         if ssl is not None:
             table[ssl.SSLSocket] = _refuse_tls
@@ -270,19 +282,62 @@ class EarlySockets:
     outside the pause; the graph, pickled after quiescing, then refers to
     them by slot. Sockets closed since (see :meth:`forget_closed`) leave
     their slot unused; sockets opened since are sent after the graph.
+
+    ``twins`` maps some of those sockets to the object that stands for each
+    (an asyncio transport), and ``twin_kind`` names what builds such an object
+    on the recipient from the socket alone. Then the recipient builds the
+    twins as the sockets arrive, and both picklers' memos start with one
+    entry per socket sent ahead: its twin, or a stand-in nobody refers to.
+    The service says after quiescing which twins now carry more than their
+    socket (:meth:`unfit`): those stand-ins stay, and they travel in full.
     """
 
-    def __init__(self, sockets: Sequence[socket.socket]) -> None:
+    def __init__(
+        self,
+        sockets: Sequence[socket.socket],
+        twins: Mapping[socket.socket, Any] | None = None,
+        twin_kind: str | None = None,
+    ) -> None:
         self.sockets = [s for s in sockets if s.fileno() >= 0]
         self.reductions: dict[socket.socket, Any] = {}
         self.kinds: list[list[int]] = []
+        twins = twins or {}
+        self.twin_kind = twin_kind if twins and twin_kind else None
+        # Pickle memo entries (id -> (index, object)), one per slot; None: no twins.
+        self.memo: dict[int, tuple[int, Any]] | None = None
+        self._stand_ins: list[Any] = []
+        if self.twin_kind is not None:
+            self.memo = {}
         for slot, sock in enumerate(self.sockets):
             kind = _socket_kind(sock)
             self.reductions[sock] = (_socket_ahead, (slot,))
-            if self.kinds and self.kinds[-1][1:] == list(kind):
+            twin = twins.get(sock) if self.memo is not None else None
+            if self.memo is not None:
+                if twin is None:
+                    twin = object()
+                    self._stand_ins.append(twin)
+                    flag = 0
+                else:
+                    flag = 1
+                self.memo[id(twin)] = (slot, twin)
+            else:
+                flag = 0
+            if self.kinds and self.kinds[-1][1:] == [*kind, flag]:
                 self.kinds[-1][0] += 1
             else:
-                self.kinds.append([1, *kind])
+                self.kinds.append([1, *kind, flag])
+
+    def unfit(self, objects: Sequence[Any]) -> None:
+        """Twins in ``objects`` travel in full: their memo entries become stand-ins."""
+        memo = self.memo
+        if memo is None:
+            return
+        for obj in objects:
+            entry = memo.pop(id(obj), None)
+            if entry is not None:
+                stand_in = object()
+                self._stand_ins.append(stand_in)
+                memo[id(stand_in)] = (entry[0], stand_in)
 
     def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
         """(descriptors, their kinds) in batches of at most ``size``."""
@@ -309,13 +364,19 @@ class EarlySockets:
 def build_sockets(fds: Sequence[int], kinds: Any) -> list[socket.socket]:
     """Socket objects for descriptors sent ahead, described by ``kinds``.
 
-    ``kinds`` is ``[[count, family, type, proto], ...]`` in descriptor order
-    (what :class:`EarlySockets` sends). On error every descriptor is closed.
+    ``kinds`` is ``[[count, family, type, proto, twin], ...]`` in descriptor
+    order (what :class:`EarlySockets` sends; ``twin`` is 1 for a socket whose
+    twin :class:`Twins` builds). On error every descriptor is closed.
     """
     built: list[socket.socket] = []
     try:
         if not isinstance(kinds, list) or not all(
-            isinstance(k, list) and len(k) == 4 and all(type(v) is int for v in k) for k in kinds
+            isinstance(k, list)
+            and len(k) == 5
+            and all(type(v) is int for v in k)
+            and k[0] > 0
+            and k[4] in (0, 1)
+            for k in kinds
         ):
             raise ProtocolError(f"malformed socket kinds {kinds!r} for descriptors sent ahead")
         if sum(k[0] for k in kinds) != len(fds):
@@ -323,7 +384,7 @@ def build_sockets(fds: Sequence[int], kinds: Any) -> list[socket.socket]:
                 f"socket kinds describe {sum(k[0] for k in kinds)} descriptors, {len(fds)} arrived"
             )
         position = 0
-        for count, family, kind, proto in kinds:
+        for count, family, kind, proto, _twin in kinds:
             for fd in fds[position : position + count]:
                 built.append(socket.socket(family, kind, proto, fd))
             position += count
@@ -502,15 +563,52 @@ def load_main(reference: str) -> types.ModuleType:
     return module
 
 
+class _Source:
+    """An unpickler's input that can change between loads: seeds, then the graph."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.data.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        return self.data.readinto(buffer)
+
+    def readline(self) -> bytes:
+        return self.data.readline()
+
+
+# One memo entry per seeded object: BININT index, BINPERSID, MEMOIZE, POP.
+_SEED_ENTRY = struct.Struct("<cicc")
+_seed_bodies: dict[int, bytes] = {}
+
+
+def _seed_pickle(count: int) -> bytes:
+    """A pickle that memoizes persistent objects 0..count-1, in order, in one frame."""
+    body = _seed_bodies.get(count)
+    if body is None:
+        body = b"".join(_SEED_ENTRY.pack(b"J", i, b"Q", b"\x94") + b"0" for i in range(count))
+        body += b"N."
+        if count <= 1024:
+            _seed_bodies[count] = body
+    return b"\x80\x05\x95" + struct.pack("<Q", len(body)) + body
+
+
 class _GraphUnpickler(pickle.Unpickler):
     def __init__(
         self,
-        file: io.BytesIO,
+        file: io.BytesIO | _Source,
         fds: Sequence[int],
         policy: UnpicklePolicy | None = None,
         prebuilt: Sequence[socket.socket] = (),
     ) -> None:
         super().__init__(file)
+        self.source = file
+        # Set on the instance, not defined on the class, so that a seed load
+        # (see seed) can swap in a C function: pickle's own persistent_load
+        # slot takes whatever is set here.
+        self.persistent_load = self._persistent_socket  # type: ignore[method-assign]
         self.policy = policy if policy is not None else UnpicklePolicy()
         # Slots 0..len(prebuilt)-1 are the sockets sent ahead, already built
         # (``ahead`` holds those the graph has not used yet); the descriptors
@@ -520,7 +618,36 @@ class _GraphUnpickler(pickle.Unpickler):
         self.fds = list(fds)
         self.sockets: dict[int, socket.socket] = {}
 
-    def persistent_load(self, pid: Any) -> Any:
+    def use(
+        self,
+        blob: bytes,
+        fds: Sequence[int],
+        policy: UnpicklePolicy | None,
+        prebuilt: Sequence[socket.socket],
+    ) -> None:
+        """Load ``blob`` next, with these descriptors (an unpickler built ahead, seeded)."""
+        assert isinstance(self.source, _Source)
+        self.source.data = io.BytesIO(blob)
+        if policy is not None:
+            self.policy = policy
+        self.prebuilt = list(prebuilt)
+        self.ahead = dict(enumerate(self.prebuilt))
+        self.fds = list(fds)
+        self.sockets = {}
+
+    def seed(self, objects: Sequence[Any]) -> None:
+        """Append ``objects`` to the memo, in order (the graph refers to them by index)."""
+        if not isinstance(self.source, _Source) or not objects:
+            return
+        self.source.data = io.BytesIO(_seed_pickle(len(objects)))
+        # Persistent id N is objects[N]: a list lookup, in C.
+        self.persistent_load = objects.__getitem__  # type: ignore[method-assign]
+        try:
+            self.load()
+        finally:
+            self.persistent_load = self._persistent_socket  # type: ignore[method-assign]
+
+    def _persistent_socket(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "socket"):
             raise ProtocolError(f"unknown persistent reference {pid!r} in the graph")
         _, slot, family, kind, proto = pid
@@ -553,6 +680,7 @@ class _GraphUnpickler(pickle.Unpickler):
         self.ahead.clear()
         ahead = len(self.prebuilt)
         close_all([fd for i, fd in enumerate(self.fds) if i + ahead not in self.sockets])
+        self.fds = []  # closed or owned by a socket: never closed again by number
 
     def close_all(self) -> None:
         """Close everything that arrived (the graph is not going to be used)."""
@@ -594,6 +722,56 @@ class _GraphUnpickler(pickle.Unpickler):
             ) from exc
 
 
+# What builds the twins of each kind (see EarlySockets), imported on first use.
+_TWIN_KINDS = {"asyncio": "takeover._aio_transport"}
+_STAND_IN = object()  # the memo entry of a socket sent ahead that has no twin
+
+
+class Twins:
+    """The recipient's twins of the sockets sent ahead (see :class:`EarlySockets`).
+
+    Built batch by batch as the sockets arrive, while the service still runs
+    in the originator, and memoized in that order by the unpickler that will
+    load the graph: memo entry N is the twin of the socket in slot N (or a
+    stand-in). The graph's server gives each twin its protocol; a twin it
+    does not claim (a connection closed in the meantime, or one that travelled
+    in full) leaves its socket to :meth:`close_leftovers`.
+    """
+
+    def __init__(self, kind: Any, policy: UnpicklePolicy | None = None) -> None:
+        module = _TWIN_KINDS.get(kind) if isinstance(kind, str) else None
+        if module is None:
+            raise ProtocolError(f"unknown kind of twin {kind!r} for the sockets sent ahead")
+        runtime = importlib.import_module(module)
+        self.kind: str = kind
+        self.build: Callable[[Sequence[socket.socket]], list[Any]] = runtime.new_twins
+        self.claimed: Callable[[Any], bool] = runtime.twin_claimed
+        self.objects: list[Any] = []
+        self.unpickler = _GraphUnpickler(_Source(), (), policy)
+
+    def add(self, sockets: Sequence[socket.socket], flags: Sequence[int]) -> None:
+        """Build the twins of a batch of sockets (flag 1: it has one) and memoize them."""
+        if all(flags):
+            objects = self.build(sockets)
+        else:
+            built = iter(self.build(list(itertools.compress(sockets, flags))))
+            objects = [next(built) if flag else _STAND_IN for flag in flags]
+        self.objects.extend(objects)
+        self.unpickler.seed(objects)
+
+    def close_leftovers(self) -> None:
+        """Close what arrived that neither the graph nor a claimed twin holds.
+
+        Called once the service runs (a loop over every twin, so not inside
+        the pause), or after it has been discarded.
+        """
+        ahead, claimed = self.unpickler.ahead, self.claimed
+        for slot, obj in enumerate(self.objects):
+            if obj is not _STAND_IN and claimed(obj):
+                ahead.pop(slot, None)
+        self.unpickler.close_unused()
+
+
 def loads(
     blob: bytes,
     fds: Sequence[int],
@@ -601,11 +779,16 @@ def loads(
     main: str | None = None,
     policy: UnpicklePolicy | None = None,
     prebuilt: Sequence[socket.socket] = (),
+    twins: Twins | None = None,
 ) -> Any:
     """Rebuild a graph from ``blob`` and the descriptors that came with it.
 
     ``prebuilt`` are the sockets sent ahead of the graph (its first slots);
     ``fds`` are the descriptors sent with it, in the slots that follow.
+    ``twins``, if the originator sent some, were built from ``prebuilt``:
+    the graph is loaded by their unpickler, whose memo starts with them, and
+    the sockets left over are closed by :meth:`Twins.close_leftovers`, not
+    here.
 
     ``policy`` says which globals the pickle may name (default: the strict
     :class:`~takeover._policy.UnpicklePolicy`, no ``--allow``).
@@ -620,7 +803,16 @@ def loads(
         ProtocolError: the blob or its descriptor references are malformed.
     """
     global _load_state
-    unpickler = _GraphUnpickler(io.BytesIO(blob), fds, policy, prebuilt)
+    if twins is None:
+        unpickler = _GraphUnpickler(io.BytesIO(blob), fds, policy, prebuilt)
+    else:
+        unpickler = twins.unpickler
+        unpickler.use(blob, fds, policy, prebuilt)
+        if len(twins.objects) != len(prebuilt):
+            unpickler.close_all()
+            raise ProtocolError(
+                f"{len(twins.objects)} twins for {len(prebuilt)} sockets sent ahead"
+            )
     previous = _main_state["reference"]
     previous_load = _load_state
     _main_state["reference"] = main
@@ -657,5 +849,6 @@ def loads(
             module.__class__ = original
         _main_state["reference"] = previous
         _load_state = previous_load
-    unpickler.close_unused()
+    if twins is None:
+        unpickler.close_unused()
     return graph

@@ -231,7 +231,12 @@ async def _move(
         # Sent ahead, while the service still runs: the arbiter, and the
         # sockets the dry run found, so that the recipient builds and
         # registers them outside the pause.
-        early = EarlySockets(found)
+        twins = getattr(service, "takeover_twins", None)
+        early = EarlySockets(
+            found,
+            twins() if twins is not None else None,
+            getattr(service, "takeover_twin_kind", None),
+        )
         too_many = _over_fd_limit(name, len(early.sockets) + 1, limits)
         if too_many is not None:
             await send(too_many)
@@ -239,7 +244,10 @@ async def _move(
         arbiter = Arbiter.create()
         await send(Message(Kind.FDS, {"count": 1, "arbiter": True}), [arbiter.fd])
         for batch, kinds in early.batches(SCM_MAX_FD):
-            await send(Message(Kind.FDS, {"count": len(batch), "kinds": kinds}), batch)
+            body: dict[str, Any] = {"count": len(batch), "kinds": kinds}
+            if early.twin_kind is not None:
+                body["twins"] = early.twin_kind
+            await send(Message(Kind.FDS, body), batch)
         _faults.checkpoint("originator.fds-sent-ahead")
         # No cyclic collection from quiesce until the graph is sent: the
         # collector would otherwise run over the pickled objects inside the
@@ -262,6 +270,9 @@ async def _move(
             _faults.checkpoint("originator.quiesced")
             # A connection closed while the sockets went ahead keeps its slot, unused.
             early.forget_closed()
+            if early.twin_kind is not None:
+                # Twins that now carry more than their socket travel in full.
+                early.unfit(getattr(service, "takeover_unfit", list)())
             try:
                 dumped = dumps(service, pickle_protocol, early)
             except TakeoverError as exc:
@@ -281,6 +292,7 @@ async def _move(
                 "service": name,
                 "fds": len(fds),
                 "ahead": len(early.sockets),
+                "twins": early.twin_kind is not None,
                 "size": len(dumped.blob),
                 "main": main_reference(),
                 "quiesced_at": quiesced_at,

@@ -41,7 +41,7 @@ from ._errors import (
 from ._fds import close_all
 from ._policy import TRUST_WARNING, UnpicklePolicy
 from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import build_sockets, gc_paused, loads, preload_main
+from ._serialize import Twins, build_sockets, gc_paused, loads, preload_main
 from ._staging import Staging
 from .registry import Service
 
@@ -250,6 +250,7 @@ class RecipientSession:
         arbiter: Arbiter | None = None
         ahead: list[socket.socket] = []
         staging: Staging | None = None
+        twins: Twins | None = None
         fds: list[int] = []
         try:
             # Before the graph, while the service still runs over there: the
@@ -271,11 +272,22 @@ class RecipientSession:
                         raise ProtocolError("a second arbiter, or one with other descriptors")
                     arbiter = Arbiter.adopt(batch[0])
                     continue
-                sockets = build_sockets(batch, message.body.get("kinds"))
+                kinds = message.body.get("kinds")
+                sockets = build_sockets(batch, kinds)
+                first = not ahead
                 ahead.extend(sockets)
                 if staging is None:
                     staging = Staging()
                 staging.add(sockets)
+                kind = message.body.get("twins")
+                if first and kind is not None:
+                    twins = Twins(kind, self.policy)
+                if (twins is None) != (kind is None) or (twins is not None and twins.kind != kind):
+                    raise ProtocolError("the batches sent ahead disagree on their twins")
+                if twins is not None:
+                    # Built now, while the service still runs over there.
+                    assert isinstance(kinds, list)  # build_sockets checked it
+                    twins.add(sockets, [k[4] for k in kinds for _ in range(k[0])])
             graph_message = message
             _faults.checkpoint("recipient.graph-received")
             meta = graph_message.body
@@ -289,6 +301,11 @@ class RecipientSession:
                 raise ProtocolError(
                     f"the graph counts {meta.get('ahead')!r} sockets sent ahead, "
                     f"{len(ahead)} arrived"
+                )
+            if meta.get("twins", False) is not (twins is not None):
+                raise ProtocolError(
+                    f"the graph says twins: {meta.get('twins')!r}, the sockets sent ahead "
+                    f"{'had' if twins is not None else 'had none'}"
                 )
             while len(fds) < late:
                 batch_message = await self._receive(self.limits.step_timeout)
@@ -316,13 +333,16 @@ class RecipientSession:
             # No cyclic collection until the service has started (see gc_paused).
             with gc_paused():
                 return await self._adopt(
-                    name, runtime, meta, graph_message.blob, fds, arbiter, ahead, staging
+                    name, runtime, meta, graph_message.blob, fds, arbiter, ahead, staging, twins
                 )
         finally:
             if staging is not None:
                 staging.close()  # a no-op if a server claimed it
             if arbiter is not None:
                 arbiter.close()
+            if twins is not None:
+                # After start (or discard): what nothing took is closed.
+                twins.close_leftovers()
 
     async def _adopt(
         self,
@@ -334,6 +354,7 @@ class RecipientSession:
         arbiter: Arbiter,
         ahead: Sequence[socket.socket] = (),
         staging: Staging | None = None,
+        twins: Twins | None = None,
     ) -> Taken:
         """Rebuild and adopt the graph, commit through the arbiter, start."""
         service: Service | None = None
@@ -345,6 +366,7 @@ class RecipientSession:
                 main=main if isinstance(main, str) else None,
                 policy=self.policy,
                 prebuilt=ahead,
+                twins=twins,
             )
             if not isinstance(graph, Service):
                 raise MigrationRefusedError(

@@ -30,6 +30,12 @@ class Service(Protocol):
     Recipient side: ``adopt`` (attach to this process's event loop without
     starting any I/O), then ``start`` (after commit) or ``discard`` (the move
     failed before commit: close the descriptors without shutting them down).
+
+    Optional, for objects that can travel as *twins* (built on the recipient
+    from their socket, see ``_serialize.EarlySockets``): ``takeover_twin_kind``
+    (a name in ``_serialize._TWIN_KINDS``), ``takeover_twins()`` (socket ->
+    object, asked before quiescing) and ``takeover_unfit()`` (those that
+    now carry more than their socket, asked after quiescing).
     """
 
     service_name: str

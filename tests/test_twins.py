@@ -1,0 +1,203 @@
+"""Twins: idle transports travel as a memo entry, built on the recipient from their socket.
+
+In one process, with real sockets and a real server: the originator's side
+(:class:`EarlySockets` with the server's twins, the memo-seeded pickle) and
+the recipient's (:class:`Twins` built as the sockets arrive, the seeded
+unpickler), and what must not go wrong on the way: a connection closed in the
+meantime, one with output waiting, one whose addresses were read, and graphs
+that misuse the memo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copyreg
+import io
+import os
+import pickle
+import socket
+from typing import Any
+
+import pytest
+
+from takeover._aio_transport import MigratableServer, MigratableTransport
+from takeover._errors import MigrationRefusedError, ProtocolError
+from takeover._policy import UnpicklePolicy
+from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
+
+POLICY = UnpicklePolicy(allow=(__name__,))
+
+
+class Echo(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def open_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def send_ahead(early: EarlySockets, twins: Twins | None) -> list[socket.socket]:
+    """What the recipient builds from the batches sent ahead (small batches)."""
+    built: list[socket.socket] = []
+    for batch, kinds in early.batches(2):
+        sockets = build_sockets([os.dup(fd) for fd in batch], kinds)
+        built.extend(sockets)
+        if twins is not None:
+            twins.add(sockets, [k[4] for k in kinds for _ in range(k[0])])
+    return built
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(100)
+        assert chunk, "closed"
+        data += chunk
+    return data
+
+
+def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
+    """Idle: the twin itself; closed since: its twin left, its socket closed; output
+    waiting or addresses read: in full. Every client is served after the move."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        old = MigratableServer(listener, Echo, "echo", loop)
+        old.start()
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(4)]
+        while len(old.connections) < 4:
+            await asyncio.sleep(0.01)
+        for client in clients:
+            client.settimeout(10)
+        by_port = {t.get_extra_info("peername")[1]: t for t in old.connections}
+        # get_extra_info above cached the addresses of all four: forget them,
+        # so that only the one read again below carries them.
+        for transport in old.connections:
+            del transport.__dict__["_info"]
+        idle, addressed, writing, closing = (by_port[c.getsockname()[1]] for c in clients)
+        before = open_count()
+
+        # Originator: the dry run, the sockets (and twins) sent ahead.
+        early = EarlySockets(dumps(old).sockets, old.takeover_twins(), old.takeover_twin_kind)
+        assert early.twin_kind == "asyncio"
+        twins = Twins(early.twin_kind, POLICY)
+        ahead = send_ahead(early, twins)
+        assert sum(1 for o in twins.objects if isinstance(o, MigratableTransport)) == 4
+
+        # Meanwhile the service runs: one connection closes.
+        closing.close()
+        clients[3].close()
+        await asyncio.sleep(0.05)
+        assert len(old.connections) == 3
+
+        old.quiesce()
+        writing.write(b"pending\n")  # kept in the paused transport's buffer
+        addressed.get_extra_info("peername")
+        early.forget_closed()
+        early.unfit(old.takeover_unfit())
+        dumped = dumps(old, early=early)
+        assert dumped.sockets == early.sockets  # nothing new since the dry run
+        new = loads(dumped.blob, [], policy=POLICY, prebuilt=ahead, twins=twins)
+
+        slot = {sock: i for i, sock in enumerate(early.sockets)}
+        moved = {t._sock.fileno(): t for t in new.connections}
+        assert len(moved) == 3
+        twin_of_idle = twins.objects[slot[idle._sock]]
+        assert twin_of_idle in new.connections  # the twin itself, no copy
+        assert twin_of_idle._protocol.transport is twin_of_idle
+        for unfit in (addressed, writing):
+            assert twins.objects[slot[unfit._sock]] not in new.connections
+        (carried,) = [t for t in new.connections if t._buffer]
+        assert bytes(carried._buffer) == b"pending\n"
+        (informed,) = [t for t in new.connections if "_info" in t.__dict__]
+        assert informed.get_extra_info("peername") == clients[1].getsockname()
+
+        new.adopt(loop)
+        new.start()
+        old.release()
+        twins.close_leftovers()
+        # The socket of the connection closed meanwhile was closed; its twin was left.
+        assert ahead[slot[closing._sock]].fileno() == -1
+        # Gone: the closed connection's client and server sides, and the old
+        # server's poller; the listener and 3 connections changed hands.
+        assert open_count() == before - 3 + 1  # + the new server's poller
+
+        try:
+            assert await loop.run_in_executor(None, recv_line, clients[2]) == b"pending\n"
+            for client in clients[:3]:
+                client.sendall(b"after\n")
+                assert await loop.run_in_executor(None, recv_line, client) == b"after\n"
+        finally:
+            for client in clients:
+                client.close()
+            new.close_connections()
+            new.close()
+            await asyncio.sleep(0.05)
+            new.discard()
+
+    asyncio.run(main())
+
+
+def test_a_graph_that_puts_something_else_among_the_connections_is_refused() -> None:
+    """A server's connections may be transports only: no attribute set on a class."""
+    state = {
+        "service_name": "x",
+        "protocol_factory": Echo,
+        "_sock": None,
+        "_loop": None,
+        "_transports": [MigratableTransport],
+        "_protocols": [Echo()],
+        "_poller": None,
+        "_serving": False,
+        "_quiesced": True,
+        "_state_version": 3,
+    }
+
+    server = MigratableServer.__new__(MigratableServer)
+
+    class Forge(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if obj is server:
+                return (copyreg.__newobj__, (MigratableServer,), state)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    Forge(buffer, 5).dump(server)
+    with pytest.raises(MigrationRefusedError, match="connection is a type"):
+        loads(buffer.getvalue(), [], policy=POLICY)
+    assert "_protocol" not in vars(MigratableTransport)
+
+
+def test_unknown_kind_of_twin_refused() -> None:
+    with pytest.raises(ProtocolError, match="unknown kind of twin 'twisted'"):
+        Twins("twisted")
+    with pytest.raises(ProtocolError, match="unknown kind of twin 3"):
+        Twins(3)
+
+
+def test_memo_reference_beyond_the_twins_refused_and_everything_closed() -> None:
+    """A graph naming a memo entry nobody made: refused, every socket sent ahead closed."""
+    a, b = socket.socketpair()
+    try:
+        early = EarlySockets([a, b], {a: object()}, "asyncio")
+        twins = Twins("asyncio", POLICY)
+        before = open_count()
+        ahead = send_ahead(early, twins)
+        assert len(twins.objects) == 2 and isinstance(twins.objects[0], MigratableTransport)
+        with pytest.raises(MigrationRefusedError, match="Memo value not found at index 9"):
+            loads(b"\x80\x05h\x09.", [], prebuilt=ahead, twins=twins)
+        assert all(sock.fileno() == -1 for sock in ahead)
+        assert open_count() == before
+    finally:
+        a.close()
+        b.close()
