@@ -84,16 +84,17 @@ class HandRecipient:
     def take(self, name: str) -> int:
         """TAKE ``name`` and read everything up to the graph; return the arbiter's fd."""
         self.send(Message(Kind.TAKE, {"service": name}))
-        arbiter = None
-        while True:
+        message = self.receive()
+        assert message.kind is Kind.FDS and message.body.get("arbiter") is True, message
+        arbiter, expected, arrived = self.fds[0], message.body["ahead"], 0
+        while arrived < expected:
             message = self.receive()
-            if message.kind is Kind.GRAPH:
-                assert message.body["fds"] == 0, message.body
-                assert arbiter is not None, "no arbiter came ahead of the graph"
-                return arbiter
             assert message.kind is Kind.FDS, message
-            if message.body.get("arbiter") is True:
-                arbiter = self.fds[0]
+            arrived += message.body["count"]
+        self.send(Message(Kind.STAGED, {"service": name, "count": arrived}))
+        message = self.receive()
+        assert message.kind is Kind.GRAPH and message.body["fds"] == 0, message
+        return arbiter
 
 
 def arbiter_state(fd: int) -> bytes:

@@ -72,7 +72,17 @@ STEPS = [
     # found (FDS frames), while the service still runs; then it quiesces and
     # sends the graph, then any socket that appeared since (none here).
     Step("take asked", "recipient.take-sent", "originator.take-received", (TO_RECIPIENT, Kind.FDS)),
-    Step("fds sent ahead", None, "originator.fds-sent-ahead", (TO_RECIPIENT, Kind.GRAPH)),
+    # The recipient builds, registers and twins the sockets sent ahead, then
+    # says STAGED; only then does the originator pause the service.
+    Step(
+        "fds sent ahead",
+        "recipient.ahead-received",
+        "originator.fds-sent-ahead",
+        (TO_ORIGINATOR, Kind.STAGED),
+    ),
+    Step(
+        "staged", "recipient.staged-sent", "originator.staged-received", (TO_RECIPIENT, Kind.GRAPH)
+    ),
     Step("mid-graph", None, None, (TO_RECIPIENT, Kind.GRAPH), inside=True),
     # After the graph (and any descriptor that follows it) the recipient
     # rebuilds and adopts it, records COMMITTED in the move's arbiter, starts
@@ -119,7 +129,14 @@ EXPECTED = {
     # dies with it, as it would without any migration going on.
     **{
         (name, KILL_ORIGINATOR): NONE
-        for name in ("connected", "authenticated", "listed", "take asked", "fds sent ahead")
+        for name in (
+            "connected",
+            "authenticated",
+            "listed",
+            "take asked",
+            "fds sent ahead",
+            "staged",
+        )
     },
     # The recipient holds the whole graph and its descriptors: nobody has
     # recorded ROLLED_BACK, so it commits and serves, whether or not the

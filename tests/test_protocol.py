@@ -242,8 +242,9 @@ class ConversationPair:
         self.send(Role.ORIGINATOR, originator_hello())
 
     def take(self, fds: int) -> None:
-        """Run TAKE and GRAPH (announcing ``fds``) and send the FDS frames."""
+        """Run TAKE, STAGED and GRAPH (announcing ``fds``) and send the FDS frames."""
         self.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+        self.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
         self.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": fds}, b"blob"))
         while fds:
             count = min(fds, 253)
@@ -265,6 +266,11 @@ def test_whole_conversation_both_sides_agree():
     assert pair.states() == ("idle", "idle")
     pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
     assert pair.states() == ("taking", "taking")
+    pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 1, "arbiter": True, "ahead": 2}))
+    pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 2, "kinds": [[2, 2, 1, 6, 1]]}))
+    assert pair.states() == ("taking", "taking")
+    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 2}))
+    assert pair.states() == ("staged", "staged")
     pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 600}, b"\x80\x05blob"))
     assert pair.states() == ("sending-fds", "sending-fds")
     assert pair.originator.fds_expected == pair.recipient.fds_expected == 600
@@ -309,6 +315,18 @@ def test_refused_graph_returns_both_sides_to_idle():
     assert pair.states() == ("taking", "taking")
 
 
+def test_error_after_staged_returns_to_idle():
+    """ERROR after STAGED (the service could not be paused or pickled) leaves the channel usable."""
+    pair = ConversationPair()
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
+    pair.send(Role.ORIGINATOR, error("serialization", "cannot pickle"))
+    assert pair.states() == ("idle", "idle")
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    assert pair.states() == ("taking", "taking")
+
+
 def test_error_answering_take_returns_to_idle():
     """ERROR in answer to TAKE (busy, no such service) leaves the channel usable."""
     pair = ConversationPair()
@@ -329,6 +347,7 @@ def test_originator_error_elsewhere_closes(step):
     if step == "sending-fds":
         pair.send(Role.ORIGINATOR, originator_hello())
         pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+        pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
         pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 5}, b"blob"))
     if step == "await-committed":
         pair.send(Role.ORIGINATOR, originator_hello())
@@ -372,14 +391,17 @@ def _conversation_in(state: str, role: Role) -> Conversation:
         "start": [],
         "idle": ["hello"],
         "taking": ["hello", "take"],
-        "sending-fds": ["hello", "take", "graph"],
-        "await-committed": ["hello", "take", "graph", "fds"],
+        "staged": ["hello", "take", "staged"],
+        "sending-fds": ["hello", "take", "staged", "graph"],
+        "await-committed": ["hello", "take", "staged", "graph", "fds"],
     }[state]
     for step in steps:
         if step == "hello":
             pair.handshake()
         elif step == "take":
             pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+        elif step == "staged":
+            pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
         elif step == "graph":
             pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 2}, b"blob"))
         elif step == "fds":
@@ -405,6 +427,10 @@ OUT_OF_TURN = [
     # Right kind, wrong direction.
     ("idle", Role.ORIGINATOR, Kind.LIST),
     ("taking", Role.RECIPIENT, Kind.GRAPH),
+    ("taking", Role.ORIGINATOR, Kind.GRAPH),  # before the recipient said STAGED
+    ("staged", Role.RECIPIENT, Kind.STAGED),
+    ("staged", Role.ORIGINATOR, Kind.FDS),
+    ("idle", Role.RECIPIENT, Kind.STAGED),
 ]
 
 
@@ -432,6 +458,7 @@ def test_fds_beyond_the_announced_count_refused():
     pair = ConversationPair()
     pair.handshake()
     pair.send(Role.RECIPIENT, Message(Kind.TAKE))
+    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
     pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 5}, b"blob"))
     pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 3}))
     with pytest.raises(ProtocolError, match="FDS frame carries 3 descriptors, 2 were announced"):
@@ -445,6 +472,7 @@ def test_empty_fds_frame_refused():
     pair = ConversationPair()
     pair.handshake()
     pair.send(Role.RECIPIENT, Message(Kind.TAKE))
+    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
     pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 1}, b"blob"))
     with pytest.raises(ProtocolError, match="carries 0 descriptors"):
         pair.recipient.receive(Message(Kind.FDS, {"count": 0}))
@@ -453,10 +481,10 @@ def test_empty_fds_frame_refused():
 @pytest.mark.parametrize("value", [-1, "2", 2.0, True, None, [2]])
 def test_graph_fd_count_must_be_a_non_negative_integer(value):
     """GRAPH's ``fds`` must be a non-negative int (not a bool, string or float)."""
-    conversation = _conversation_in("taking", Role.RECIPIENT)
+    conversation = _conversation_in("staged", Role.RECIPIENT)
     with pytest.raises(ProtocolError, match="'fds' must be a non-negative integer"):
         conversation.receive(Message(Kind.GRAPH, {"fds": value} if value is not None else {}))
-    assert conversation.state == "taking"
+    assert conversation.state == "staged"
 
 
 @pytest.mark.parametrize("value", [-1, "1", True, None])

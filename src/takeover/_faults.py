@@ -9,10 +9,11 @@ costs one dictionary look-up.
 The points, in the order of the conversation (tests/test_faults.py covers each):
 
 * originator: ``connected``, ``authenticated``, ``listed``, ``take-received``,
-  ``fds-sent-ahead``, ``quiesced``, ``graph-sent``, ``fds-sent``,
-  ``committed-received``;
+  ``fds-sent-ahead``, ``staged-received``, ``quiesced``, ``graph-sent``,
+  ``fds-sent``, ``committed-received``;
 * recipient: ``connected``, ``authenticated``, ``listed``, ``take-sent``,
-  ``graph-received``, ``fds-received``, ``adopted``, ``committed-sent``.
+  ``ahead-received``, ``staged-sent``, ``graph-received``, ``fds-received``,
+  ``adopted``, ``committed-sent``.
 """
 
 from __future__ import annotations

@@ -30,8 +30,11 @@ The recipient connects and speaks first. Written from the originator's side
     checking        --out ERROR-->       idle              (no such service)
     taking          --out ERROR-->       idle              (busy, no such service, unpicklable)
     taking          --out FDS-->         taking            (sent ahead of the graph: the arbiter,
-                                                            the sockets the dry run found)
-    taking          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
+                                                            which says how many sockets follow,
+                                                            then the sockets the dry run found)
+    taking          --in STAGED-->       staged            (all built and registered: pause now)
+    staged          --out ERROR-->       idle              (could not pause or pickle it)
+    staged          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
     sending-fds     --out FDS-->         sending-fds ... await-committed once all are sent
     await-committed --in COMMITTED-->    idle              (the service has moved)
     await-committed --in REFUSED-->      idle              (rolled back)
@@ -104,6 +107,7 @@ class Kind(enum.IntEnum):
     BYE = 12
     CHECK = 13
     CHECKED = 14
+    STAGED = 15
     AUTH = 20
     AUTHED = 21
 
@@ -210,7 +214,9 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("checking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.FDS): "taking",
-    ("taking", _OUT, Kind.GRAPH): "sending-fds",
+    ("taking", _IN, Kind.STAGED): "staged",
+    ("staged", _OUT, Kind.ERROR): "idle",
+    ("staged", _OUT, Kind.GRAPH): "sending-fds",
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
     ("await-committed", _IN, Kind.COMMITTED): "idle",
     ("await-committed", _IN, Kind.REFUSED): "idle",

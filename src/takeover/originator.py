@@ -242,13 +242,27 @@ async def _move(
             await send(too_many)
             return
         arbiter = Arbiter.create()
-        await send(Message(Kind.FDS, {"count": 1, "arbiter": True}), [arbiter.fd])
+        await send(
+            Message(Kind.FDS, {"count": 1, "arbiter": True, "ahead": len(early.sockets)}),
+            [arbiter.fd],
+        )
         for batch, kinds in early.batches(SCM_MAX_FD):
             body: dict[str, Any] = {"count": len(batch), "kinds": kinds}
             if early.twin_kind is not None:
                 body["twins"] = early.twin_kind
             await send(Message(Kind.FDS, body), batch)
         _faults.checkpoint("originator.fds-sent-ahead")
+        # The recipient has built them (and registered, and twinned) when it
+        # says STAGED: only then is the service paused, so that none of that
+        # work waits inside the pause.
+        staged = await channel.receive(limits.step_timeout)
+        conversation.receive(staged)
+        if staged.body.get("count") != len(early.sockets):
+            raise ProtocolError(
+                f"the recipient staged {staged.body.get('count')!r} sockets, "
+                f"{len(early.sockets)} were sent ahead"
+            )
+        _faults.checkpoint("originator.staged-received")
         # No cyclic collection from quiesce until the graph is sent: the
         # collector would otherwise run over the pickled objects inside the
         # pause (it runs later, while the recipient rebuilds them).

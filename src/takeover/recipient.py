@@ -254,12 +254,18 @@ class RecipientSession:
         fds: list[int] = []
         try:
             # Before the graph, while the service still runs over there: the
-            # arbiter and the sockets sent ahead. Each batch is built and its
-            # connections registered for reading (passively) as it arrives.
-            while True:
+            # arbiter, which says how many sockets follow it, then those
+            # sockets. Each batch is built, its connections registered for
+            # reading (passively) and their twins built as it arrives. STAGED
+            # then tells the originator that it may pause the service: nothing
+            # of this is left to do inside the pause.
+            expected: int | None = None
+            while expected is None or len(ahead) < expected:
                 message = await self._receive(self.limits.step_timeout)
                 if message.kind is not Kind.FDS:
-                    break
+                    raise ProtocolError(
+                        f"{message.kind.name} before all the sockets sent ahead had arrived"
+                    )
                 count = int(message.body["count"])
                 if len(ahead) + count + 1 > self.limits.max_fds:
                     raise ProtocolError(
@@ -267,11 +273,21 @@ class RecipientSession:
                     )
                 batch = await self.channel.take_fds(count, self.limits.step_timeout)
                 if message.body.get("arbiter") is True:
-                    if arbiter is not None or count != 1:
+                    total = message.body.get("ahead")
+                    if arbiter is not None or count != 1 or type(total) is not int or total < 0:
                         close_all(batch)
-                        raise ProtocolError("a second arbiter, or one with other descriptors")
+                        raise ProtocolError(
+                            "a second arbiter, one with other descriptors, or one that does "
+                            f"not say how many sockets follow it ({total!r})"
+                        )
                     arbiter = Arbiter.adopt(batch[0])
+                    expected = total
                     continue
+                if expected is None or len(ahead) + count > expected:
+                    close_all(batch)
+                    raise ProtocolError(
+                        f"{count} more sockets sent ahead than the arbiter announced ({expected!r})"
+                    )
                 kinds = message.body.get("kinds")
                 sockets = build_sockets(batch, kinds)
                 first = not ahead
@@ -285,9 +301,12 @@ class RecipientSession:
                 if (twins is None) != (kind is None) or (twins is not None and twins.kind != kind):
                     raise ProtocolError("the batches sent ahead disagree on their twins")
                 if twins is not None:
-                    # Built now, while the service still runs over there.
                     assert isinstance(kinds, list)  # build_sockets checked it
                     twins.add(sockets, [k[4] for k in kinds for _ in range(k[0])])
+            _faults.checkpoint("recipient.ahead-received")
+            await self._send(Message(Kind.STAGED, {"service": name, "count": len(ahead)}))
+            _faults.checkpoint("recipient.staged-sent")
+            message = await self._receive(self.limits.step_timeout)
             graph_message = message
             _faults.checkpoint("recipient.graph-received")
             meta = graph_message.body
