@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from takeover._aio_transport import MigratableServer, MigratableTransport
-from takeover._errors import MigrationRefusedError, ProtocolError
+from takeover._errors import MigrationRefusedError, ProtocolError, SerializationError
 from takeover._policy import UnpicklePolicy
 from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
 
@@ -201,3 +201,41 @@ def test_memo_reference_beyond_the_twins_refused_and_everything_closed() -> None
     finally:
         a.close()
         b.close()
+
+
+def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
+    """Closed between the dry run and the pause, a connection still referred to fails
+    to pickle, as any closed socket does, instead of arriving as nobody's transport."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        server = MigratableServer(listener, Echo, "echo", loop)
+        server.start()
+        client = socket.create_connection(listener.getsockname())
+        try:
+            while not server.connections:
+                await asyncio.sleep(0.01)
+            (transport,) = server.connections
+            early = EarlySockets(
+                dumps(server).sockets, server.takeover_twins(), server.takeover_twin_kind
+            )
+            transport.close()
+            await asyncio.sleep(0.05)
+            assert not server.connections
+            server.quiesce()
+            early.forget_closed()
+            early.unfit(server.takeover_unfit())
+            assert len(dumps(server, early=early).blob) > 0  # the server alone moves
+            with pytest.raises(SerializationError, match="closed socket"):
+                dumps((server, transport), early=early)
+        finally:
+            client.close()
+            server.resume()
+            server.close()
+            await asyncio.sleep(0)
+            server.discard()
+
+    asyncio.run(main())

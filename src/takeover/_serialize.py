@@ -306,6 +306,7 @@ class EarlySockets:
         # Pickle memo entries (id -> (index, object)), one per slot; None: no twins.
         self.memo: dict[int, tuple[int, Any]] | None = None
         self._stand_ins: list[Any] = []
+        self._slot_objects: list[Any] = []  # what memo entry N was made for
         if self.twin_kind is not None:
             self.memo = {}
         for slot, sock in enumerate(self.sockets):
@@ -320,6 +321,7 @@ class EarlySockets:
                 else:
                     flag = 1
                 self.memo[id(twin)] = (slot, twin)
+                self._slot_objects.append(twin)
             else:
                 flag = 0
             if self.kinds and self.kinds[-1][1:] == [*kind, flag]:
@@ -329,15 +331,18 @@ class EarlySockets:
 
     def unfit(self, objects: Sequence[Any]) -> None:
         """Twins in ``objects`` travel in full: their memo entries become stand-ins."""
-        memo = self.memo
-        if memo is None:
-            return
-        for obj in objects:
-            entry = memo.pop(id(obj), None)
-            if entry is not None:
-                stand_in = object()
-                self._stand_ins.append(stand_in)
-                memo[id(stand_in)] = (entry[0], stand_in)
+        if self.memo is not None:
+            for obj in objects:
+                self._stand_in(obj)
+
+    def _stand_in(self, obj: Any) -> None:
+        """Put a stand-in in ``obj``'s memo entry, if it has one."""
+        assert self.memo is not None
+        entry = self.memo.pop(id(obj), None)
+        if entry is not None:
+            stand_in = object()
+            self._stand_ins.append(stand_in)
+            self.memo[id(stand_in)] = (entry[0], stand_in)
 
     def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
         """(descriptors, their kinds) in batches of at most ``size``."""
@@ -355,10 +360,17 @@ class EarlySockets:
             yield batch, kinds
 
     def forget_closed(self) -> None:
-        """Drop the reductions of sockets closed since they were sent."""
-        for sock in self.sockets:
+        """Drop the reductions (and twins) of sockets closed since they were sent.
+
+        The twin of a closed connection then pickles in full if anything
+        still refers to it, and fails as any closed socket does, rather than
+        arrive as a transport nobody owns.
+        """
+        for slot, sock in enumerate(self.sockets):
             if sock.fileno() < 0:
                 self.reductions.pop(sock, None)
+                if self.memo is not None:
+                    self._stand_in(self._slot_objects[slot])
 
 
 def build_sockets(fds: Sequence[int], kinds: Any) -> list[socket.socket]:
