@@ -15,7 +15,10 @@ import copyreg
 import io
 import os
 import pickle
+import shutil
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -26,6 +29,7 @@ from takeover._policy import UnpicklePolicy
 from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
 
 POLICY = UnpicklePolicy(allow=(__name__,))
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 class Echo(asyncio.Protocol):
@@ -239,3 +243,52 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
             server.discard()
 
     asyncio.run(main())
+
+
+PURE_PYTHON_MOVE = """
+import asyncio, os, socket
+from takeover._aio_transport import MigratableServer, MigratableTransport
+from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
+from takeover._policy import UnpicklePolicy
+
+async def main():
+    loop = asyncio.get_running_loop()
+    pairs = [socket.socketpair() for _ in range(3)]
+    transports = [MigratableTransport(a, None, None) for a, _ in pairs]
+    graph = {"transports": transports}
+    early = EarlySockets([t._sock for t in transports], {t._sock: t for t in transports}, "asyncio")
+    size = len(early.memo)
+    twins = Twins("asyncio", UnpicklePolicy(trust=True))
+    ahead = []
+    for batch, kinds in early.batches(2):
+        built = build_sockets([os.dup(fd) for fd in batch], kinds)
+        ahead += built
+        twins.add(built, [k[4] for k in kinds for _ in range(k[0])])
+    first = dumps(graph, early=early).blob
+    second = dumps(graph, early=early).blob
+    assert len(early.memo) == size and first == second, (len(early.memo), size)
+    moved = loads(first, [], prebuilt=ahead, twins=twins, policy=UnpicklePolicy(trust=True))
+    assert moved["transports"] == twins.objects
+    print("ok", len(first))
+    for sock in ahead + [s for pair in pairs for s in pair]:
+        sock.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("python", ["pypy3", sys.executable])
+def test_the_memo_of_twins_is_not_used_up_by_a_pickling(python: str) -> None:
+    """The pure-Python pickler (PyPy) adds to the memo it is given: it gets a copy,
+    so the same EarlySockets pickles twice alike; the pure-Python unpickler seeds."""
+    if shutil.which(python) is None:
+        pytest.skip("no pypy3 (make interpreters)")
+    out = subprocess.run(
+        [python, "-c", PURE_PYTHON_MOVE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok "), out.stdout

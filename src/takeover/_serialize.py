@@ -207,6 +207,9 @@ def _refuse_tls(sock: socket.socket) -> Any:
     raise SerializationError(f"cannot migrate TLS socket {sock!r}: TLS sessions cannot move yet")
 
 
+_C_PICKLER = pickle.Pickler is not getattr(pickle, "_Pickler", None)
+
+
 class _GraphPickler(pickle.Pickler):
     # Sockets go through the dispatch table, looked up by type in C, rather
     # than a persistent_id hook, which pickle would call (in Python) for every
@@ -232,8 +235,10 @@ class _GraphPickler(pickle.Pickler):
             table[socket.socket] = reductions.__getitem__
             if early.memo is not None:
                 # Entry N is the twin of the socket in slot N (or a stand-in
-                # never referred to): the recipient starts its memo the same way.
-                self.memo = early.memo
+                # never referred to): the recipient starts its memo the same
+                # way. The C pickler copies what it is given; the pure-Python
+                # one (PyPy) would add to it, so it gets a copy.
+                self.memo = early.memo if _C_PICKLER else dict(early.memo)
         ssl = sys.modules.get("ssl")
         if ssl is not None:
             table[ssl.SSLSocket] = _refuse_tls
