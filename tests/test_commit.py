@@ -17,20 +17,11 @@ import socket
 import time
 
 from procs import list_fds, run_example, takeover, wait_until
-from takeover import _auth, _fds, _protocol
+from takeover import _fds, _protocol
 from takeover._arbiter import COMMITTED, PENDING
-from takeover._protocol import Kind, Message, Role
+from takeover._protocol import Kind, Message
+from test_fuzz import authenticate, write_secret
 from test_rollback import echo
-
-SECRET = b"commit point secret"
-
-
-def write_secret(workdir: str) -> str:
-    path = os.path.join(workdir, "secret")
-    with open(path, "wb") as f:
-        f.write(SECRET + b"\n")
-    os.chmod(path, 0o600)
-    return path
 
 
 class HandRecipient:
@@ -65,21 +56,8 @@ class HandRecipient:
         return self.pending.pop(0)
 
     def authenticate(self) -> None:
-        nonce = _auth.new_nonce()
-        self.send(
-            _protocol.hello(
-                Role.RECIPIENT,
-                pid=os.getpid(),
-                pickle_protocol=5,
-                python="x",
-                nonce=nonce,
-                auth=_auth.AUTH_SCHEME,
-            )
-        )
-        theirs = self.receive()
-        proof = _auth.proof(SECRET, "recipient", nonce, theirs.body["nonce"])
-        self.send(Message(Kind.AUTH, {"proof": proof}))
-        assert self.receive().kind is Kind.AUTHED
+        # No frame follows AUTHED until TAKE: nothing is left in a decoder.
+        authenticate(self.sock)
 
     def take(self, name: str) -> int:
         """TAKE ``name`` and read everything up to the graph; return the arbiter's fd."""

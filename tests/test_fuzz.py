@@ -207,13 +207,18 @@ def send_chunks(sock: socket.socket, chunks: list[bytes], with_fd: int | None, m
             return  # the server gave up on us: fine
 
 
-@pytest.fixture
-def secret_path(workdir: str) -> str:
+def write_secret(workdir: str) -> str:
+    """A secret file holding SECRET, which :func:`authenticate` proves."""
     path = os.path.join(workdir, "secret")
     with open(path, "wb") as f:
         f.write(SECRET + b"\n")
     os.chmod(path, 0o600)
     return path
+
+
+@pytest.fixture
+def secret_path(workdir: str) -> str:
+    return write_secret(workdir)
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])

@@ -58,6 +58,19 @@ def send_ahead(early: EarlySockets, twins: Twins | None) -> list[socket.socket]:
     return built
 
 
+async def serving(count: int) -> tuple[MigratableServer, list[socket.socket]]:
+    """A started echo server on loopback and ``count`` clients it has accepted."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    server = MigratableServer(listener, Echo, "echo", asyncio.get_running_loop())
+    server.start()
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(count)]
+    while len(server.connections) < count:
+        await asyncio.sleep(0.01)
+    return server, clients
+
+
 def recv_line(sock: socket.socket) -> bytes:
     data = b""
     while not data.endswith(b"\n"):
@@ -73,14 +86,7 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        old = MigratableServer(listener, Echo, "echo", loop)
-        old.start()
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(4)]
-        while len(old.connections) < 4:
-            await asyncio.sleep(0.01)
+        old, clients = await serving(4)
         for client in clients:
             client.settimeout(10)
         by_port = {t.get_extra_info("peername")[1]: t for t in old.connections}
@@ -212,16 +218,8 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
     to pickle, as any closed socket does, instead of arriving as nobody's transport."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        server = MigratableServer(listener, Echo, "echo", loop)
-        server.start()
-        client = socket.create_connection(listener.getsockname())
+        server, (client,) = await serving(1)
         try:
-            while not server.connections:
-                await asyncio.sleep(0.01)
             (transport,) = server.connections
             early = EarlySockets(
                 dumps(server).sockets, server.takeover_twins(), server.takeover_twin_kind

@@ -310,7 +310,6 @@ class EarlySockets:
         self.twin_kind = twin_kind if twins and twin_kind else None
         # Pickle memo entries (id -> (index, object)), one per slot; None: no twins.
         self.memo: dict[int, tuple[int, Any]] | None = None
-        self._stand_ins: list[Any] = []
         self._slot_objects: list[Any] = []  # what memo entry N was made for
         if self.twin_kind is not None:
             self.memo = {}
@@ -320,8 +319,7 @@ class EarlySockets:
             twin = twins.get(sock) if self.memo is not None else None
             if self.memo is not None:
                 if twin is None:
-                    twin = object()
-                    self._stand_ins.append(twin)
+                    twin = object()  # kept alive by its memo entry
                     flag = 0
                 else:
                     flag = 1
@@ -345,8 +343,7 @@ class EarlySockets:
         assert self.memo is not None
         entry = self.memo.pop(id(obj), None)
         if entry is not None:
-            stand_in = object()
-            self._stand_ins.append(stand_in)
+            stand_in = object()  # kept alive by its memo entry
             self.memo[id(stand_in)] = (entry[0], stand_in)
 
     def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
