@@ -334,11 +334,8 @@ class RecipientSession:
                     )
                 )
             _faults.checkpoint("recipient.fds-received")
-            if arbiter is None:
-                # The arbiter is the commit point: no move without one.
-                raise ProtocolError(
-                    f"the originator sent no commit arbiter for {name!r} ahead of its graph"
-                )
+            # The loop above ends only once the arbiter (the commit point) has come.
+            assert arbiter is not None
         except BaseException:
             close_all(fds)
             for sock in ahead:
