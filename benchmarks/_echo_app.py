@@ -41,9 +41,9 @@ class Echo(asyncio.Protocol):
 
 def instrument(marks: dict[str, float]) -> None:
     """Record when each phase of a move ends, on the shared monotonic clock."""
-    from takeover import originator
-    from takeover._aio_transport import MigratableServer
-    from takeover._protocol import Kind
+    from takeover._core import originator
+    from takeover._core.protocol import Kind
+    from takeover.asyncio import MigratableServer
 
     def around(owner: Any, name: str, before: str | None, after: str) -> None:
         real = getattr(owner, name)

@@ -2,14 +2,13 @@
 
     python benchmarks/_mover.py CONTROL
 
-What ``takeover take --json CONTROL`` does, through the library API, with the
-process start and the imports done before the move: prints
-``{"event": "ready"}``, waits for a line ``go`` on stdin, then connects, takes
-every service, publishes them again at CONTROL (rename over it, before the
-conversation ends, as the command does) and prints ``{"event": "taken", ...}``
-per service and ``{"event": "serving", ...}``. It serves until its services
-have moved on (then exits 0) or until SIGINT/SIGTERM (then closes them):
-``takeover.cli.hold``, as the command does.
+What ``takeover take --json CONTROL`` does, through the same library function
+(``takeover.asyncio.take_and_serve``), with the process start and the imports
+done before the move: prints ``{"event": "ready"}``, waits for a line ``go``
+on stdin, then takes every service, publishes them again at CONTROL and
+prints ``{"event": "taken", ...}`` per service and ``{"event": "serving",
+...}``. It serves until its services have moved on (then exits 0) or until
+SIGINT/SIGTERM (then closes them).
 """
 
 from __future__ import annotations
@@ -21,32 +20,25 @@ import sys
 import _common
 
 import takeover.asyncio as takeover
-from takeover.cli import hold
-from takeover.recipient import select
 
 
-async def main(control: str) -> None:
+async def main(control: str) -> int:
     loop = asyncio.get_running_loop()
     _common.emit("ready", pid=os.getpid())
     line = await loop.run_in_executor(None, sys.stdin.readline)
     if line.strip() != "go":
-        return
-    session = await takeover.connect(control)
-    try:
-        names = select(await session.list(), ())
-        taken = [await session.take(name, loop) for name in names]
-        migration = takeover.MigrationServer(control, replace=True)
-        for result in taken:
-            migration.publish(result.service)
-        await migration.start()
-    finally:
-        await session.close()
-    for result in taken:
-        _common.emit("taken", **result.summary())
-    _common.emit("serving", control=migration.path, pid=os.getpid())
-    await hold(migration)  # as the command does, retiring once it has moved on
+        return 0
+    result = await takeover.take_and_serve(
+        control,
+        on_taken=lambda taken: _common.emit("taken", **taken.summary()),
+        on_failed=lambda name, exc: _common.emit("failed", service=name, error=str(exc)),
+        on_serving=lambda migration: _common.emit(
+            "serving", control=migration.path, pid=os.getpid()
+        ),
+    )
+    return 1 if result.failed or not result.taken else 0
 
 
 if __name__ == "__main__":
     _common.setup_process()
-    asyncio.run(main(sys.argv[1]))
+    sys.exit(asyncio.run(main(sys.argv[1])))

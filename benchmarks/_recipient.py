@@ -22,10 +22,10 @@ from typing import Any
 import _common
 
 import takeover.asyncio as takeover
-from takeover import recipient
-from takeover._aio_transport import MigratableServer
-from takeover._protocol import Kind
-from takeover._staging import Staging
+from takeover._core import recipient
+from takeover._core.ahead import AheadPoller
+from takeover._core.protocol import Kind
+from takeover.asyncio import MigratableServer
 
 
 def instrument(marks: dict[str, float]) -> None:
@@ -48,7 +48,7 @@ def instrument(marks: dict[str, float]) -> None:
     around(recipient, "loads", "loads_end", "loads_start")
     around(MigratableServer, "adopt", "adopt_end")
     around(MigratableServer, "start", "start_end", "start_start")
-    around(Staging, "add", "staged")  # the last batch sent ahead, registered
+    around(AheadPoller, "add", "ahead_ready")  # the last batch sent ahead, registered
 
     real_send = takeover.AsyncioChannel.send
     real_receive = takeover.AsyncioChannel.receive

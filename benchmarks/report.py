@@ -30,7 +30,7 @@ PHASES: list[tuple[str, str, str, str, str]] = [
 ]
 OUTSIDE: list[tuple[str, str, str, str, str]] = [
     ("TAKE -> quiesce (dry run, sockets sent ahead)", "o", "take_received", "o", "quiesce_start"),
-    ("sockets ahead staged -> graph received", "r", "staged", "r", "graph_received"),
+    ("sockets ahead ready -> graph received", "r", "ahead_ready", "r", "graph_received"),
     ("COMMITTED sent (after start) -> received", "r", "start_end", "o", "committed_received"),
     ("release (originator, after commit)", "o", "release_start", "o", "release_end"),
 ]

@@ -20,8 +20,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from takeover import _fds
-from takeover._protocol import Kind
+from takeover._core import fds as _fds
+from takeover._core.protocol import Kind
 
 _HEADER = struct.Struct("!BI")
 TO_ORIGINATOR, TO_RECIPIENT = "recipient->originator", "originator->recipient"

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from procs import EXAMPLES, PYTHON, Proc, run_example, takeover
-from takeover import _auth, _protocol
-from takeover._protocol import Kind, Message, Role
+from takeover._core import auth as _auth
+from takeover._core import protocol as _protocol
+from takeover._core.protocol import Kind, Message, Role
 
 
 def _secret(workdir: str, name: str, value: str, mode: int = 0o600) -> str:

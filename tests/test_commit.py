@@ -17,9 +17,10 @@ import socket
 import time
 
 from procs import list_fds, run_example, takeover, wait_until
-from takeover import _fds, _protocol
-from takeover._arbiter import COMMITTED, PENDING
-from takeover._protocol import Kind, Message
+from takeover._core import fds as _fds
+from takeover._core import protocol as _protocol
+from takeover._core.arbiter import COMMITTED, PENDING
+from takeover._core.protocol import Kind, Message
 from test_fuzz import authenticate, write_secret
 from test_rollback import echo
 
@@ -69,7 +70,7 @@ class HandRecipient:
             message = self.receive()
             assert message.kind is Kind.FDS, message
             arrived += message.body["count"]
-        self.send(Message(Kind.STAGED, {"service": name, "count": arrived}))
+        self.send(Message(Kind.AHEAD_READY, {"service": name, "count": arrived}))
         message = self.receive()
         assert message.kind is Kind.GRAPH and message.body["fds"] == 0, message
         return arbiter

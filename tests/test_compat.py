@@ -1,19 +1,32 @@
-"""A graph pickled by an older takeover still starts here.
+"""What a recipient does with state pickled by another takeover.
 
-Moving a service to new code is what takeover is for, so its own classes must
-accept the state an older release pickled. The recipient starts a service only
-after COMMITTED, when the originator has let go of the connections: a start()
-that fails there loses every one of them (found by benchmarks/load.py when a
-server's ``_poller`` appeared between the originator's code and the
-recipient's).
+A server's pickled state says which layout it has. A recipient whose
+takeover reads another layout refuses the graph, naming both, so the move
+rolls back and the originator goes on serving: nothing is lost, and the
+message says what to upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copyreg
+import os
 import socket
 
-from takeover._aio_transport import MigratableServer
+import pytest
+
+from takeover import MigrationRefusedError
+from takeover.asyncio import MigratableServer
+
+
+class _Reduced:
+    """Pickles as a MigratableServer built from ``state`` (what an older takeover sent)."""
+
+    def __init__(self, state: dict[str, object]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (copyreg._reconstructor, (MigratableServer, object, None), self.state)  # type: ignore[attr-defined]
 
 
 class Echo(asyncio.Protocol):
@@ -24,42 +37,61 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
-def test_server_state_without_poller_starts() -> None:
-    async def main() -> bytes:
+def test_server_state_of_another_layout_is_refused_naming_both() -> None:
+    """A server state without the layout this takeover reads is refused, not half-built."""
+
+    async def main() -> None:
         loop = asyncio.get_running_loop()
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        port = listener.getsockname()[1]
         old = MigratableServer(listener, Echo, "echo", loop)
-        state = old.__getstate__()
-        del state["_poller"]  # as pickled before the server had one
-        new = MigratableServer.__new__(MigratableServer)
-        new.__setstate__(state)
-        new.adopt(loop)
-        new.start()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"ping\n")
-            answer = await asyncio.wait_for(reader.readline(), 10)
-            writer.close()
-            await writer.wait_closed()
-            return answer
+            for layout in (None, 2, 4):
+                state = old.__getstate__()
+                if layout is None:
+                    del state["_state_version"]
+                else:
+                    state["_state_version"] = layout
+                new = MigratableServer.__new__(MigratableServer)
+                with pytest.raises(ValueError, match=rf"layout {layout}; this takeover reads 3"):
+                    new.__setstate__(state)
+                assert "_sock" not in new.__dict__
         finally:
-            new.close_connections()
-            new.close()
-            await asyncio.sleep(0)
-            new.discard()
+            old.discard()
 
-    assert asyncio.run(main()) == b"ping\n"
+    asyncio.run(main())
+
+
+def test_a_graph_of_another_layout_rolls_back_with_the_reason() -> None:
+    """Loaded as a move would, that state is a refusal naming the layouts."""
+    from takeover._core.pickling import dumps, loads
+    from takeover._core.policy import UnpicklePolicy
+
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        old = MigratableServer(listener, Echo, "echo", asyncio.get_running_loop())
+        try:
+            state = old.__getstate__()
+            state["_state_version"] = 2
+            dumped = dumps(_Reduced(state))
+            fds = [os.dup(s.fileno()) for s in dumped.sockets]
+            with pytest.raises(MigrationRefusedError, match="layout 2; this takeover reads 3"):
+                loads(dumped.blob, fds, policy=UnpicklePolicy(allow=(__name__,)))
+        finally:
+            old.discard()
+
+    asyncio.run(main())
 
 
 def test_peername_and_sockname_after_a_move() -> None:
     """get_extra_info() answers in the new process (asyncio's _extra slot never travelled)."""
     import os
 
-    from takeover._policy import UnpicklePolicy
-    from takeover._serialize import dumps, loads
+    from takeover._core.pickling import dumps, loads
+    from takeover._core.policy import UnpicklePolicy
 
     async def main() -> tuple[object, object, object, object]:
         loop = asyncio.get_running_loop()
@@ -76,7 +108,7 @@ def test_peername_and_sockname_after_a_move() -> None:
         dumped = dumps(old)
         try:
             policy = UnpicklePolicy(allow=(__name__,))
-            new = loads(dumped.blob, [os.dup(fd) for fd in dumped.fds], policy=policy)
+            new = loads(dumped.blob, [os.dup(s.fileno()) for s in dumped.sockets], policy=policy)
         except BaseException:
             client.close()
             old.discard()

@@ -6,7 +6,8 @@ import pickle
 
 import pytest
 
-from takeover import UnpicklePolicy, _serialize
+from takeover import UnpicklePolicy
+from takeover._core import pickling as _serialize
 from takeover.demo import portable
 from takeover.demo.console import Console, Logout
 from takeover.demo.telnet import (

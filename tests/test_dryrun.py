@@ -17,10 +17,15 @@ import pytest
 
 from procs import APPS, PYTHON, Proc, list_fds, process_state, takeover, wait_until
 from takeover import NoSuchServiceError, ProtocolError, SerializationError, ServiceState
-from takeover._aio_transport import MigratableServer, MigratableTransport
-from takeover._graphpath import ADVICE, Unpicklable, check_graph, find_unpicklable
-from takeover._protocol import Conversation, FrameDecoder, Kind, Message, Role, error, hello
-from takeover.asyncio import MigrationServer, connect, start_server
+from takeover._core.graphpath import ADVICE, Unpicklable, check_graph, find_unpicklable
+from takeover._core.protocol import Conversation, FrameDecoder, Kind, Message, Role, error, hello
+from takeover.asyncio import (
+    MigratableServer,
+    MigratableTransport,
+    MigrationServer,
+    connect,
+    start_server,
+)
 
 ERROR_PREFIX = "takeover: error:"
 LAMBDA = "cannot pickle 'function' object (a lambda)"

@@ -27,7 +27,7 @@ import pytest
 from mitm import TO_ORIGINATOR, TO_RECIPIENT, Relay, Trigger
 from procs import ROOT, Proc, list_fds, process_state, run_example, takeover, wait_until
 from streaming import streaming
-from takeover._protocol import Kind
+from takeover._core.protocol import Kind
 from test_rollback import check_own_fds, echo, service_fds
 
 pytestmark = pytest.mark.slow
@@ -73,15 +73,18 @@ STEPS = [
     # sends the graph, then any socket that appeared since (none here).
     Step("take asked", "recipient.take-sent", "originator.take-received", (TO_RECIPIENT, Kind.FDS)),
     # The recipient builds, registers and twins the sockets sent ahead, then
-    # says STAGED; only then does the originator pause the service.
+    # says AHEAD_READY; only then does the originator pause the service.
     Step(
         "fds sent ahead",
         "recipient.ahead-received",
         "originator.fds-sent-ahead",
-        (TO_ORIGINATOR, Kind.STAGED),
+        (TO_ORIGINATOR, Kind.AHEAD_READY),
     ),
     Step(
-        "staged", "recipient.staged-sent", "originator.staged-received", (TO_RECIPIENT, Kind.GRAPH)
+        "ahead ready",
+        "recipient.ahead-ready-sent",
+        "originator.ahead-ready-received",
+        (TO_RECIPIENT, Kind.GRAPH),
     ),
     Step("mid-graph", None, None, (TO_RECIPIENT, Kind.GRAPH), inside=True),
     # After the graph (and any descriptor that follows it) the recipient
@@ -135,7 +138,7 @@ EXPECTED = {
             "listed",
             "take asked",
             "fds sent ahead",
-            "staged",
+            "ahead ready",
         )
     },
     # The recipient holds the whole graph and its descriptors: nobody has

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from takeover import ProtocolError
-from takeover._fds import (
+from takeover._core.fds import (
     SCM_MAX_FD,
     ancillary,
     ancillary_space,

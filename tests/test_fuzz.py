@@ -27,8 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from procs import list_fds, run_example, takeover, wait_until
-from takeover import _auth, _fds, _protocol
-from takeover._protocol import PROTOCOL_VERSION, Kind, Message, Role
+from takeover._core import auth as _auth
+from takeover._core import fds as _fds
+from takeover._core import protocol as _protocol
+from takeover._core.protocol import PROTOCOL_VERSION, Kind, Message, Role
 from test_rollback import echo
 
 pytestmark = pytest.mark.slow

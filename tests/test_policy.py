@@ -32,9 +32,9 @@ import pytest
 
 from procs import APPS, PYTHON, Proc, takeover, wait_until
 from takeover import MigrationRefusedError
-from takeover._policy import UnpicklePolicy
-from takeover._serialize import _bound_method, _import_module, dumps, loads
-from takeover.recipient import RecipientSession
+from takeover._core.pickling import _bound_method, _import_module, dumps, loads
+from takeover._core.policy import UnpicklePolicy
+from takeover._core.recipient import RecipientSession
 
 APP = UnpicklePolicy(allow=(__name__,))
 """This module's classes stand for the application's."""
@@ -233,7 +233,7 @@ class Patch:
         return (_import_module, (self.module,), self.state)
 
 
-@pytest.mark.parametrize("module", ["sys", "builtins", "takeover._policy", "json"])
+@pytest.mark.parametrize("module", ["sys", "builtins", "takeover._core.policy", "json"])
 def test_graph_cannot_rewrite_a_module(module):
     """BUILD on a module reference (new globals for builtins, the policy...) is refused."""
     target = importlib.import_module(module)
@@ -260,7 +260,7 @@ def test_module_references_are_plain_modules_after_the_load():
     ("module", "name"),
     [
         ("collections", "Counter"),
-        ("takeover.registry", "Registry"),
+        ("takeover._core.registry", "Registry"),
         ("http", "HTTPStatus"),
     ],
 )
@@ -292,7 +292,7 @@ def test_demo_shell_code_needs_allow(marker):
 
 def test_dunder_paths_are_not_walked():
     """A global may not reach through dunder attributes (``X.__init__.__globals__``)."""
-    refused(b"ctakeover._serialize\n_GraphUnpickler.__init__\n.", "takeover._serialize")
+    refused(b"ctakeover._core.pickling\nGraphUnpickler.__init__\n.", "takeover._core.pickling")
     refused(b"cos\n__builtins__\n.", "os.__builtins__")
     refused(b"ctakeover.cli\nmain\n.", "takeover.cli.main")
 
@@ -494,16 +494,46 @@ def test_script_anyone_may_write_is_not_loaded(tmp_path, monkeypatch):
 def test_takeover_machinery_cannot_be_named():
     """A graph may not build takeover's unpickler, policy or session, nor call its functions."""
     for qualified in (
-        "takeover._serialize._GraphUnpickler",
-        "takeover._policy.UnpicklePolicy",
-        "takeover.recipient.RecipientSession",
-        "takeover._serialize.load_main",
-        "takeover._aio_transport._hook",
+        "takeover._core.pickling.GraphUnpickler",
+        "takeover._core.pickling.GraphLoad",
+        "takeover._core.policy.UnpicklePolicy",
+        "takeover._core.recipient.RecipientSession",
+        "takeover._core.script.load_main",
+        "takeover._core.hooks.run_hook",
+        "takeover.asyncio.take_and_serve",
+        "takeover.asyncio._migration.MigrationServer",
     ):
         module, _, name = qualified.rpartition(".")
         refused(f"c{module}\n{name}\n.".encode(), qualified)
     with pytest.raises(MigrationRefusedError, match="not an application's script"):
-        loads(b"c__main__\nloads\n.", [], main="module:takeover._serialize")
+        loads(b"c__main__\nloads\n.", [], main="module:takeover._core.pickling")
+
+
+def test_a_module_of_another_takeover_is_named_as_such():
+    """A graph naming a takeover module this version lacks says the versions differ."""
+    message = refused(b"ctakeover._aio_transport\nMigratableServer\n.", "takeover._aio_transport")
+    assert "the originator runs another version of takeover" in message
+
+
+def test_a_graph_of_a_runtime_not_running_here_names_the_runtime():
+    """An asyncio recipient refusing a Twisted graph says to take it with --runtime twisted."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import takeover.asyncio
+        from takeover._core.pickling import loads
+        try:
+            loads(b"ctakeover.twisted._transport\\nMigratableTCPPort\\n.", [])
+        except Exception as exc:
+            print(exc)
+        print("takeover.twisted" in sys.modules)
+        """
+    )
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+    message, imported = out.strip().splitlines()
+    assert "it belongs to takeover's twisted runtime" in message
+    assert "take with --runtime twisted" in message
+    assert imported == "False"  # refusing it did not import the runtime
 
 
 # -- end to end: a hostile originator and `takeover take` ---------------------------

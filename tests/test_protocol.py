@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from takeover import ProtocolError
-from takeover._protocol import (
+from takeover._core.protocol import (
     PROTOCOL_VERSION,
     Conversation,
     FrameDecoder,
     Kind,
+    Limits,
     Message,
     Role,
     check_hello,
@@ -204,6 +205,24 @@ def test_error_message_builder():
 # -- conversations ------------------------------------------------------------
 
 
+def arbiter(ahead: int) -> Message:
+    """The first FDS frame of a move: the arbiter, announcing ``ahead`` sockets."""
+    return Message(Kind.FDS, {"count": 1, "arbiter": True, "ahead": ahead})
+
+
+def batch(count: int, twins: str | None = None, flag: int = 0) -> Message:
+    """A batch of ``count`` TCP sockets sent ahead (with twins of kind ``twins``)."""
+    body: dict[str, Any] = {"count": count, "kinds": [[count, 2, 1, 6, flag]]}
+    if twins is not None:
+        body["twins"] = twins
+    return Message(Kind.FDS, body)
+
+
+def graph(fds: int, ahead: int = 0, twins: bool = False) -> Message:
+    """A GRAPH announcing ``fds`` descriptors after it, ``ahead`` sent before it."""
+    return Message(Kind.GRAPH, {"fds": fds, "ahead": ahead, "twins": twins}, b"\x80\x05blob")
+
+
 class ConversationPair:
     """An originator and a recipient wired back to back, in the spirit of h11's ConnectionPair.
 
@@ -211,10 +230,10 @@ class ConversationPair:
     decodes the bytes on the other side and has it validate them too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recipient_limits: Limits = Limits()) -> None:
         self.sides = {
             Role.ORIGINATOR: Conversation(Role.ORIGINATOR),
-            Role.RECIPIENT: Conversation(Role.RECIPIENT),
+            Role.RECIPIENT: Conversation(Role.RECIPIENT, recipient_limits),
         }
         self.decoders = {role: FrameDecoder() for role in Role}
 
@@ -237,15 +256,22 @@ class ConversationPair:
     def states(self) -> tuple[str, str]:
         return (self.originator.state, self.recipient.state)
 
+    def ready_ahead(self, ahead: int = 0) -> None:
+        """The arbiter announcing ``ahead`` sockets, those sockets, and AHEAD_READY."""
+        self.send(Role.ORIGINATOR, arbiter(ahead))
+        if ahead:
+            self.send(Role.ORIGINATOR, batch(ahead))
+        self.send(Role.RECIPIENT, Message(Kind.AHEAD_READY, {"count": ahead}))
+
     def handshake(self) -> None:
         self.send(Role.RECIPIENT, recipient_hello())
         self.send(Role.ORIGINATOR, originator_hello())
 
     def take(self, fds: int) -> None:
-        """Run TAKE, STAGED and GRAPH (announcing ``fds``) and send the FDS frames."""
+        """TAKE, the arbiter, AHEAD_READY, GRAPH (announcing ``fds``), then the FDS frames."""
         self.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
-        self.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
-        self.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": fds}, b"blob"))
+        self.ready_ahead()
+        self.send(Role.ORIGINATOR, graph(fds))
         while fds:
             count = min(fds, 253)
             self.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": count}))
@@ -266,12 +292,13 @@ def test_whole_conversation_both_sides_agree():
     assert pair.states() == ("idle", "idle")
     pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
     assert pair.states() == ("taking", "taking")
-    pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 1, "arbiter": True, "ahead": 2}))
-    pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 2, "kinds": [[2, 2, 1, 6, 1]]}))
+    pair.send(Role.ORIGINATOR, arbiter(2))
+    pair.send(Role.ORIGINATOR, batch(2, "asyncio", flag=1))
     assert pair.states() == ("taking", "taking")
-    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 2}))
-    assert pair.states() == ("staged", "staged")
-    pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 600}, b"\x80\x05blob"))
+    assert pair.originator.move == pair.recipient.move
+    pair.send(Role.RECIPIENT, Message(Kind.AHEAD_READY, {"count": 2}))
+    assert pair.states() == ("ahead-ready", "ahead-ready")
+    pair.send(Role.ORIGINATOR, graph(600, ahead=2, twins=True))
     assert pair.states() == ("sending-fds", "sending-fds")
     assert pair.originator.fds_expected == pair.recipient.fds_expected == 600
     for count, left in ((253, 347), (253, 94)):
@@ -315,12 +342,13 @@ def test_refused_graph_returns_both_sides_to_idle():
     assert pair.states() == ("taking", "taking")
 
 
-def test_error_after_staged_returns_to_idle():
-    """ERROR after STAGED (the service could not be paused or pickled) leaves the channel usable."""
+def test_error_after_ahead_ready_returns_to_idle():
+    """ERROR after AHEAD_READY (the service could not be paused or pickled) leaves the
+    channel usable."""
     pair = ConversationPair()
     pair.handshake()
     pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
-    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
+    pair.ready_ahead()
     pair.send(Role.ORIGINATOR, error("serialization", "cannot pickle"))
     assert pair.states() == ("idle", "idle")
     pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
@@ -347,8 +375,8 @@ def test_originator_error_elsewhere_closes(step):
     if step == "sending-fds":
         pair.send(Role.ORIGINATOR, originator_hello())
         pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
-        pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
-        pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 5}, b"blob"))
+        pair.ready_ahead()
+        pair.send(Role.ORIGINATOR, graph(5))
     if step == "await-committed":
         pair.send(Role.ORIGINATOR, originator_hello())
         pair.take(fds=0)
@@ -391,19 +419,19 @@ def _conversation_in(state: str, role: Role) -> Conversation:
         "start": [],
         "idle": ["hello"],
         "taking": ["hello", "take"],
-        "staged": ["hello", "take", "staged"],
-        "sending-fds": ["hello", "take", "staged", "graph"],
-        "await-committed": ["hello", "take", "staged", "graph", "fds"],
+        "ahead-ready": ["hello", "take", "ahead"],
+        "sending-fds": ["hello", "take", "ahead", "graph"],
+        "await-committed": ["hello", "take", "ahead", "graph", "fds"],
     }[state]
     for step in steps:
         if step == "hello":
             pair.handshake()
         elif step == "take":
             pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
-        elif step == "staged":
-            pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
+        elif step == "ahead":
+            pair.ready_ahead()
         elif step == "graph":
-            pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 2}, b"blob"))
+            pair.send(Role.ORIGINATOR, graph(2))
         elif step == "fds":
             pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 2}))
     assert pair.states() == (state, state)
@@ -427,10 +455,10 @@ OUT_OF_TURN = [
     # Right kind, wrong direction.
     ("idle", Role.ORIGINATOR, Kind.LIST),
     ("taking", Role.RECIPIENT, Kind.GRAPH),
-    ("taking", Role.ORIGINATOR, Kind.GRAPH),  # before the recipient said STAGED
-    ("staged", Role.RECIPIENT, Kind.STAGED),
-    ("staged", Role.ORIGINATOR, Kind.FDS),
-    ("idle", Role.RECIPIENT, Kind.STAGED),
+    ("taking", Role.ORIGINATOR, Kind.GRAPH),  # before the recipient said AHEAD_READY
+    ("ahead-ready", Role.RECIPIENT, Kind.AHEAD_READY),
+    ("ahead-ready", Role.ORIGINATOR, Kind.FDS),
+    ("idle", Role.RECIPIENT, Kind.AHEAD_READY),
 ]
 
 
@@ -457,9 +485,9 @@ def test_fds_beyond_the_announced_count_refused():
     """An FDS frame carrying more descriptors than are still announced is refused."""
     pair = ConversationPair()
     pair.handshake()
-    pair.send(Role.RECIPIENT, Message(Kind.TAKE))
-    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
-    pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 5}, b"blob"))
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    pair.ready_ahead()
+    pair.send(Role.ORIGINATOR, graph(5))
     pair.send(Role.ORIGINATOR, Message(Kind.FDS, {"count": 3}))
     with pytest.raises(ProtocolError, match="FDS frame carries 3 descriptors, 2 were announced"):
         pair.recipient.receive(Message(Kind.FDS, {"count": 3}))
@@ -471,9 +499,9 @@ def test_empty_fds_frame_refused():
     """An FDS frame carrying no descriptors is refused."""
     pair = ConversationPair()
     pair.handshake()
-    pair.send(Role.RECIPIENT, Message(Kind.TAKE))
-    pair.send(Role.RECIPIENT, Message(Kind.STAGED, {"count": 0}))
-    pair.send(Role.ORIGINATOR, Message(Kind.GRAPH, {"fds": 1}, b"blob"))
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    pair.ready_ahead()
+    pair.send(Role.ORIGINATOR, graph(1))
     with pytest.raises(ProtocolError, match="carries 0 descriptors"):
         pair.recipient.receive(Message(Kind.FDS, {"count": 0}))
 
@@ -481,10 +509,11 @@ def test_empty_fds_frame_refused():
 @pytest.mark.parametrize("value", [-1, "2", 2.0, True, None, [2]])
 def test_graph_fd_count_must_be_a_non_negative_integer(value):
     """GRAPH's ``fds`` must be a non-negative int (not a bool, string or float)."""
-    conversation = _conversation_in("staged", Role.RECIPIENT)
+    conversation = _conversation_in("ahead-ready", Role.RECIPIENT)
+    body = {"ahead": 0, "twins": False} if value is None else {"fds": value, "ahead": 0}
     with pytest.raises(ProtocolError, match="'fds' must be a non-negative integer"):
-        conversation.receive(Message(Kind.GRAPH, {"fds": value} if value is not None else {}))
-    assert conversation.state == "staged"
+        conversation.receive(Message(Kind.GRAPH, body))
+    assert conversation.state == "ahead-ready"
 
 
 @pytest.mark.parametrize("value", [-1, "1", True, None])
@@ -559,15 +588,177 @@ def test_descriptors_may_go_ahead_of_the_graph():
     """FDS frames before GRAPH (the arbiter, the sockets the dry run found) keep the state."""
     for role in (Role.ORIGINATOR, Role.RECIPIENT):
         conversation = _conversation_in("taking", role)
-        message = Message(Kind.FDS, {"count": 3, "kinds": [[3, 2, 1, 6, 1]], "twins": "asyncio"})
-        if role is Role.ORIGINATOR:
-            conversation.send(message)
-        else:
-            conversation.receive(message)
+        advance = conversation.send if role is Role.ORIGINATOR else conversation.receive
+        advance(arbiter(4))
+        advance(batch(3, "asyncio", flag=1))
         assert conversation.state == "taking"
-        empty = Message(Kind.FDS, {"count": 0})
+        assert conversation.move is not None and conversation.move.ahead_sent == 3
         with pytest.raises(ProtocolError, match="ahead of the graph carries no descriptors"):
-            if role is Role.ORIGINATOR:
-                conversation.send(empty)
-            else:
-                conversation.receive(empty)
+            advance(Message(Kind.FDS, {"count": 0, "kinds": []}))
+
+
+# -- the rules of a move, on both sides -----------------------------------------
+
+
+def _taking(role: Role) -> tuple[Conversation, Any]:
+    """A conversation of ``role`` in state ``taking``, and how it takes the originator's frames."""
+    conversation = _conversation_in("taking", role)
+    return conversation, (conversation.send if role is Role.ORIGINATOR else conversation.receive)
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"count": 2, "kinds": [[2, 2, 1, 6, 0]]},  # sockets before the arbiter
+        {"count": 2, "arbiter": True, "ahead": 3},  # the arbiter with company
+        {"count": 1, "arbiter": True},  # the arbiter says nothing of what follows
+        {"count": 1, "arbiter": True, "ahead": -1},
+    ],
+)
+def test_the_first_descriptor_of_a_move_is_its_arbiter_alone(role, body):
+    """Both sides refuse a move whose first FDS frame is not the arbiter, alone, with a count."""
+    conversation, advance = _taking(role)
+    with pytest.raises(ProtocolError, match=r"arbiter|'ahead' must be"):
+        advance(Message(Kind.FDS, body))
+    assert conversation.state == "taking" and conversation.move.ahead is None
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_no_more_sockets_ahead_than_the_arbiter_announced(role):
+    """A batch beyond the count the arbiter announced is refused; the count stays."""
+    conversation, advance = _taking(role)
+    advance(arbiter(3))
+    advance(batch(2))
+    with pytest.raises(
+        ProtocolError, match="4 sockets sent ahead of the graph of 'echo', the arbiter announced 3"
+    ):
+        advance(batch(2))
+    assert conversation.move.ahead_sent == 2
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        None,
+        [[3, 2, 1, 6, 0]],
+        [[1, 2, 1, 6, 2]],
+        [[0, 2, 1, 6, 0], [1, 2, 1, 6, 0]],
+        [[1, 2, "1", 6, 0]],
+    ],
+)
+def test_each_batch_sent_ahead_is_described_by_its_kinds(role, kinds):
+    """Kinds that are missing, malformed or that count other than the batch are refused."""
+    conversation, advance = _taking(role)
+    advance(arbiter(5))
+    with pytest.raises(ProtocolError, match="socket kinds"):
+        advance(Message(Kind.FDS, {"count": 1, "kinds": kinds}))
+    assert conversation.move.ahead_sent == 0
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(
+    ("first", "second"), [("asyncio", None), (None, "asyncio"), ("asyncio", "x")]
+)
+def test_batches_sent_ahead_agree_on_their_twins(role, first, second):
+    """Every batch sent ahead names the same kind of twin (or none)."""
+    _conversation, advance = _taking(role)
+    advance(arbiter(2))
+    advance(batch(1, first))
+    with pytest.raises(ProtocolError, match="disagree on their twins"):
+        advance(batch(1, second))
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_twins_kind_is_a_name(role):
+    """A kind of twin that is not a string is refused."""
+    _conversation, advance = _taking(role)
+    advance(arbiter(1))
+    with pytest.raises(ProtocolError, match="'twins' must name a kind of twin"):
+        advance(Message(Kind.FDS, {"count": 1, "kinds": [[1, 2, 1, 6, 1]], "twins": 7}))
+
+
+@pytest.mark.parametrize("receiver", list(Role))
+@pytest.mark.parametrize(("sent", "count"), [(None, 0), (1, 1), (2, 1), (2, 3)])
+def test_ahead_ready_comes_after_every_socket_and_counts_them(receiver, sent, count):
+    """AHEAD_READY before the arbiter, before the last batch, or with the wrong count is refused."""
+    pair = ConversationPair()
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    if sent is not None:
+        pair.send(Role.ORIGINATOR, arbiter(2))
+        pair.send(Role.ORIGINATOR, batch(sent))
+    message = Message(Kind.AHEAD_READY, {"count": count})
+    with pytest.raises(ProtocolError, match="sockets sent ahead are ready"):
+        if receiver is Role.ORIGINATOR:
+            pair.originator.receive(message)
+        else:
+            pair.recipient.send(message)
+    assert pair.states() == ("taking", "taking")
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (
+            {"fds": 0, "ahead": 1, "twins": True},
+            "the graph counts 1 sockets sent ahead, 2 were sent",
+        ),
+        ({"fds": 0, "twins": True}, "the graph counts None sockets sent ahead"),
+        ({"fds": 0, "ahead": 2, "twins": False}, "the graph says twins: False"),
+        ({"fds": 0, "ahead": 2}, "the graph says twins: None"),
+    ],
+)
+def test_the_graph_agrees_with_what_was_sent_ahead(role, body, error):
+    """GRAPH must count the sockets sent ahead and say whether they had twins, as sent."""
+    pair = ConversationPair()
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    pair.send(Role.ORIGINATOR, arbiter(2))
+    pair.send(Role.ORIGINATOR, batch(2, "asyncio", flag=1))
+    pair.send(Role.RECIPIENT, Message(Kind.AHEAD_READY, {"count": 2}))
+    conversation = pair.sides[role]
+    advance = conversation.send if role is Role.ORIGINATOR else conversation.receive
+    with pytest.raises(ProtocolError, match=error):
+        advance(Message(Kind.GRAPH, body, b"blob"))
+    assert conversation.state == "ahead-ready"
+
+
+def test_a_move_brings_at_most_max_fds_descriptors():
+    """The arbiter's count, and the graph's, are held to the receiving side's limit."""
+    pair = ConversationPair(recipient_limits=Limits(max_fds=10))
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    with pytest.raises(ProtocolError, match="service 'echo' holds 11 descriptors; the limit is 10"):
+        pair.send(Role.ORIGINATOR, arbiter(10))
+    assert pair.recipient.move.ahead is None
+
+    pair = ConversationPair(recipient_limits=Limits(max_fds=10))
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo"}))
+    pair.ready_ahead(6)
+    with pytest.raises(ProtocolError, match="holds 11 descriptors; the limit is 10"):
+        pair.recipient.receive(graph(4, ahead=6))
+    pair.send(Role.ORIGINATOR, graph(3, ahead=6))
+    assert pair.recipient.state == "sending-fds" and pair.recipient.fds_expected == 3
+
+
+def test_fd_limit_refusal_names_the_service_and_the_limit():
+    """What an originator says when a move is over its own limit."""
+    conversation = _conversation_in("taking", Role.ORIGINATOR)
+    conversation.limits = Limits(max_fds=5)
+    assert conversation.fd_limit_refusal(5) is None
+    assert conversation.fd_limit_refusal(6) == "service 'echo' holds 6 descriptors; the limit is 5"
+
+
+@pytest.mark.parametrize("kind", [Kind.TAKE, Kind.CHECK])
+def test_take_and_check_name_a_service(kind):
+    """TAKE and CHECK without a service name are refused by both sides."""
+    for role in Role:
+        conversation = _conversation_in("idle", role)
+        advance = conversation.receive if role is Role.ORIGINATOR else conversation.send
+        with pytest.raises(ProtocolError, match="'service' must be a string"):
+            advance(Message(kind, {"service": 3}))
+        assert conversation.state == "idle"

@@ -1,7 +1,7 @@
 """Twins: idle transports travel as a memo entry, built on the recipient from their socket.
 
 In one process, with real sockets and a real server: the originator's side
-(:class:`EarlySockets` with the server's twins, the memo-seeded pickle) and
+(:class:`SocketsAhead` with the server's twins, the memo-seeded pickle) and
 the recipient's (:class:`Twins` built as the sockets arrive, the seeded
 unpickler), and what must not go wrong on the way: a connection closed in the
 meantime, one with output waiting, one whose addresses were read, and graphs
@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from takeover._aio_transport import MigratableServer, MigratableTransport
-from takeover._errors import MigrationRefusedError, ProtocolError, SerializationError
-from takeover._policy import UnpicklePolicy
-from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
+from takeover._core.ahead import SocketsAhead, Twins, build_sockets
+from takeover._core.errors import MigrationRefusedError, ProtocolError, SerializationError
+from takeover._core.pickling import dumps, loads
+from takeover._core.policy import UnpicklePolicy
+from takeover.asyncio import MigratableServer, MigratableTransport
 
 POLICY = UnpicklePolicy(allow=(__name__,))
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -47,10 +48,10 @@ def open_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def send_ahead(early: EarlySockets, twins: Twins | None) -> list[socket.socket]:
+def send_ahead(sent_ahead: SocketsAhead, twins: Twins | None) -> list[socket.socket]:
     """What the recipient builds from the batches sent ahead (small batches)."""
     built: list[socket.socket] = []
-    for batch, kinds in early.batches(2):
+    for batch, kinds in sent_ahead.batches(2):
         sockets = build_sockets([os.dup(fd) for fd in batch], kinds)
         built.extend(sockets)
         if twins is not None:
@@ -98,10 +99,10 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
         before = open_count()
 
         # Originator: the dry run, the sockets (and twins) sent ahead.
-        early = EarlySockets(dumps(old).sockets, old.takeover_twins(), old.takeover_twin_kind)
-        assert early.twin_kind == "asyncio"
-        twins = Twins(early.twin_kind, POLICY)
-        ahead = send_ahead(early, twins)
+        sent_ahead = SocketsAhead(dumps(old).sockets, old.takeover_twins(), old.takeover_twin_kind)
+        assert sent_ahead.twin_kind == "asyncio"
+        twins = Twins(sent_ahead.twin_kind, POLICY)
+        ahead = send_ahead(sent_ahead, twins)
         assert sum(1 for o in twins.objects if isinstance(o, MigratableTransport)) == 4
 
         # Meanwhile the service runs: one connection closes.
@@ -113,13 +114,13 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
         old.quiesce()
         writing.write(b"pending\n")  # kept in the paused transport's buffer
         addressed.get_extra_info("peername")
-        early.forget_closed()
-        early.unfit(old.takeover_unfit())
-        dumped = dumps(old, early=early)
-        assert dumped.sockets == early.sockets  # nothing new since the dry run
-        new = loads(dumped.blob, [], policy=POLICY, prebuilt=ahead, twins=twins)
+        sent_ahead.forget_closed()
+        sent_ahead.unfit(old.takeover_unfit())
+        dumped = dumps(old, ahead=sent_ahead)
+        assert dumped.sockets == sent_ahead.sockets  # nothing new since the dry run
+        new = loads(dumped.blob, [], policy=POLICY, ahead=ahead, unpickler=twins.unpickler)
 
-        slot = {sock: i for i, sock in enumerate(early.sockets)}
+        slot = {sock: i for i, sock in enumerate(sent_ahead.sockets)}
         moved = {t._sock.fileno(): t for t in new.connections}
         assert len(moved) == 3
         twin_of_idle = twins.objects[slot[idle._sock]]
@@ -199,13 +200,13 @@ def test_memo_reference_beyond_the_twins_refused_and_everything_closed() -> None
     """A graph naming a memo entry nobody made: refused, every socket sent ahead closed."""
     a, b = socket.socketpair()
     try:
-        early = EarlySockets([a, b], {a: object()}, "asyncio")
+        sent_ahead = SocketsAhead([a, b], {a: object()}, "asyncio")
         twins = Twins("asyncio", POLICY)
         before = open_count()
-        ahead = send_ahead(early, twins)
+        ahead = send_ahead(sent_ahead, twins)
         assert len(twins.objects) == 2 and isinstance(twins.objects[0], MigratableTransport)
         with pytest.raises(MigrationRefusedError, match="Memo value not found at index 9"):
-            loads(b"\x80\x05h\x09.", [], prebuilt=ahead, twins=twins)
+            loads(b"\x80\x05h\x09.", [], ahead=ahead, unpickler=twins.unpickler)
         assert all(sock.fileno() == -1 for sock in ahead)
         assert open_count() == before
     finally:
@@ -221,18 +222,18 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
         server, (client,) = await serving(1)
         try:
             (transport,) = server.connections
-            early = EarlySockets(
+            sent_ahead = SocketsAhead(
                 dumps(server).sockets, server.takeover_twins(), server.takeover_twin_kind
             )
             transport.close()
             await asyncio.sleep(0.05)
             assert not server.connections
             server.quiesce()
-            early.forget_closed()
-            early.unfit(server.takeover_unfit())
-            assert len(dumps(server, early=early).blob) > 0  # the server alone moves
+            sent_ahead.forget_closed()
+            sent_ahead.unfit(server.takeover_unfit())
+            assert len(dumps(server, ahead=sent_ahead).blob) > 0  # the server alone moves
             with pytest.raises(SerializationError, match="closed socket"):
-                dumps((server, transport), early=early)
+                dumps((server, transport), ahead=sent_ahead)
         finally:
             client.close()
             server.resume()
@@ -245,27 +246,30 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
 
 PURE_PYTHON_MOVE = """
 import asyncio, os, socket
-from takeover._aio_transport import MigratableServer, MigratableTransport
-from takeover._serialize import EarlySockets, Twins, build_sockets, dumps, loads
-from takeover._policy import UnpicklePolicy
+from takeover.asyncio import MigratableServer, MigratableTransport
+from takeover._core.ahead import SocketsAhead, Twins, build_sockets
+from takeover._core.pickling import dumps, loads
+from takeover._core.policy import UnpicklePolicy
 
 async def main():
     loop = asyncio.get_running_loop()
     pairs = [socket.socketpair() for _ in range(3)]
     transports = [MigratableTransport(a, None, None) for a, _ in pairs]
     graph = {"transports": transports}
-    early = EarlySockets([t._sock for t in transports], {t._sock: t for t in transports}, "asyncio")
-    size = len(early.memo)
+    twins_by_socket = {t._sock: t for t in transports}
+    sent_ahead = SocketsAhead([t._sock for t in transports], twins_by_socket, "asyncio")
+    size = len(sent_ahead.memo)
     twins = Twins("asyncio", UnpicklePolicy(trust=True))
     ahead = []
-    for batch, kinds in early.batches(2):
+    for batch, kinds in sent_ahead.batches(2):
         built = build_sockets([os.dup(fd) for fd in batch], kinds)
         ahead += built
         twins.add(built, [k[4] for k in kinds for _ in range(k[0])])
-    first = dumps(graph, early=early).blob
-    second = dumps(graph, early=early).blob
-    assert len(early.memo) == size and first == second, (len(early.memo), size)
-    moved = loads(first, [], prebuilt=ahead, twins=twins, policy=UnpicklePolicy(trust=True))
+    first = dumps(graph, ahead=sent_ahead).blob
+    second = dumps(graph, ahead=sent_ahead).blob
+    assert len(sent_ahead.memo) == size and first == second, (len(sent_ahead.memo), size)
+    trusted = UnpicklePolicy(trust=True)
+    moved = loads(first, [], ahead=ahead, unpickler=twins.unpickler, policy=trusted)
     assert moved["transports"] == twins.objects
     print("ok", len(first))
     for sock in ahead + [s for pair in pairs for s in pair]:
@@ -278,7 +282,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("python", ["pypy3", sys.executable])
 def test_the_memo_of_twins_is_not_used_up_by_a_pickling(python: str) -> None:
     """The pure-Python pickler (PyPy) adds to the memo it is given: it gets a copy,
-    so the same EarlySockets pickles twice alike; the pure-Python unpickler seeds."""
+    so the same SocketsAhead pickles twice alike; the pure-Python unpickler seeds."""
     if shutil.which(python) is None:
         pytest.skip("no pypy3 (make interpreters)")
     out = subprocess.run(

@@ -312,8 +312,8 @@ def test_policy_allows_interfaces_only_of_allowed_modules():
     """A zope.interface declaration is named like a class: allowed where its module is."""
     from twisted.cred import credentials
 
-    from takeover._errors import MigrationRefusedError
-    from takeover._policy import UnpicklePolicy
+    from takeover._core.errors import MigrationRefusedError
+    from takeover._core.policy import UnpicklePolicy
     from takeover.twisted import GRAPH_MODULES
 
     interface = credentials.IUsernamePassword

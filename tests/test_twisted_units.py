@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from twisted.internet import protocol, tcp
 
-from takeover._graphpath import check_graph
-from takeover._policy import UnpicklePolicy
-from takeover._serialize import dumps, loads
+from takeover._core.graphpath import check_graph
+from takeover._core.pickling import dumps, loads
+from takeover._core.policy import UnpicklePolicy
 from takeover.twisted import GRAPH_MODULES, MigratablePort, listen_tcp
 
 
@@ -157,7 +157,7 @@ def test_dry_run_names_the_path_through_the_port(served):
 
 
 def test_adopting_outside_a_running_asyncio_reactor_is_refused(served):
-    from takeover._errors import MigrationRefusedError
+    from takeover._core.errors import MigrationRefusedError
 
     _reactor, service, _client, _connection = served
     with pytest.raises(MigrationRefusedError, match="runtime twisted"):

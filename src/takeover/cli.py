@@ -13,7 +13,7 @@ when every service checked can move, 1 otherwise.
 ``take`` is the generic recipient: it needs none of the application's code on
 its command line, since the graph names the modules and the script it needs.
 It rebuilds only vetted constructors and the application's classes (its
-script's, takeover's runtime's, ``--allow`` modules'): see ``_policy``.
+script's, takeover's runtime's, ``--allow`` modules'): see ``takeover._core.policy``.
 ``--trust`` turns that check off.
 Every failure prints one line, ``takeover: error: <reason>``, and exits with a
 non-zero status.
@@ -26,15 +26,13 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._errors import TakeoverError
-from ._options import add_limit_options, add_security_options, limits, security_options
-from ._retire import retire
-from .recipient import CheckResult, Taken, select
+from ._core.errors import TakeoverError
+from ._core.options import add_limit_options, add_security_options, limits, security_options
+from ._core.recipient import CheckResult, Taken, select
 
 if TYPE_CHECKING:
     from .asyncio import MigrationServer
@@ -134,102 +132,69 @@ def _report(taken: Taken, as_json: bool) -> None:
         )
 
 
-async def _take(args: argparse.Namespace) -> int:
+def _raise_nofile() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit.
+
+    A service brings a descriptor per connection; past the soft limit (often
+    1024) the kernel drops them (MSG_CTRUNC) and the move fails.
+    """
     import resource
 
-    from .asyncio import MigrationServer
-
-    # A service brings a descriptor per connection; past the soft RLIMIT_NOFILE
-    # (often 1024) the kernel drops them (MSG_CTRUNC) and the move fails.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-    loop = asyncio.get_running_loop()
-    runtime: Any = loop
+
+
+async def _take(args: argparse.Namespace) -> int:
+    from .asyncio import take_and_serve
+
+    _raise_nofile()
+    runtime: Any = None
     if args.runtime == "twisted":
         from .twisted import install_reactor
 
         runtime = install_reactor()
-    session = await _connect(args)
     taken: list[Taken] = []
-    failures: list[str] = []
-    try:
-        listed = await session.list()
-        if not listed:
-            raise CommandError(f"the migration server at {args.control} publishes no services")
-        names = select(listed, args.service)
-        for name in names:
-            try:
-                result = await session.take(name, runtime)
-            except TakeoverError as exc:
-                failures.append(name)
-                print(f"takeover: error: {exc}", file=sys.stderr, flush=True)
-                continue
-            taken.append(result)
-            _report(result, args.json)
-        if not taken:
-            return EXIT_FAILURE
-        everything = {t.name for t in taken} == {str(s.get("name")) for s in listed}
-        tcp = args.control.startswith("tcp:")
-        if everything:
-            control = args.control
-        elif tcp:
-            control = args.control.rpartition(":")[0] + ":0"
+
+    def on_taken(result: Taken) -> None:
+        taken.append(result)
+        _report(result, args.json)
+
+    def on_failed(name: str, exc: TakeoverError) -> None:
+        print(f"takeover: error: {exc}", file=sys.stderr, flush=True)
+
+    def on_serving(migration: MigrationServer) -> None:
+        if args.json:
+            print(json.dumps({"event": "serving", "control": migration.path, "pid": os.getpid()}))
         else:
-            control = f"{args.control}.{os.getpid()}"
-        migration = MigrationServer(control, replace=everything, **_security(args))
-        for result in taken:
-            migration.publish(result.service)
-        if not tcp:
-            # Publish (rename over CONTROL) before BYE, so that the originator,
-            # which removes CONTROL on leaving if it is still its own, sees ours.
-            await migration.start()
-    finally:
-        await session.close()
-    if tcp:
-        # The originator releases the port once the conversation is over.
-        await migration.start()
-    if args.json:
-        print(json.dumps({"event": "serving", "control": migration.path, "pid": os.getpid()}))
-    else:
-        print(f"serving {len(taken)} service(s) at {migration.path} (pid {os.getpid()})")
-    sys.stdout.flush()
-    await hold(migration)
-    return EXIT_PARTIAL if failures else 0
+            print(f"serving {len(taken)} service(s) at {migration.path} (pid {os.getpid()})")
+        sys.stdout.flush()
 
-
-async def hold(migration: MigrationServer) -> bool:
-    """Serve what ``migration`` publishes until it has all moved on (True) or
-    SIGINT/SIGTERM (False); then close what is left, and retire if it moved.
-
-    What ``takeover take`` does once it serves (benchmarks/_mover.py too).
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    waiter = asyncio.ensure_future(migration.wait_empty())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    moved_away = waiter.done() and not waiter.cancelled()
-    for future in (waiter, stopper):
-        future.cancel()
-    # Stop recipients first: a move in progress rolls back into this process,
-    # and only then are the services closed here.
-    await migration.aclose()
-    for name in migration.registry.names():
-        service: Any = migration.registry.withdraw(name)
-        service.close_connections()
-        service.close()
-    # Let connection_lost callbacks run before the loop goes away.
-    await asyncio.sleep(0)
-    if moved_away:
-        # The successor serves on this machine: leave without taking its CPU.
-        retire()
-    return moved_away
+    try:
+        result = await take_and_serve(
+            args.control,
+            args.service,
+            runtime=runtime,
+            **_security(args),
+            **_unpickling(args),
+            on_taken=on_taken,
+            on_failed=on_failed,
+            on_serving=on_serving,
+        )
+    except TakeoverError:
+        raise
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        if not taken:
+            raise CommandError(_describe_connect_error(args.control, exc)) from exc
+        raise CommandError(f"cannot publish the services taken again: {exc}") from exc
+    if not result.taken:
+        return EXIT_FAILURE
+    return EXIT_PARTIAL if result.failed else 0
 
 
 def _report_check(result: CheckResult, as_json: bool) -> None:
@@ -273,6 +238,17 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
     add_limit_options(parser)
 
 
+def _service_arguments(parser: argparse.ArgumentParser, verb: str, json_help: str) -> None:
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a service to {verb} (repeatable; default: all)",
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="takeover",
@@ -290,14 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "take", help="take services into this process, serve them, and publish them again"
     )
     _control_arguments(p)
-    p.add_argument(
-        "--service",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a service to take (repeatable; default: all)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _service_arguments(p, "take", "one JSON object per line")
     p.add_argument(
         "--allow",
         action="append",
@@ -325,14 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="dry run: could each service move now? (nothing is paused or moved)"
     )
     _control_arguments(p)
-    p.add_argument(
-        "--service",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a service to check (repeatable; default: all)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per service")
+    _service_arguments(p, "check", "one JSON object per service")
     p.set_defaults(run=_check)
 
     p = commands.add_parser(

@@ -25,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from .._core.pickling import GraphLoad, needs_load
 from . import portable
 
 _FEATURES = {name: getattr(__future__, name) for name in __future__.all_feature_names}
@@ -205,11 +206,12 @@ class Console:
         loop.call_soon(tell)
 
 
-def restore(state: dict[str, Any]) -> Console:
-    """Reconstructor: a console rebuilt from its pickled state."""
+@needs_load
+def restore(load: GraphLoad, state: dict[str, Any]) -> Console:
+    """Reconstructor: a console rebuilt from its pickled state, within the graph ``load``."""
     console = Console(str(state["tag"]))
     console.sources = dict(state["sources"])
-    console.namespace = portable.loads(state["namespace"], console.sources)
+    console.namespace = portable.loads(load, state["namespace"], console.sources)
     console.buffer = [str(line) for line in state["buffer"]]
     console.count = int(state["count"])
     console.future = [str(name) for name in state["future"]]
@@ -218,6 +220,3 @@ def restore(state: dict[str, Any]) -> Console:
         if feature is not None:
             console._compiler.compiler.flags |= feature.compiler_flag
     return console
-
-
-portable.vet(restore)

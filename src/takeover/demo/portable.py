@@ -24,9 +24,10 @@ Anything that cannot move (a generator, an open file, a lock, a function
 whose source is unknown because ``exec`` made it) is named, with the reason,
 in the :class:`pickle.PicklingError` that :func:`dumps` raises.
 
-The blob is unpickled with takeover's own restricted unpickler
-(:func:`takeover._serialize.loads`), so a recipient's allowlist applies to it
-as to the rest of the graph.
+The blob is unpickled with takeover's own restricted unpickler, under the
+policy of the graph it is part of (the reconstructors get the load in
+progress, see ``takeover._core.pickling.needs_load``), so a recipient's
+allowlist applies to it as to the rest of the graph.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import __future__
 
 import ast
 import copy
-import importlib
 import io
 import linecache
 import pickle
@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from .. import _serialize
+from .._core.pickling import GraphLoad, needs_load
 
 SKIPPED = ("__builtins__",)
 """Namespace keys that never travel (``exec`` adds ``__builtins__`` again)."""
@@ -65,9 +65,10 @@ def empty_cell() -> _Empty:
     return _EMPTY
 
 
-def module(name: str) -> types.ModuleType:
+@needs_load
+def module(load: GraphLoad, name: str) -> types.ModuleType:
     """Reconstructor: import a module by name (as the recipient's policy allows)."""
-    return _serialize._import_module(name)
+    return load.import_module(name)
 
 
 def future_feature(name: str) -> object:
@@ -452,14 +453,11 @@ def _dump(
     return buffer.getvalue()
 
 
-def loads(blob: bytes, sources: dict[str, str]) -> dict[str, Any]:
-    """Rebuild a namespace pickled by :func:`dumps`."""
+def loads(load: GraphLoad, blob: bytes, sources: dict[str, str]) -> dict[str, Any]:
+    """Rebuild a namespace pickled by :func:`dumps`, within the graph ``load``."""
     for filename, text in sources.items():
         register_source(filename, text)
-    # The policy of the load in progress (the graph this namespace is part of).
-    policy = getattr(getattr(_serialize, "_load_state", None), "policy", None)
-    options: dict[str, Any] = {} if policy is None else {"policy": policy}
-    namespace = _serialize.loads(blob, (), **options)
+    namespace = load.loads(blob)
     if not isinstance(namespace, dict):
         raise TypeError(f"a namespace must be a dict, not {type(namespace).__name__}")
     return namespace
@@ -469,28 +467,3 @@ def register_source(filename: str, source: str) -> None:
     """Let tracebacks show lines of ``source`` (compiled as ``filename``)."""
     lines = [line + "\n" for line in source.splitlines()]
     linecache.cache[filename] = (len(source), None, lines, filename)
-
-
-def vet(*functions: object) -> None:
-    """Register reconstructors with the recipient's unpickling policy, if it has one."""
-    try:
-        policy = importlib.import_module("takeover._policy")
-    except ImportError:
-        return
-    register = getattr(policy, "vet", None)
-    if register is not None:
-        register(*functions)
-
-
-vet(
-    empty_cell,
-    module,
-    future_feature,
-    classmethod_of,
-    staticmethod_of,
-    property_of,
-    function,
-    set_function_state,
-    new_class,
-    set_class_state,
-)

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import asyncio as takeover
-from .._errors import TakeoverError
-from .._options import add_limit_options, add_security_options, limits, security_options
+from .._core.errors import TakeoverError
+from .._core.options import add_limit_options, add_security_options, limits, security_options
 from .console import Console, Logout
 from .telnet import EOF, INTERRUPT, LINE, TelnetCodec
 

@@ -267,6 +267,75 @@ def _after_move(client: PtyTelnet | SocketTelnet, old_pid: int) -> None:
     )
 
 
+def _log_in(server: _Process, port: int) -> PtyTelnet | SocketTelnet:
+    """Log in to the shell ``server`` prints the account of, and type a few things."""
+    login = server.expect(r"log in as (\S+), password (\S+)")
+    user, password = login.group(1), login.group(2)
+    server.expect(r"move it with: .*\n")
+    client: PtyTelnet | SocketTelnet
+    if shutil.which("telnet"):
+        _out(f"\n$ telnet 127.0.0.1 {port}\n")
+        client = PtyTelnet("127.0.0.1", port, _out)
+    else:
+        _out(f"\n$ telnet 127.0.0.1 {port}     # (no telnet installed: the demo speaks telnet)\n")
+        client = SocketTelnet("127.0.0.1", port, _out)
+    client.expect("username: ")
+    client.sendline(user)
+    client.expect("password: ")
+    client.sendline(password)
+    client.expect(">>> ")
+    _type(
+        client,
+        [
+            "import sys, os",
+            "sys.version",
+            "os.getpid()",
+            "x = 42",
+            "def where():",
+            "    v = sys.version.split()[0]",
+            "    return f'{sys.implementation.name} {v}, pid {os.getpid()}'",
+            "",
+            "where()",
+            "for i in range(2):",
+        ],
+    )
+    return client
+
+
+def _move(
+    step: int,
+    target: interpreters.Interpreter,
+    control: str,
+    env: dict[str, str],
+    previous: _Process,
+    client: PtyTelnet | SocketTelnet,
+    note: str,
+    procs: list[_Process],
+) -> _Process:
+    """Move the shell to ``target`` with ``takeover take``; the new server process."""
+    why = "while admin is halfway through a for block" if step == 1 else "again"
+    _out(
+        f"\n\n$ {target.path} -m takeover take --allow takeover.demo {control}"
+        f"     # {target.label}, {why}\n"
+    )
+    recipient = _Process(
+        [target.path, "-m", "takeover", "take", "--allow", "takeover.demo", control], env
+    )
+    procs.append(recipient)  # stopped at the end, whatever happens
+    recipient.expect(r"^took shell", timeout=TIMEOUT)
+    recipient.expect(r"serving ")
+    status = previous.wait()
+    _out(f"    (pid {previous.pid}, the server before, has exited with status {status})\n")
+    if step == 1 and note:
+        _out(f"    {note}\n")
+    # The session's prompt, shown before the move, again after the narration.
+    _out("\n" + ("... " if step == 1 else ">>> "))
+    if step == 1:
+        _type(client, ["    print(i, where())", ""])
+    _after_move(client, previous.pid)
+    return recipient
+
+
 def run(argv: Sequence[str] = ()) -> int:
     """Tell the whole story; 0 when every step went as it should."""
     started = time.monotonic()
@@ -294,60 +363,10 @@ def run(argv: Sequence[str] = ()) -> int:
                 f"(no other interpreter found: moving to {me.label} again; install pypy3 "
                 "or another CPython to see sys.version change)"
             )
-        login = server.expect(r"log in as (\S+), password (\S+)")
-        user, password = login.group(1), login.group(2)
-        server.expect(r"move it with: .*\n")
-        if shutil.which("telnet"):
-            _out(f"\n$ telnet 127.0.0.1 {port}\n")
-            client = PtyTelnet("127.0.0.1", port, _out)
-        else:
-            _out(
-                f"\n$ telnet 127.0.0.1 {port}     # (no telnet installed: the demo speaks telnet)\n"
-            )
-            client = SocketTelnet("127.0.0.1", port, _out)
-        client.expect("username: ")
-        client.sendline(user)
-        client.expect("password: ")
-        client.sendline(password)
-        client.expect(">>> ")
-        _type(
-            client,
-            [
-                "import sys, os",
-                "sys.version",
-                "os.getpid()",
-                "x = 42",
-                "def where():",
-                "    v = sys.version.split()[0]",
-                "    return f'{sys.implementation.name} {v}, pid {os.getpid()}'",
-                "",
-                "where()",
-                "for i in range(2):",
-            ],
-        )
+        client = _log_in(server, port)
         previous = server
         for step, target in enumerate(route, 1):
-            why = "while admin is halfway through a for block" if step == 1 else "again"
-            _out(
-                f"\n\n$ {target.path} -m takeover take --allow takeover.demo {control}"
-                f"     # {target.label}, {why}\n"
-            )
-            recipient = _Process(
-                [target.path, "-m", "takeover", "take", "--allow", "takeover.demo", control], env
-            )
-            procs.append(recipient)
-            recipient.expect(r"^took shell", timeout=TIMEOUT)
-            recipient.expect(r"serving ")
-            status = previous.wait()
-            _out(f"    (pid {previous.pid}, the server before, has exited with status {status})\n")
-            if step == 1 and note:
-                _out(f"    {note}\n")
-            # The session's prompt, shown before the move, again after the narration.
-            _out("\n" + ("... " if step == 1 else ">>> "))
-            if step == 1:
-                _type(client, ["    print(i, where())", ""])
-            _after_move(client, previous.pid)
-            previous = recipient
+            previous = _move(step, target, control, env, previous, client, note, procs)
         client.sendline("exit()")
         client.expect(r"logout")
         elapsed = time.monotonic() - started

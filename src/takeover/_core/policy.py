@@ -13,9 +13,10 @@ accepts only:
 * exception and enum classes of the standard library (their constructors
   only store values);
 * classes of the application: the originator's script (``__main__``), the
-  takeover runtime's migratable transports, servers and errors (not its
-  machinery: no unpickler, policy or session can be built from a graph),
-  and any module given with ``--allow``
+  migratable transports, servers and ports of the runtimes imported here
+  (each registers its graph modules, see ``runtimes``), takeover's errors
+  (not its machinery: no unpickler, policy or session can be built from a
+  graph), and any module given with ``--allow``
   (``--allow myapp`` allows ``myapp`` and ``myapp.*``). Functions too, from
   the script and ``--allow`` modules, since a protocol factory may be one:
   allowing a module means trusting all of its code. zope.interface
@@ -52,7 +53,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from ._errors import MigrationRefusedError
+from . import runtimes
+from .errors import MigrationRefusedError
 
 log = logging.getLogger("takeover.policy")
 
@@ -78,21 +80,13 @@ _NO_IMPORT = frozenset(
     }
 )
 
-# takeover's modules whose classes travel in graphs. Not the machinery (the
+# The core's modules whose classes travel in graphs (its errors). The
+# runtimes register theirs (see ``runtimes``). Not the machinery (the
 # unpickler, the policy, sessions, channels, the command line): a graph that
-# could build those could unpickle with the policy off.
-_TAKEOVER_GRAPH_MODULES = frozenset(
-    {
-        "takeover._aio_transport",
-        "takeover._errors",
-        "takeover.registry",
-        "takeover.twisted",
-        "takeover._twisted_transport",
-    }
-)
-# Not the demo shell (takeover.demo.shell, .console, .portable): its graphs
-# carry code (functions as source, a console that runs what it is given), so
-# its recipients take it with --allow takeover.demo.
+# could build those could unpickle with the policy off. Not the demo shell
+# either: its graphs carry code (functions as source, a console that runs what
+# it is given), so its recipients take it with --allow takeover.demo.
+_CORE_GRAPH_MODULES = frozenset({"takeover._core.errors", "takeover._core.registry"})
 
 # Builtin methods are rebuilt only on these exact types (``self.lines.append``).
 _CONTAINERS = ("builtins.list", "builtins.dict", "builtins.set", "builtins.bytearray")
@@ -143,13 +137,13 @@ _VETTED_IF_IMPORTED: dict[str, tuple[str, ...]] = {
 
 # takeover's own reconstructors, registered by the module that defines them.
 _registered: dict[int, object] = {}
-_VETTED_MODULES = frozenset({"takeover._serialize"})
+_VETTED_MODULES = frozenset({"takeover._core.pickling"})
 
 
 def vet(*functions: object) -> None:
-    """Add takeover reconstructors (``_serialize._import_module``...) to the vetted list.
+    """Add takeover reconstructors (``pickling._import_module``...) to the vetted list.
 
-    Only ``_serialize``'s are vetted for every graph. Another module's
+    Only ``pickling``'s are vetted for every graph. Another module's
     reconstructors (the demo shell's, which compile code) are accepted only
     where that module is allowed (``--allow``), like any application function.
     """
@@ -291,7 +285,11 @@ class UnpicklePolicy:
 
     def application(self, module: str, app: Collection[str] = ()) -> bool:
         """``module`` holds classes a graph may name: the runtime's, ``--allow``'s, the script's."""
-        return module in _TAKEOVER_GRAPH_MODULES or self.allowed(module, app)
+        return (
+            module in _CORE_GRAPH_MODULES
+            or runtimes.is_graph_module(module)
+            or self.allowed(module, app)
+        )
 
     def allowed(self, module: str, app: Collection[str] = ()) -> bool:
         """``module`` is the originator's script or given with ``--allow``."""
@@ -404,6 +402,9 @@ class UnpicklePolicy:
         if _stdlib(top):
             return "if the originator is trusted, take with --trust to turn the check off"
         if top == "takeover":
+            hint = _takeover_hint(module)
+            if hint is not None:
+                return hint
             # Allow as little of takeover as the name needs: never its machinery.
             top = "takeover.demo" if _under(module, ("takeover.demo",)) else module
         return (
@@ -493,6 +494,25 @@ class UnpicklePolicy:
     def _trusted_class(self, cls: type, app: Collection[str]) -> bool:
         # Not the vetted value types: pathlib.Path.unlink is a method too.
         return self._located(cls) and self.application(cls.__module__, app)
+
+
+def _takeover_hint(module: str) -> str | None:
+    """Why a graph names a module of takeover's that this recipient refuses, if known."""
+    package = ".".join(module.split(".")[:2])
+    if package == module.partition(".")[0] or package in sys.modules:
+        return None
+    if importlib.util.find_spec(package) is None:
+        return (
+            f"this takeover has no {package}: the originator runs another version of "
+            "takeover; take with the same version on both sides"
+        )
+    runtime = package.partition(".")[2]
+    if runtime.startswith("_") or runtime in ("demo", "cli"):
+        return None
+    return (
+        f"it belongs to takeover's {runtime} runtime, which this recipient does not run: "
+        f"take with --runtime {runtime}"
+    )
 
 
 _METHOD_DESCRIPTOR = type(list.append)

@@ -16,8 +16,8 @@ and ``takeover take --runtime twisted /run/echo.sock`` moves the listening
 port, every connection, their protocols and the factory to a new process.
 
 **The reactor.** takeover's migration logic (``originator.serve_channel``,
-``recipient.RecipientSession``) is sans-IO code written against
-:class:`~takeover._channel.Channel`; its control channels and timeouts
+``recipient.RecipientSession`` in ``takeover._core``) is sans-IO code written
+against its ``Channel`` interface; its control channels and timeouts
 are the asyncio runtime's. Twisted's ``asyncioreactor`` runs
 the reactor on an asyncio event loop, so the very same channel code, already
 covered by the fault matrix and the fuzzers, serves here unchanged: the
@@ -43,22 +43,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from ._auth import TLSConfig, load_secret
-from ._errors import TakeoverError
-from ._options import add_control_options, control_options
-from ._protocol import Limits
-from ._twisted_transport import (
+from .. import asyncio as aio
+from .._core import runtimes
+from .._core.auth import TLSConfig, load_secret
+from .._core.errors import TakeoverError
+from .._core.options import add_control_options, control_options
+from .._core.registry import Service
+from ._transport import (
     MigratablePort,
     MigratableTCPPort,
     MigratableTCPServer,
     MigratableUNIXPort,
     MigratableUNIXServer,
 )
-from .recipient import Taken
-from .registry import Service
 
 __all__ = [
     "GRAPH_MODULES",
@@ -93,6 +93,8 @@ GRAPH_MODULES: tuple[str, ...] = (
     "twisted.cred.checkers",
     "twisted.cred.credentials",
 )
+
+runtimes.register_runtime(graph_modules=("takeover.twisted._transport",))
 
 
 def install_reactor() -> Any:
@@ -172,86 +174,36 @@ def listen_unix(
     return MigratablePort(listening, name)
 
 
-def serve_until_moved(
-    *services: Service,
-    control: str,
-    limits: Limits = Limits(),
-    replace: bool = False,
-    secret: bytes | None = None,
-    tls: TLSConfig | None = None,
-    ready: Callable[[Any], object] | None = None,
-    reactor: Any = None,
-    retire: bool = True,
-) -> Any:
+def serve_until_moved(*services: Service, control: str, reactor: Any = None, **options: Any) -> Any:
     """Publish ``services`` at ``control``; a Deferred that fires once all have moved.
 
     The migration server runs in the reactor (see the module's docstring);
-    the arguments are those of :func:`takeover.asyncio.serve_until_moved`.
+    the other keyword arguments (``limits``, ``replace``, ``secret``,
+    ``tls``, ``ready``, ``retire``) are those of
+    :func:`takeover.asyncio.serve_until_moved`.
     """
-    from . import asyncio as aio
-
-    return _deferred(
-        aio.serve_until_moved(
-            *services,
-            control=control,
-            limits=limits,
-            replace=replace,
-            secret=secret,
-            tls=tls,
-            ready=ready,
-            retire=retire,
-        ),
-        reactor,
-    )
-
-
-async def _take(
-    control: str,
-    services: Sequence[str],
-    reactor: Any,
-    **options: Any,
-) -> list[Taken]:
-    from .asyncio import connect
-    from .recipient import select
-
-    session = await connect(control, **options)
-    try:
-        names = select(await session.list(), services)
-        return [await session.take(name, reactor) for name in names]
-    finally:
-        await session.close()
+    return _deferred(aio.serve_until_moved(*services, control=control, **options), reactor)
 
 
 def take(
     control: str,
     services: Sequence[str] = (),
     *,
-    limits: Limits = Limits(),
-    secret: bytes | None = None,
-    tls: TLSConfig | None = None,
     allow: Sequence[str] = (),
-    trust: bool = False,
     reactor: Any = None,
+    **options: Any,
 ) -> Any:
     """Move services from the migration server at ``control`` into this reactor.
 
-    A Deferred of one :class:`~takeover.recipient.Taken` per service; the
-    arguments are those of :func:`takeover.asyncio.take`, and
-    :data:`GRAPH_MODULES` are allowed besides ``allow``.
+    A Deferred of one :class:`~takeover.Taken` per service. The other keyword
+    arguments (``limits``, ``secret``, ``tls``, ``trust``) are those of
+    :func:`takeover.asyncio.take`; :data:`GRAPH_MODULES` are allowed besides
+    ``allow``.
     """
     reactor = _reactor(reactor)
+    allowed = (*GRAPH_MODULES, *allow)
     return _deferred(
-        _take(
-            control,
-            services,
-            reactor,
-            limits=limits,
-            secret=secret,
-            tls=tls,
-            allow=(*GRAPH_MODULES, *allow),
-            trust=trust,
-        ),
-        reactor,
+        aio.take(control, services, runtime=reactor, allow=allowed, **options), reactor
     )
 
 

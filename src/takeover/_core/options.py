@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._auth import TLSConfig, load_secret
-from ._protocol import Limits
+from .auth import TLSConfig, load_secret
+from .protocol import Limits
 
 if TYPE_CHECKING:  # argparse is the application's: not imported for a type
     import argparse
@@ -36,28 +36,31 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--step-timeout``, ``--max-frame-size`` and ``--max-fds``."""
     defaults = Limits()
-    parser.add_argument(
-        "--step-timeout",
-        type=float,
-        default=defaults.step_timeout,
-        metavar="SECONDS",
-        help="how long to wait for the peer's next step while a service is in transit "
-        f"(default {defaults.step_timeout:g}); a stalled peer causes a rollback",
-    )
-    parser.add_argument(
-        "--max-frame-size",
-        type=int,
-        default=defaults.max_frame_size,
-        metavar="BYTES",
-        help=f"largest control frame accepted (default {defaults.max_frame_size})",
-    )
-    parser.add_argument(
-        "--max-fds",
-        type=int,
-        default=defaults.max_fds,
-        metavar="N",
-        help=f"most descriptors one service may bring (default {defaults.max_fds})",
-    )
+    for flag, kind, default, metavar, help in (
+        (
+            "--step-timeout",
+            float,
+            defaults.step_timeout,
+            "SECONDS",
+            "how long to wait for the peer's next step while a service is in transit "
+            f"(default {defaults.step_timeout:g}); a stalled peer causes a rollback",
+        ),
+        (
+            "--max-frame-size",
+            int,
+            defaults.max_frame_size,
+            "BYTES",
+            f"largest control frame accepted (default {defaults.max_frame_size})",
+        ),
+        (
+            "--max-fds",
+            int,
+            defaults.max_fds,
+            "N",
+            f"most descriptors one service may bring (default {defaults.max_fds})",
+        ),
+    ):
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=help)
 
 
 def limits(args: argparse.Namespace) -> Limits:

@@ -9,10 +9,10 @@ costs one dictionary look-up.
 The points, in the order of the conversation (tests/test_faults.py covers each):
 
 * originator: ``connected``, ``authenticated``, ``listed``, ``take-received``,
-  ``fds-sent-ahead``, ``staged-received``, ``quiesced``, ``graph-sent``,
+  ``fds-sent-ahead``, ``ahead-ready-received``, ``quiesced``, ``graph-sent``,
   ``fds-sent``, ``committed-received``;
 * recipient: ``connected``, ``authenticated``, ``listed``, ``take-sent``,
-  ``ahead-received``, ``staged-sent``, ``graph-received``, ``fds-received``,
+  ``ahead-received``, ``ahead-ready-sent``, ``graph-received``, ``fds-received``,
   ``adopted``, ``committed-sent``.
 """
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._serialize import _GraphPickler, dumps
+from .pickling import GraphPickler, dumps
 
 MAX_DEPTH = 1000
 """How deep the walk goes below the service object."""
@@ -147,7 +147,7 @@ def find_unpicklable(
     return None
 
 
-class _ShallowPickler(_GraphPickler):
+class _ShallowPickler(GraphPickler):
     """Pickles one object, its references replaced by a placeholder.
 
     Sockets follow the graph pickler's rules (a TLS socket fails here too)
@@ -263,7 +263,7 @@ def _children(obj: Any, protocol: int) -> Iterator[tuple[str, Any]]:
         yield from ((f".keywords[{k!r}]", v) for k, v in (obj.keywords or {}).items())
         yield from _state_items(getattr(obj, "__dict__", None) or {}, names)
         return
-    reducer = _GraphPickler._BASE_TABLE.get(kind)
+    reducer = GraphPickler._BASE_TABLE.get(kind)
     reduced = reducer(obj) if reducer is not None else obj.__reduce_ex__(protocol)
     if isinstance(reduced, str):
         return  # a global

@@ -11,6 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "AuthenticationError",
+    "ChannelClosedError",
+    "MigrationRefusedError",
+    "MigrationTimeoutError",
+    "NoSuchServiceError",
+    "ProtocolError",
+    "SerializationError",
+    "ServiceBusyError",
+    "TakeoverError",
+]
+
 
 class TakeoverError(Exception):
     """Base class of every error raised by takeover.

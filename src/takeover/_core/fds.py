@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from ._errors import ProtocolError
+from .errors import ProtocolError
 
 SCM_MAX_FD = 253
 """The most descriptors Linux accepts in one SCM_RIGHTS message."""

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ._errors import NoSuchServiceError, ServiceBusyError
+from .errors import NoSuchServiceError, ServiceBusyError
+
+if TYPE_CHECKING:
+    from .ahead import AheadPoller
 
 
 @runtime_checkable
@@ -30,12 +33,16 @@ class Service(Protocol):
     Recipient side: ``adopt`` (attach to this process's event loop without
     starting any I/O), then ``start`` (after commit) or ``discard`` (the move
     failed before commit: close the descriptors without shutting them down).
+    ``adopt`` is given the :class:`~takeover._core.ahead.AheadPoller` where
+    the sockets sent ahead are registered (None if there were none): a server
+    may claim it as its own poller.
 
     Optional, for objects that can travel as *twins* (built on the recipient
-    from their socket, see ``_serialize.EarlySockets``): ``takeover_twin_kind``
-    (a name in ``_serialize._TWIN_KINDS``), ``takeover_twins()`` (socket ->
-    object, asked before quiescing) and ``takeover_unfit()`` (those that
-    now carry more than their socket, asked after quiescing).
+    from their socket, see ``ahead.SocketsAhead``): ``takeover_twin_kind``
+    (the name of a kind of twin a runtime registered, see ``runtimes``),
+    ``takeover_twins()`` (socket -> object, asked before quiescing) and
+    ``takeover_unfit()`` (those that now carry more than their socket, asked
+    after quiescing).
     """
 
     service_name: str
@@ -44,7 +51,7 @@ class Service(Protocol):
     def quiesce(self) -> None: ...
     def resume(self) -> None: ...
     def release(self) -> None: ...
-    def adopt(self, runtime: Any) -> None: ...
+    def adopt(self, runtime: Any, ahead: AheadPoller | None) -> None: ...
     def start(self) -> None: ...
     def discard(self) -> None: ...
 

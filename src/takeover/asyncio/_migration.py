@@ -1,17 +1,10 @@
-"""The asyncio runtime.
+"""The migration server: where a process publishes its services for recipients.
 
-An application becomes migratable in a few lines::
-
-    import takeover.asyncio as takeover
-
-    server = await takeover.start_server(EchoProtocol, "127.0.0.1", 8000, name="echo")
-    async with takeover.MigrationServer("/run/echo.sock") as migration:
-        migration.publish(server)
-        await migration.wait_empty()        # returns once every service has moved
-
-and ``takeover take /run/echo.sock`` (or :func:`take` in another program)
-moves the listener, every connection and the protocols' state to a new
-process.
+A :class:`MigrationServer` listens on a control socket (an AF_UNIX path, or
+``tcp:HOST:PORT``) and holds each recipient's conversation with the core's
+originator (``takeover._core.originator.serve_channel``). A recipient that
+took every service renames its own socket over the path of the process it
+replaced, so the next ``takeover take`` finds it there.
 """
 
 from __future__ import annotations
@@ -23,98 +16,20 @@ import fcntl
 import logging
 import os
 import socket
-import ssl
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-from . import _retire
-from ._aio_channel import AsyncioChannel, StreamChannel, parse_control
-from ._aio_transport import MigratableServer, MigratableTransport, ProtocolFactory
-from ._auth import TLSConfig, load_secret
-from ._channel import Channel
-from ._errors import AuthenticationError, ChannelClosedError, TakeoverError
-from ._options import add_control_options, control_options
-from ._policy import UnpicklePolicy
-from ._protocol import Limits
-from ._retire import retire
-from .originator import serve_channel
-from .recipient import RecipientSession, Taken, select
-from .registry import Registry, Service
-
-__all__ = [
-    "AsyncioChannel",
-    "MigratableServer",
-    "MigratableTransport",
-    "MigrationServer",
-    "StreamChannel",
-    "TLSConfig",
-    "add_control_options",
-    "connect",
-    "control_options",
-    "load_secret",
-    "retire",
-    "serve_until_moved",
-    "start_server",
-    "start_unix_server",
-    "take",
-]
+from .._core.auth import TLSConfig
+from .._core.channel import Channel
+from .._core.errors import AuthenticationError, ChannelClosedError, TakeoverError
+from .._core.originator import serve_channel
+from .._core.protocol import Limits
+from .._core.registry import Registry, Service
+from ._channel import AsyncioChannel, StreamChannel, parse_control
 
 log = logging.getLogger("takeover.asyncio")
-
-
-async def start_server(
-    protocol_factory: ProtocolFactory,
-    host: str | None,
-    port: int,
-    *,
-    name: str,
-    backlog: int = 1024,
-    reuse_address: bool = True,
-) -> MigratableServer:
-    """Listen on TCP ``host:port`` and serve it as migratable service ``name``.
-
-    The counterpart of ``loop.create_server``: ``protocol_factory`` is called
-    for each accepted connection and the result must pickle.
-    """
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    if not infos:
-        raise OSError(f"cannot resolve {host!r}")
-    family, kind, proto, _canon, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    if reuse_address:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    return _serve(sock, address, backlog, protocol_factory, name, loop)
-
-
-async def start_unix_server(
-    protocol_factory: ProtocolFactory, path: str, *, name: str, backlog: int = 1024
-) -> MigratableServer:
-    """Listen on the AF_UNIX stream socket ``path`` as migratable service ``name``."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    return _serve(sock, path, backlog, protocol_factory, name, asyncio.get_running_loop())
-
-
-def _serve(
-    sock: socket.socket,
-    address: Any,
-    backlog: int,
-    protocol_factory: ProtocolFactory,
-    name: str,
-    loop: asyncio.AbstractEventLoop,
-) -> MigratableServer:
-    """Bind and listen on ``sock`` (closing it on failure) and start serving."""
-    try:
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    server = MigratableServer(sock, protocol_factory, name, loop)
-    server.start()
-    return server
 
 
 def _bind_control(path: str, backlog: int = 64) -> socket.socket:
@@ -357,158 +272,3 @@ class MigrationServer:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-
-
-async def connect(
-    control: str,
-    *,
-    limits: Limits = Limits(),
-    secret: bytes | None = None,
-    tls: TLSConfig | None = None,
-    allow: Sequence[str] = (),
-    trust: bool = False,
-) -> RecipientSession:
-    """Open a control connection to the migration server at ``control``.
-
-    Args:
-        control: the originator's control socket path, or ``tcp:HOST:PORT``.
-        limits: frame size, descriptor count and step timeout limits.
-        secret: the shared secret, when the originator requires one (and
-            then the originator must prove it knows it too).
-        tls: certificates for TLS over TCP.
-        allow: modules of the application (each with its submodules) whose
-            classes and functions the graphs may name, beyond the
-            originator's script and takeover (see :mod:`takeover._policy`).
-        trust: turn the unpickling policy off: the originator may run any
-            code in this process.
-
-    Returns an opened :class:`~takeover.recipient.RecipientSession`.
-
-    Raises:
-        FileNotFoundError, ConnectionRefusedError: nothing serves ``control``.
-        AuthenticationError: the originator runs as another user, or the
-            secrets differ, or only one side has one.
-    """
-    kind, address = parse_control(control)
-    policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
-    channel: Channel
-    if kind == "tcp":
-        context = tls.context(server=False) if tls is not None else None
-        if context is None and secret is None:
-            raise AuthenticationError(
-                f"a TCP control channel ({control}) needs a shared secret or TLS"
-            )
-        try:
-            reader, writer = await asyncio.open_connection(*address, ssl=context)
-        except ssl.SSLError as exc:
-            raise AuthenticationError(
-                f"TLS handshake with {control} failed: {exc.reason or exc}; check --tls-ca "
-                "against the certificate the originator presents"
-            ) from exc
-        channel = StreamChannel(reader, writer, limits=limits)
-    else:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
-        channel = AsyncioChannel(sock, loop, limits=limits)
-    session = RecipientSession(channel, limits=limits, secret=secret, policy=policy)
-    try:
-        await session.open()
-    except ChannelClosedError as exc:
-        session.abort()
-        if channel.encrypted:
-            # With TLS 1.3 the server checks our certificate after the
-            # handshake has completed here: a refusal shows as a closed channel.
-            raise AuthenticationError(
-                f"the originator at {control} closed the TLS connection before answering: it "
-                "probably refused this side's certificate (check --tls-cert against its CA)"
-            ) from exc
-        raise
-    except BaseException:
-        session.abort()
-        raise
-    return session
-
-
-async def take(
-    control: str,
-    services: Sequence[str] = (),
-    *,
-    limits: Limits = Limits(),
-    secret: bytes | None = None,
-    tls: TLSConfig | None = None,
-    allow: Sequence[str] = (),
-    trust: bool = False,
-) -> list[Taken]:
-    """Move services from the migration server at ``control`` into this process.
-
-    Args:
-        control: the originator's control socket path, or ``tcp:HOST:PORT``.
-        services: names to take; every published service when empty.
-        limits, secret, tls, allow, trust: as for :func:`connect`.
-
-    Returns:
-        One :class:`~takeover.recipient.Taken` per service, each running in
-        this process's event loop.
-
-    Raises:
-        TakeoverError: the first service that could not be taken; services
-            taken before it keep running here.
-    """
-    session = await connect(
-        control, limits=limits, secret=secret, tls=tls, allow=allow, trust=trust
-    )
-    try:
-        names = select(await session.list(), services)
-        loop = asyncio.get_running_loop()
-        return [await session.take(name, loop) for name in names]
-    finally:
-        await session.close()
-
-
-async def serve_until_moved(
-    *services: Service,
-    control: str,
-    limits: Limits = Limits(),
-    replace: bool = False,
-    secret: bytes | None = None,
-    tls: TLSConfig | None = None,
-    ready: Callable[[MigrationServer], object] | None = None,
-    retire: bool = True,
-) -> None:
-    """Publish ``services`` at ``control`` and return once all have moved away.
-
-    The usual last line of a migratable program's ``main()``: when it
-    returns, every connection belongs to another process and this one may
-    exit.
-
-    Args:
-        services: the services to publish.
-        control: the control socket path.
-        limits: frame size, descriptor count and step timeout limits.
-        replace: rename over an existing control socket at ``control``.
-        secret, tls: what recipients must authenticate with (see
-            :class:`MigrationServer`).
-        ready: called once the control socket accepts recipients (to print
-            a "ready" line, say).
-        retire: once everything has moved, prepare this process to exit
-            without taking CPU from its successor (:func:`takeover.retire`:
-            the garbage collector's heap frozen, so the interpreter's
-            teardown does not walk it, and the idle scheduling class).
-            Pass False if the program goes on working after this returns.
-    """
-    async with MigrationServer(
-        control, limits=limits, replace=replace, secret=secret, tls=tls
-    ) as migration:
-        for service in services:
-            migration.publish(service)
-        if ready is not None:
-            ready(migration)
-        await migration.wait_empty()
-    if retire:
-        _retire.retire()

@@ -37,24 +37,19 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp, unix
 
-from ._errors import MigrationRefusedError
+from .._core.ahead import AheadPoller
+from .._core.errors import MigrationRefusedError
+from .._core.hooks import run_service_hooks
 
 log = logging.getLogger("takeover.twisted")
 
 # Attributes that belong to this process, not to the connection.
 _LOCAL = ("reactor", "fileno", "deferred")
-
-
-def _hook(obj: Any, name: str) -> None:
-    if isinstance(obj, type):
-        return
-    method = getattr(obj, name, None)
-    if callable(method):
-        method()
 
 
 def _check_reactor(runtime: Any) -> Any:
@@ -74,6 +69,18 @@ def _check_reactor(runtime: Any) -> Any:
     return reactor
 
 
+def _gated(flag: str, wanted: bool, call: str) -> Callable[[Any], None]:
+    """A gated ``startReading``-like method: set ``flag``, then ``reactor.call(self)``
+    unless the gate is shut."""
+
+    def method(self: Any) -> None:
+        setattr(self, flag, wanted)
+        if not self._tko_quiesced:
+            getattr(self.reactor, call)(self)
+
+    return method
+
+
 class _Gate:
     """The reader/writer gate shared by migratable connections and ports."""
 
@@ -82,25 +89,12 @@ class _Gate:
     _tko_writing = False
     reactor: Any
 
-    def startReading(self) -> None:
-        self._tko_reading = True
-        if not self._tko_quiesced:
-            self.reactor.addReader(self)
-
-    def stopReading(self) -> None:
-        self._tko_reading = False
-        if not self._tko_quiesced:
-            self.reactor.removeReader(self)
-
-    def startWriting(self) -> None:
-        self._tko_writing = True
-        if not self._tko_quiesced:
-            self.reactor.addWriter(self)
-
-    def stopWriting(self) -> None:
-        self._tko_writing = False
-        if not self._tko_quiesced:
-            self.reactor.removeWriter(self)
+    # Each records what the object wants, and passes it on to the reactor
+    # unless the gate is shut.
+    startReading = _gated("_tko_reading", True, "addReader")
+    stopReading = _gated("_tko_reading", False, "removeReader")
+    startWriting = _gated("_tko_writing", True, "addWriter")
+    stopWriting = _gated("_tko_writing", False, "removeWriter")
 
     def _tko_quiesce(self) -> None:
         if self._tko_quiesced:
@@ -200,7 +194,7 @@ def _register(connection: _MigratableConnection) -> None:
 class _MigratablePort(_Gate):
     """What the two port classes add to Twisted's: the connections they accepted."""
 
-    # How the dry run names these attributes in a path (see _graphpath).
+    # How the dry run names these attributes in a path (see takeover._core.graphpath).
     _takeover_path_names = {"_tko_connections": "connections"}
     _tko_connections: dict[_MigratableConnection, None]
     socket: socket.socket
@@ -244,7 +238,7 @@ class MigratablePort:
     to.
     """
 
-    # How the dry run names these attributes in a path (see _graphpath).
+    # How the dry run names these attributes in a path (see takeover._core.graphpath).
     _takeover_path_names = {"port": "port"}
 
     def __init__(self, port: MigratableTCPPort | MigratableUNIXPort, name: str) -> None:
@@ -282,14 +276,14 @@ class MigratablePort:
         self.port._tko_quiesce()
         for connection in self.connections:
             connection._tko_quiesce()
-        _hook(self.port.factory, "takeover_quiesce")
-        for connection in self.connections:
-            _hook(connection.protocol, "takeover_quiesce")
+        run_service_hooks(
+            self.port.factory, [c.protocol for c in self.connections], "takeover_quiesce"
+        )
 
     def resume(self) -> None:
-        _hook(self.port.factory, "takeover_resume")
-        for connection in self.connections:
-            _hook(connection.protocol, "takeover_resume")
+        run_service_hooks(
+            self.port.factory, [c.protocol for c in self.connections], "takeover_resume"
+        )
         self._run()
 
     def release(self) -> None:
@@ -299,7 +293,9 @@ class MigratablePort:
         self.port._tko_connections.clear()
         self.port._tko_release()
 
-    def adopt(self, runtime: Any) -> None:
+    def adopt(self, runtime: Any, ahead: AheadPoller | None = None) -> None:
+        # The sockets sent ahead stay registered with the core's poller only
+        # until the move is over: a Twisted service is watched by its reactor.
         reactor = _check_reactor(runtime)
         self.port._tko_adopt(reactor)
         for connection in self.connections:
@@ -310,9 +306,9 @@ class MigratablePort:
             connection._tko_adopt(reactor)
 
     def start(self) -> None:
-        _hook(self.port.factory, "takeover_adopted")
-        for connection in self.connections:
-            _hook(connection.protocol, "takeover_adopted")
+        run_service_hooks(
+            self.port.factory, [c.protocol for c in self.connections], "takeover_adopted"
+        )
         self._run()
 
     def discard(self) -> None:

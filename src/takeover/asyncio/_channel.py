@@ -4,7 +4,7 @@
   it is read with ``recvmsg`` only, so each descriptor batch arrives no later
   than the FDS frame it rides on.
 * :class:`StreamChannel`: TCP, optionally TLS, on asyncio streams. It carries
-  frames only; descriptors go over an :class:`FdTransport`, an AF_UNIX socket
+  frames only; descriptors go over an *fd transport* (``_FdSocket``), an AF_UNIX socket
   in the abstract namespace that the originator offers (address and a
   one-time token in its HELLO) and the recipient connects before its first
   TAKE. The abstract namespace belongs to the network namespace, so a
@@ -21,18 +21,17 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from . import _fds
-from ._auth import PeerCredentials, check_peer, peer_credentials
-from ._errors import (
+from .._core import fds as _fds
+from .._core.auth import PeerCredentials, check_peer, peer_credentials
+from .._core.errors import (
     AuthenticationError,
     ChannelClosedError,
     MigrationTimeoutError,
     ProtocolError,
 )
-from ._protocol import HANDSHAKE_FRAME_LIMIT, FrameDecoder, Limits, Message
+from .._core.protocol import HANDSHAKE_FRAME_LIMIT, FrameDecoder, Limits, Message
+from ._transport import READ_SIZE
 
-_READ_SIZE = 64 * 1024
-"""Below glibc's mmap threshold, as in _aio_transport: a read is not a fresh mapping."""
 _TOKEN_BYTES = 32
 
 
@@ -137,7 +136,7 @@ class _FdSocket:
         """
         while True:
             try:
-                data, fds = _fds.recv_with_fds(self.sock, _READ_SIZE)
+                data, fds = _fds.recv_with_fds(self.sock, READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 await _wait_fd(self.loop, self.sock, False, deadline, what)
                 continue
@@ -282,7 +281,7 @@ class StreamChannel:
     async def _receive(self) -> Message:
         while not self._messages:
             try:
-                data = await self._reader.read(_READ_SIZE)
+                data = await self._reader.read(READ_SIZE)
             except OSError as exc:
                 raise ChannelClosedError(f"the control channel broke: {exc}") from exc
             if not data:

@@ -27,7 +27,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from ._errors import AuthenticationError
+from .errors import AuthenticationError
 
 AUTH_SCHEME = "hmac-sha256"
 NONCE_BYTES = 32

@@ -2,7 +2,7 @@
 
 For each service: TAKE, receive the graph and its descriptors, rebuild the
 graph, adopt it into this process's runtime *without starting any I/O*, then
-commit: record COMMITTED in the move's arbiter (``_arbiter.py``), start, and
+commit: record COMMITTED in the move's arbiter (``arbiter.py``), start, and
 say COMMITTED. If anything fails before that, or the
 originator recorded ROLLED_BACK first (it gave up waiting), the adopted copy
 is discarded (descriptors closed, nothing shut down) and the originator,
@@ -21,14 +21,15 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import _faults, _protocol, _staging
-from ._arbiter import COMMITTED, Arbiter
-from ._auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
-from ._channel import Channel
-from ._errors import (
+from . import faults, protocol
+from .ahead import AheadPoller, Twins, build_sockets
+from .arbiter import COMMITTED, Arbiter
+from .auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
+from .channel import Channel
+from .errors import (
     AuthenticationError,
     ChannelClosedError,
     MigrationRefusedError,
@@ -38,12 +39,12 @@ from ._errors import (
     TakeoverError,
     error_from_code,
 )
-from ._fds import close_all
-from ._policy import TRUST_WARNING, UnpicklePolicy
-from ._protocol import Conversation, Kind, Limits, Message, Role
-from ._serialize import Twins, build_sockets, gc_paused, loads, preload_main
-from ._staging import Staging
+from .fds import close_all
+from .pickling import gc_paused, loads
+from .policy import TRUST_WARNING, UnpicklePolicy
+from .protocol import Conversation, Kind, Limits, Message, Role
 from .registry import Service
+from .script import preload_main
 
 log = logging.getLogger("takeover.recipient")
 
@@ -101,6 +102,62 @@ class CheckResult:
         return {"service": self.name, "ok": self.ok, "path": self.path, "error": self.error}
 
 
+@dataclass
+class _Arrival:
+    """What one move has brought here so far.
+
+    Attributes:
+        arbiter: the move's commit arbiter (the first descriptor of a move).
+        ahead: the sockets sent ahead of the graph, built.
+        poller: where those sockets are registered for reading (passively).
+        twins: their twins, if the originator sent some.
+        meta: the GRAPH frame's body; ``blob`` its pickle.
+        fds: descriptors sent after the graph, not yet owned by a socket.
+    """
+
+    arbiter: Arbiter | None = None
+    ahead: list[socket.socket] = field(default_factory=list)
+    poller: AheadPoller | None = None
+    twins: Twins | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    blob: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+    def add_ahead(
+        self,
+        sockets: list[socket.socket],
+        kinds: list[list[int]],
+        twin_kind: str | None,
+        policy: UnpicklePolicy,
+    ) -> None:
+        """A batch sent ahead: register its stream sockets, build its twins."""
+        self.ahead.extend(sockets)
+        if self.poller is None:
+            self.poller = AheadPoller()
+        self.poller.add(sockets)
+        if twin_kind is not None:
+            if self.twins is None:
+                self.twins = Twins(twin_kind, policy)
+            self.twins.add(sockets, [k[4] for k in kinds for _ in range(k[0])])
+
+    def close(self) -> None:
+        """Close everything that arrived (the move ended before the graph was rebuilt)."""
+        close_all(self.fds)
+        self.fds = []
+        for sock in self.ahead:
+            sock.close()
+        self.finish()
+
+    def finish(self) -> None:
+        """Close what no server took: the poller if unclaimed, the arbiter, twins' leftovers."""
+        if self.poller is not None:
+            self.poller.close()  # a no-op if a server claimed it
+        if self.arbiter is not None:
+            self.arbiter.close()
+        if self.twins is not None:
+            self.twins.close_leftovers()
+
+
 class RecipientSession:
     """A recipient's conversation with one originator.
 
@@ -126,7 +183,7 @@ class RecipientSession:
         self.policy.prepare()
         self._fd_transport: dict[str, Any] | None = None
         self._main: str | None = None
-        self.conversation = Conversation(Role.RECIPIENT)
+        self.conversation = Conversation(Role.RECIPIENT, limits)
         self.originator: dict[str, Any] = {}
         self.pickle_protocol = pickle.HIGHEST_PROTOCOL
 
@@ -160,14 +217,14 @@ class RecipientSession:
             raise AuthenticationError(
                 "a control channel over TCP needs a shared secret (--secret-file) or TLS"
             )
-        _faults.checkpoint("recipient.connected")
+        faults.checkpoint("recipient.connected")
         nonce = new_nonce()
         extra: dict[str, Any] = {"nonce": nonce}
         if self.secret is not None:
             extra["auth"] = AUTH_SCHEME
         try:
             await self._send(
-                _protocol.hello(
+                protocol.hello(
                     Role.RECIPIENT,
                     pid=os.getpid(),
                     pickle_protocol=pickle.HIGHEST_PROTOCOL,
@@ -183,7 +240,7 @@ class RecipientSession:
             await self._receive(self.limits.step_timeout)
             raise
         message = await self._receive(self.limits.step_timeout)
-        self.originator = _protocol.check_hello(message, Role.ORIGINATOR)
+        self.originator = protocol.check_hello(message, Role.ORIGINATOR)
         self.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, self.originator["pickle_protocol"])
         if self.secret is not None:
             if self.originator.get("auth") != AUTH_SCHEME:
@@ -205,7 +262,7 @@ class RecipientSession:
         self.channel.limit_frames(self.limits.max_frame_size)
         transport = self.originator.get("fd_transport")
         self._fd_transport = transport if isinstance(transport, dict) else None
-        _faults.checkpoint("recipient.authenticated")
+        faults.checkpoint("recipient.authenticated")
         return self.originator
 
     async def list(self) -> list[dict[str, Any]]:
@@ -217,7 +274,7 @@ class RecipientSession:
             raise ProtocolError("SERVICES frame lists no services")
         main = reply.body.get("main")
         self._main = main if isinstance(main, str) else None
-        _faults.checkpoint("recipient.listed")
+        faults.checkpoint("recipient.listed")
         return services
 
     async def take(self, name: str, runtime: Any) -> Taken:
@@ -246,155 +303,82 @@ class RecipientSession:
             # Load the originator's script now rather than inside the pause.
             preload_main(self._main, self.policy)
         await self._send(Message(Kind.TAKE, {"service": name}))
-        _faults.checkpoint("recipient.take-sent")
-        arbiter: Arbiter | None = None
-        ahead: list[socket.socket] = []
-        staging: Staging | None = None
-        twins: Twins | None = None
-        fds: list[int] = []
+        faults.checkpoint("recipient.take-sent")
+        arrival = _Arrival()
         try:
-            # Before the graph, while the service still runs over there: the
-            # arbiter, which says how many sockets follow it, then those
-            # sockets. Each batch is built, its connections registered for
-            # reading (passively) and their twins built as it arrives. STAGED
-            # then tells the originator that it may pause the service: nothing
-            # of this is left to do inside the pause.
-            expected: int | None = None
-            while expected is None or len(ahead) < expected:
-                message = await self._receive(self.limits.step_timeout)
-                if message.kind is not Kind.FDS:
-                    raise ProtocolError(
-                        f"{message.kind.name} before all the sockets sent ahead had arrived"
-                    )
-                count = int(message.body["count"])
-                if len(ahead) + count + 1 > self.limits.max_fds:
-                    raise ProtocolError(
-                        f"service {name!r} sends more than {self.limits.max_fds} descriptors"
-                    )
-                batch = await self.channel.take_fds(count, self.limits.step_timeout)
-                if message.body.get("arbiter") is True:
-                    total = message.body.get("ahead")
-                    if arbiter is not None or count != 1 or type(total) is not int or total < 0:
-                        close_all(batch)
-                        raise ProtocolError(
-                            "a second arbiter, one with other descriptors, or one that does "
-                            f"not say how many sockets follow it ({total!r})"
-                        )
-                    arbiter = Arbiter.adopt(batch[0])
-                    expected = total
-                    continue
-                if expected is None or len(ahead) + count > expected:
-                    close_all(batch)
-                    raise ProtocolError(
-                        f"{count} more sockets sent ahead than the arbiter announced ({expected!r})"
-                    )
-                kinds = message.body.get("kinds")
-                sockets = build_sockets(batch, kinds)
-                first = not ahead
-                ahead.extend(sockets)
-                if staging is None:
-                    staging = Staging()
-                staging.add(sockets)
-                kind = message.body.get("twins")
-                if first and kind is not None:
-                    twins = Twins(kind, self.policy)
-                if (twins is None) != (kind is None) or (twins is not None and twins.kind != kind):
-                    raise ProtocolError("the batches sent ahead disagree on their twins")
-                if twins is not None:
-                    assert isinstance(kinds, list)  # build_sockets checked it
-                    twins.add(sockets, [k[4] for k in kinds for _ in range(k[0])])
-            _faults.checkpoint("recipient.ahead-received")
-            await self._send(Message(Kind.STAGED, {"service": name, "count": len(ahead)}))
-            _faults.checkpoint("recipient.staged-sent")
-            message = await self._receive(self.limits.step_timeout)
-            graph_message = message
-            _faults.checkpoint("recipient.graph-received")
-            meta = graph_message.body
-            late = meta.get("fds")
-            if not isinstance(late, int) or len(ahead) + late > self.limits.max_fds:
-                raise ProtocolError(
-                    f"service {name!r} brings {late!r} more descriptors; "
-                    f"the limit is {self.limits.max_fds}"
-                )
-            if meta.get("ahead", 0) != len(ahead):
-                raise ProtocolError(
-                    f"the graph counts {meta.get('ahead')!r} sockets sent ahead, "
-                    f"{len(ahead)} arrived"
-                )
-            if meta.get("twins", False) is not (twins is not None):
-                raise ProtocolError(
-                    f"the graph says twins: {meta.get('twins')!r}, the sockets sent ahead "
-                    f"{'had' if twins is not None else 'had none'}"
-                )
-            while len(fds) < late:
-                batch_message = await self._receive(self.limits.step_timeout)
-                fds.extend(
-                    await self.channel.take_fds(
-                        int(batch_message.body["count"]), self.limits.step_timeout
-                    )
-                )
-            _faults.checkpoint("recipient.fds-received")
-            # The loop above ends only once the arbiter (the commit point) has come.
-            assert arbiter is not None
+            await self._receive_ahead(arrival)
+            faults.checkpoint("recipient.ahead-received")
+            await self._send(
+                Message(Kind.AHEAD_READY, {"service": name, "count": len(arrival.ahead)})
+            )
+            faults.checkpoint("recipient.ahead-ready-sent")
+            await self._receive_graph(arrival)
         except BaseException:
-            close_all(fds)
-            for sock in ahead:
-                sock.close()
-            if staging is not None:
-                staging.close()
-            if arbiter is not None:
-                arbiter.close()
+            arrival.close()
             raise
         try:
             # No cyclic collection until the service has started (see gc_paused).
             with gc_paused():
-                return await self._adopt(
-                    name, runtime, meta, graph_message.blob, fds, arbiter, ahead, staging, twins
-                )
+                service = await self._adopt(name, runtime, arrival)
+                return await self._commit(name, service, arrival)
         finally:
-            if staging is not None:
-                staging.close()  # a no-op if a server claimed it
-            if arbiter is not None:
-                arbiter.close()
-            if twins is not None:
-                # After start (or discard): what nothing took is closed.
-                twins.close_leftovers()
+            # After start (or discard): what nothing took is closed.
+            arrival.finish()
 
-    async def _adopt(
-        self,
-        name: str,
-        runtime: Any,
-        meta: dict[str, Any],
-        blob: bytes,
-        fds: Sequence[int],
-        arbiter: Arbiter,
-        ahead: Sequence[socket.socket] = (),
-        staging: Staging | None = None,
-        twins: Twins | None = None,
-    ) -> Taken:
-        """Rebuild and adopt the graph, commit through the arbiter, start."""
+    async def _receive_ahead(self, arrival: _Arrival) -> None:
+        """Before the graph, while the service still runs over there: the
+        arbiter, which says how many sockets follow it, then those sockets.
+
+        Each batch is built, its connections registered for reading
+        (passively) and their twins built as it arrives, so that nothing of
+        it is left to do inside the pause. The conversation checks the
+        counts, the kinds and the twins.
+        """
+        timeout = self.limits.step_timeout
+        move = self.conversation.move
+        assert move is not None  # TAKE was sent
+        while not move.ahead_complete:
+            body = (await self._receive(timeout)).body
+            batch = await self.channel.take_fds(body["count"], timeout)
+            if arrival.arbiter is None:
+                arrival.arbiter = Arbiter.adopt(batch[0])
+                continue
+            sockets = build_sockets(batch, body["kinds"])
+            arrival.add_ahead(sockets, body["kinds"], body.get("twins"), self.policy)
+
+    async def _receive_graph(self, arrival: _Arrival) -> None:
+        """The graph, then the descriptors of sockets opened since the dry run."""
+        timeout = self.limits.step_timeout
+        graph = await self._receive(timeout)
+        faults.checkpoint("recipient.graph-received")
+        arrival.meta, arrival.blob = graph.body, graph.blob
+        while self.conversation.fds_expected:
+            count = (await self._receive(timeout)).body["count"]
+            arrival.fds.extend(await self.channel.take_fds(count, timeout))
+        faults.checkpoint("recipient.fds-received")
+
+    async def _adopt(self, name: str, runtime: Any, arrival: _Arrival) -> Service:
+        """Rebuild the graph and adopt it, with no I/O; if that fails, say REFUSED."""
         service: Service | None = None
+        # From here the load owns the descriptors: it closes them if it fails.
+        fds, arrival.fds = arrival.fds, []
         try:
-            main = meta.get("main")
+            main = arrival.meta.get("main")
+            twins = arrival.twins
             graph = loads(
-                blob,
+                arrival.blob,
                 fds,
                 main=main if isinstance(main, str) else None,
                 policy=self.policy,
-                prebuilt=ahead,
-                twins=twins,
+                ahead=arrival.ahead,
+                unpickler=twins.unpickler if twins is not None else None,
             )
             if not isinstance(graph, Service):
                 raise MigrationRefusedError(
                     f"the graph of {name!r} is a {type(graph).__qualname__}, not a takeover service"
                 )
             service = graph
-            # A server may take the staged registrations as its poller.
-            _staging.offer(staging)
-            try:
-                service.adopt(runtime)
-            finally:
-                _staging.offer(None)
+            service.adopt(runtime, arrival.poller)
         except TakeoverError as exc:
             if service is not None:
                 service.discard()
@@ -407,12 +391,17 @@ class RecipientSession:
             if service is not None:
                 service.discard()
             raise
-        _faults.checkpoint("recipient.adopted")
+        faults.checkpoint("recipient.adopted")
+        return service
+
+    async def _commit(self, name: str, service: Service, arrival: _Arrival) -> Taken:
+        """Record COMMITTED in the arbiter, start the service, say COMMITTED."""
+        assert arrival.arbiter is not None  # the first descriptor of every move
         # The commit point. The originator has quiesced the service and sent
         # everything; unless it has given up first (recorded ROLLED_BACK, on
         # its step timeout or a broken channel), the service is ours from here,
         # whether or not the originator is still alive to read COMMITTED.
-        if arbiter.decide(COMMITTED) != COMMITTED:
+        if arrival.arbiter.decide(COMMITTED) != COMMITTED:
             service.discard()
             raise MigrationTimeoutError(
                 f"the originator rolled {name!r} back before this side could commit "
@@ -439,7 +428,8 @@ class RecipientSession:
             log.warning("originator closed before COMMITTED for %r; serving it anyway", name)
         except (TakeoverError, OSError) as exc:
             log.warning("could not answer COMMITTED for %r (%s); serving it anyway", name, exc)
-        _faults.checkpoint("recipient.committed-sent")
+        faults.checkpoint("recipient.committed-sent")
+        meta = arrival.meta
         quiesced_at = meta.get("quiesced_at")
         pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
         return Taken(
@@ -447,8 +437,8 @@ class RecipientSession:
             service=service,
             connections=int(described.get("connections", 0)),
             pause_ms=pause,
-            graph_bytes=len(blob),
-            fds=len(ahead) + len(fds),
+            graph_bytes=len(arrival.blob),
+            fds=len(arrival.ahead) + int(meta.get("fds", 0)),
         )
 
     async def check(self, name: str) -> CheckResult:

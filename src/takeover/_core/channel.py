@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ._auth import PeerCredentials
-from ._protocol import Message
+from .auth import PeerCredentials
+from .protocol import Message
 
 
 class Channel(Protocol):

@@ -2,7 +2,7 @@
 
 Bytes go in, messages come out; messages go in, bytes come out. Nothing here
 touches a socket, an event loop or pickle: the runtimes move the bytes and the
-descriptors, ``_serialize`` makes the graph blob, and this module only frames
+descriptors, ``pickling`` makes the graph blob, and this module only frames
 messages and checks that each side says the right thing at the right time.
 
 Frames
@@ -32,9 +32,9 @@ The recipient connects and speaks first. Written from the originator's side
     taking          --out FDS-->         taking            (sent ahead of the graph: the arbiter,
                                                             which says how many sockets follow,
                                                             then the sockets the dry run found)
-    taking          --in STAGED-->       staged            (all built and registered: pause now)
-    staged          --out ERROR-->       idle              (could not pause or pickle it)
-    staged          --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
+    taking          --in AHEAD_READY-->  ahead-ready       (all built and registered: pause now)
+    ahead-ready     --out ERROR-->       idle              (could not pause or pickle it)
+    ahead-ready     --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
     sending-fds     --out FDS-->         sending-fds ... await-committed once all are sent
     await-committed --in COMMITTED-->    idle              (the service has moved)
     await-committed --in REFUSED-->      idle              (rolled back)
@@ -42,13 +42,29 @@ The recipient connects and speaks first. Written from the originator's side
 
 ERROR may also be sent in ``start`` and ``hello-received`` (authentication
 refused), after which the channel closes. The commit point is not a frame but
-the move's arbiter (``_arbiter.py``), a byte both processes share and decide
+the move's arbiter (``arbiter.py``), a byte both processes share and decide
 once: the recipient, once it has rebuilt and adopted the graph, records
 COMMITTED there, starts and answers COMMITTED; the originator records
 ROLLED_BACK there before it resumes for any reason (a refusal, a timeout, a
 broken channel), and whichever side is first wins. So the originator releases
 its copies only once the recipient owns the service, and a move costs one
-trip between the processes after the graph instead of three.
+trip between the processes after the graph.
+
+The rules of a move
+-------------------
+From TAKE until the move is over, both sides keep the same account of it
+(:class:`Move`) and refuse, with a ``ProtocolError``, a frame that breaks one
+of these rules, whichever side sends it:
+
+* the first descriptor of a move is its arbiter, alone in its FDS frame,
+  which says how many sockets are sent ahead of the graph;
+* the batches sent ahead carry no more sockets than that, each described by
+  its kinds, and agree on the kind of their twins;
+* AHEAD_READY comes once every socket sent ahead has, and counts them all;
+* GRAPH counts the sockets sent ahead as they were sent, says whether they
+  have twins as they did, and announces how many descriptors follow it;
+* the FDS frames after GRAPH carry exactly what it announced;
+* a move brings at most ``Limits.max_fds`` descriptors, the arbiter included.
 """
 
 from __future__ import annotations
@@ -60,10 +76,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import ProtocolError
+from .errors import ProtocolError
 
 PROTOCOL_VERSION = 2
-"""2: the recipient commits through the arbiter (no READY, no COMMIT frames)."""
+"""The version of this control protocol; HELLO refuses a peer that speaks another."""
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
 
 DEFAULT_STEP_TIMEOUT = 30.0
@@ -100,14 +116,14 @@ class Kind(enum.IntEnum):
     TAKE = 4
     GRAPH = 5
     FDS = 6
-    # 7 was READY and 9 COMMIT, in protocol 1.
+    # 7 and 9 are not used: a peer that sends them is refused as any unknown type.
     REFUSED = 8
     COMMITTED = 10
     ERROR = 11
     BYE = 12
     CHECK = 13
     CHECKED = 14
-    STAGED = 15
+    AHEAD_READY = 15
     AUTH = 20
     AUTHED = 21
 
@@ -214,13 +230,42 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("checking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.ERROR): "idle",
     ("taking", _OUT, Kind.FDS): "taking",
-    ("taking", _IN, Kind.STAGED): "staged",
-    ("staged", _OUT, Kind.ERROR): "idle",
-    ("staged", _OUT, Kind.GRAPH): "sending-fds",
+    ("taking", _IN, Kind.AHEAD_READY): "ahead-ready",
+    ("ahead-ready", _OUT, Kind.ERROR): "idle",
+    ("ahead-ready", _OUT, Kind.GRAPH): "sending-fds",
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
     ("await-committed", _IN, Kind.COMMITTED): "idle",
     ("await-committed", _IN, Kind.REFUSED): "idle",
 }
+
+
+@dataclass
+class Move:
+    """The descriptors of one move, as announced and as carried so far.
+
+    Both sides keep the same account, each from its own
+    :class:`Conversation`, so a peer that announces one thing and sends
+    another is caught by the same rules on either side.
+
+    Attributes:
+        service: the service TAKE named.
+        ahead: how many sockets the arbiter's frame said would follow it
+            (None until the arbiter has come).
+        ahead_sent: how many of those have come.
+        twins: the kind of twin the batches sent ahead name (None: none).
+        late: descriptors the GRAPH said would follow it, not come yet.
+    """
+
+    service: str
+    ahead: int | None = None
+    ahead_sent: int = 0
+    twins: str | None = None
+    late: int = 0
+
+    @property
+    def ahead_complete(self) -> bool:
+        """The arbiter and every socket it announced have come."""
+        return self.ahead is not None and self.ahead_sent == self.ahead
 
 
 class Conversation:
@@ -228,13 +273,25 @@ class Conversation:
 
     ``send`` and ``receive`` both validate a message against the state
     machine above and advance it; a message out of turn raises
-    ``ProtocolError`` naming the state and the message.
+    ``ProtocolError`` naming the state and the message. While a service is
+    in transit the conversation also keeps the move's account (:class:`Move`)
+    and applies its rules (see ``_check_move``).
+
+    Args:
+        role: this side's role.
+        limits: this side's limits; ``max_fds`` bounds what one move may bring.
     """
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, limits: Limits = Limits()) -> None:
         self.role = role
+        self.limits = limits
         self.state = "start"
-        self.fds_expected = 0
+        self.move: Move | None = None
+
+    @property
+    def fds_expected(self) -> int:
+        """Descriptors the GRAPH announced that have not come yet."""
+        return self.move.late if self.move is not None else 0
 
     def send(self, message: Message) -> bytes:
         """Advance on an outgoing message and return its frame."""
@@ -245,14 +302,20 @@ class Conversation:
         """Advance on an incoming message."""
         self._advance(message, outgoing=False)
 
+    def fd_limit_refusal(self, count: int) -> str | None:
+        """Why a move of ``count`` descriptors is over this side's limit (None: it is not)."""
+        if count <= self.limits.max_fds:
+            return None
+        name = self.move.service if self.move is not None else "?"
+        return f"service {name!r} holds {count} descriptors; the limit is {self.limits.max_fds}"
+
     def _advance(self, message: Message, *, outgoing: bool) -> None:
         if message.kind is Kind.BYE:
             self.state = "closed"
+            self.move = None
             return
         from_originator = outgoing == (self.role is Role.ORIGINATOR)
-        direction = _OUT if from_originator else _IN
-        key = (self.state, direction, message.kind)
-        nxt = _TRANSITIONS.get(key)
+        nxt = _TRANSITIONS.get((self.state, _OUT if from_originator else _IN, message.kind))
         if nxt is None and message.kind is Kind.ERROR and from_originator:
             # An originator may give up on any step; the channel then closes.
             nxt = "closed"
@@ -264,27 +327,128 @@ class Conversation:
         if message.kind is Kind.HELLO and from_originator and message.body.get("auth"):
             # A secret is configured: the recipient must prove it before anything else.
             nxt = "authenticating"
-        if message.kind is Kind.GRAPH:
-            self.fds_expected = _count(message.body, "fds")
-            nxt = "sending-fds" if self.fds_expected else "await-committed"
-        elif message.kind is Kind.FDS and self.state == "taking":
-            if _count(message.body, "count") == 0:
-                raise ProtocolError("FDS frame sent ahead of the graph carries no descriptors")
-        elif message.kind is Kind.FDS:
-            count = _count(message.body, "count")
-            if count == 0 or count > self.fds_expected:
-                raise ProtocolError(
-                    f"FDS frame carries {count} descriptors, {self.fds_expected} were announced"
-                )
-            self.fds_expected -= count
-            nxt = "sending-fds" if self.fds_expected else "await-committed"
+        if message.kind is Kind.TAKE:
+            self.move = Move(_text(message.body, "service"))
+        elif message.kind is Kind.CHECK:
+            _text(message.body, "service")
+        elif self.move is not None:
+            nxt = self._check_move(self.move, message, nxt)
         self.state = nxt
+        if nxt in ("idle", "closed"):
+            self.move = None
+
+    def _check_move(self, move: Move, message: Message, nxt: str) -> str:
+        """Apply the rules of a move in progress to ``message``; the state it leads to.
+
+        Nothing is changed unless the message is accepted.
+        """
+        body = message.body
+        if message.kind is Kind.FDS and self.state == "taking":
+            if move.ahead is None:
+                self._check_arbiter(move, body)
+            else:
+                count = _count(body, "count")
+                if count == 0:
+                    raise ProtocolError("FDS frame sent ahead of the graph carries no descriptors")
+                if move.ahead_sent + count > move.ahead:
+                    raise ProtocolError(
+                        f"{move.ahead_sent + count} sockets sent ahead of the graph of "
+                        f"{move.service!r}, the arbiter announced {move.ahead}"
+                    )
+                twins = _twin_kind(body)
+                if move.ahead_sent and twins != move.twins:
+                    raise ProtocolError("the batches sent ahead disagree on their twins")
+                check_kinds(body.get("kinds"), count)
+                move.twins = twins
+                move.ahead_sent += count
+        elif message.kind is Kind.AHEAD_READY:
+            if not move.ahead_complete or body.get("count") != move.ahead:
+                raise ProtocolError(
+                    f"the recipient said {body.get('count')!r} sockets sent ahead are ready; "
+                    f"{move.ahead_sent} of {move.ahead!r} were sent"
+                )
+        elif message.kind is Kind.GRAPH:
+            self._check_graph(move, body)
+            return "sending-fds" if move.late else "await-committed"
+        elif message.kind is Kind.FDS:
+            count = _count(body, "count")
+            if count == 0 or count > move.late:
+                raise ProtocolError(
+                    f"FDS frame carries {count} descriptors, {move.late} were announced"
+                )
+            move.late -= count
+            return "sending-fds" if move.late else "await-committed"
+        return nxt
+
+    def _check_arbiter(self, move: Move, body: dict[str, Any]) -> None:
+        """The first FDS frame of a move: the arbiter, which says how many sockets follow."""
+        if body.get("arbiter") is not True or body.get("count") != 1:
+            raise ProtocolError(
+                f"the first descriptor of a move must be its arbiter, alone, not {body!r}"
+            )
+        ahead = _count(body, "ahead")
+        refusal = self.fd_limit_refusal(1 + ahead)
+        if refusal is not None:
+            raise ProtocolError(refusal)
+        move.ahead = ahead
+
+    def _check_graph(self, move: Move, body: dict[str, Any]) -> None:
+        late = _count(body, "fds")
+        if body.get("ahead") != move.ahead:
+            raise ProtocolError(
+                f"the graph counts {body.get('ahead')!r} sockets sent ahead, "
+                f"{move.ahead_sent} were sent"
+            )
+        if body.get("twins") is not (move.twins is not None):
+            raise ProtocolError(
+                f"the graph says twins: {body.get('twins')!r}, but the sockets sent ahead "
+                f"{'had' if move.twins is not None else 'had none'}"
+            )
+        refusal = self.fd_limit_refusal(1 + move.ahead_sent + late)
+        if refusal is not None:
+            raise ProtocolError(refusal)
+        move.late = late
+
+
+def check_kinds(kinds: Any, count: int) -> list[list[int]]:
+    """Validate the socket kinds of a batch sent ahead, for ``count`` descriptors.
+
+    ``kinds`` is ``[[count, family, type, proto, twin], ...]`` in descriptor
+    order; ``twin`` is 1 for a socket that has a twin.
+    """
+    if not isinstance(kinds, list) or not all(
+        isinstance(k, list)
+        and len(k) == 5
+        and all(type(v) is int for v in k)
+        and k[0] > 0
+        and k[4] in (0, 1)
+        for k in kinds
+    ):
+        raise ProtocolError(f"malformed socket kinds {kinds!r} for descriptors sent ahead")
+    described = sum(k[0] for k in kinds)
+    if described != count:
+        raise ProtocolError(f"socket kinds describe {described} descriptors, {count} were sent")
+    return kinds
+
+
+def _twin_kind(body: dict[str, Any]) -> str | None:
+    kind = body.get("twins")
+    if kind is not None and not isinstance(kind, str):
+        raise ProtocolError(f"'twins' must name a kind of twin, not {kind!r}")
+    return kind
 
 
 def _count(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"{key!r} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key!r} must be a string, not {value!r}")
     return value
 
 

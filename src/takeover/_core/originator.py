@@ -1,0 +1,392 @@
+"""The originator's half of a migration: serve one control connection.
+
+This is the "janitor" of the 2004 paper: every service handed to a recipient
+is either committed (released here, forgotten by the registry) or rolled back
+(resumed here, AVAILABLE again), whatever the recipient does. The rules:
+
+* nothing is quiesced before the recipient has been authenticated and has
+  asked for a service by name;
+* the commit point is the move's arbiter (``arbiter.py``), a byte both
+  processes share, sent to the recipient before anything is paused. The
+  recipient, once it has rebuilt and adopted the graph, records COMMITTED
+  there, starts and answers COMMITTED; the originator records ROLLED_BACK
+  there before it resumes for any reason. Whichever is first wins.
+* so after the graph the originator waits for COMMITTED up to the step
+  timeout. COMMITTED means the recipient owns the service: only then are this
+  process's descriptors closed. REFUSED resumes the service. Anything else (a
+  timeout, a closed or garbled channel, an exception here) asks the arbiter:
+  ROLLED_BACK recorded first resumes the service, COMMITTED found there
+  releases it. So the channel can break anywhere and still only one process
+  serves the service.
+
+The rules of the conversation itself (which frame may come when, what the
+counts must be) are the sans-IO machine's (``protocol.Conversation``); this
+module drives the steps. The runtime supplies the channel; this module never
+touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import faults, protocol
+from .ahead import SocketsAhead
+from .arbiter import COMMITTED, ROLLED_BACK, Arbiter
+from .auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
+from .channel import Channel
+from .errors import (
+    AuthenticationError,
+    ChannelClosedError,
+    NoSuchServiceError,
+    ProtocolError,
+    SerializationError,
+    ServiceBusyError,
+    TakeoverError,
+)
+from .fds import SCM_MAX_FD, batches
+from .graphpath import check_graph
+from .pickling import Dumped, dumps, gc_paused
+from .protocol import Conversation, Kind, Limits, Message, Role
+from .registry import Registry, Service
+from .script import main_reference
+
+log = logging.getLogger("takeover.originator")
+
+
+@dataclass
+class _Session:
+    """One control connection: the channel, this side's conversation, the services."""
+
+    channel: Channel
+    conversation: Conversation
+    registry: Registry
+    limits: Limits
+    pickle_protocol: int = pickle.HIGHEST_PROTOCOL
+
+    async def send(self, message: Message, fds: list[int] | None = None) -> None:
+        self.conversation.send(message)
+        await self.channel.send(message, fds or ())
+
+    async def receive(self, timeout: float | None) -> Message:
+        message = await self.channel.receive(timeout)
+        self.conversation.receive(message)
+        return message
+
+
+async def serve_channel(
+    channel: Channel,
+    registry: Registry,
+    *,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+) -> None:
+    """Hold the conversation with one recipient until it says BYE or leaves.
+
+    Every service this connection takes is committed or rolled back before
+    this returns or raises.
+
+    Args:
+        channel: the control connection.
+        registry: the services published here.
+        limits: frame size, descriptor count and step timeout limits.
+        secret: the shared secret a recipient must prove it knows (mutual
+            HMAC challenge-response); None for peer credentials only.
+    """
+    session = _Session(channel, Conversation(Role.ORIGINATOR, limits), registry, limits)
+    faults.checkpoint("originator.connected")
+    try:
+        peer = await _handshake(session, secret)
+    except AuthenticationError as exc:
+        log.warning("refused a recipient: %s", exc)
+        if session.conversation.state != "closed":
+            await session.send(protocol.error(exc.code, str(exc)))
+        return
+    faults.checkpoint("originator.authenticated")
+    session.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
+    channel.limit_frames(limits.max_frame_size)
+    log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
+    while True:
+        message = await session.receive(None)
+        if message.kind is Kind.BYE:
+            return
+        if message.kind is Kind.LIST:
+            # "main" lets the recipient load the script before the pause.
+            listing = {"services": registry.describe(), "main": main_reference()}
+            await session.send(Message(Kind.SERVICES, listing))
+            faults.checkpoint("originator.listed")
+        elif message.kind is Kind.TAKE:
+            await _Move(session, message.body["service"]).run()
+        elif message.kind is Kind.CHECK:
+            await _check(session, message.body["service"])
+
+
+async def _handshake(session: _Session, secret: bytes | None) -> dict[str, Any]:
+    """Check the recipient's credentials, exchange HELLOs and, with a secret,
+    run the mutual challenge-response. Returns the recipient's HELLO body.
+
+    Raises:
+        AuthenticationError: the recipient is refused; nothing was sent but
+            HELLO, and nothing of it was unpickled.
+    """
+    channel, timeout = session.channel, session.limits.step_timeout
+    if channel.local:
+        check_peer(channel.peer, role="recipient")
+    elif secret is None and not channel.encrypted:
+        raise AuthenticationError(
+            "a control channel over TCP needs a shared secret or TLS; refusing the recipient"
+        )
+    peer = protocol.check_hello(await session.receive(timeout), Role.RECIPIENT)
+    info: dict[str, Any] = {
+        "pid": os.getpid(),
+        "pickle_protocol": min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"]),
+        "python": sys.version,
+        "implementation": sys.implementation.name,
+    }
+    if secret is None:
+        if not channel.local:
+            # TLS has authenticated the recipient: say where descriptors go.
+            info["fd_transport"] = await channel.offer_fd_transport()
+        await session.send(protocol.hello(Role.ORIGINATOR, **info))
+        return peer
+    if peer.get("auth") != AUTH_SCHEME:
+        raise AuthenticationError(
+            "this migration server requires a shared secret: "
+            "give the recipient the same --secret-file"
+        )
+    their_nonce = check_nonce(peer.get("nonce"), "recipient")
+    our_nonce = new_nonce()
+    our_proof = proof(secret, "originator", our_nonce, their_nonce)
+    await session.send(
+        protocol.hello(Role.ORIGINATOR, **info, auth=AUTH_SCHEME, nonce=our_nonce, proof=our_proof)
+    )
+    message = await session.receive(timeout)
+    check_proof(secret, "recipient", their_nonce, our_nonce, message.body.get("proof"))
+    # Only an authenticated recipient learns where descriptors go (same host only).
+    offer = {} if channel.local else {"fd_transport": await channel.offer_fd_transport()}
+    await session.send(Message(Kind.AUTHED, offer))
+    return peer
+
+
+async def _check(session: _Session, name: str) -> None:
+    """Answer CHECK: could ``name`` move now? Nothing is paused, whatever its state."""
+    try:
+        service = session.registry.get(name)
+    except NoSuchServiceError as exc:
+        await session.send(protocol.error(exc.code, str(exc)))
+        return
+    problem = check_graph(service, name, session.pickle_protocol)
+    if problem is not None:
+        log.info("checked %r: cannot move: %s", name, problem)
+    body = {
+        "service": name,
+        "ok": problem is None,
+        "path": None if problem is None else problem.path,
+        "error": None if problem is None else problem.error,
+    }
+    await session.send(Message(Kind.CHECKED, body))
+
+
+class _Move:
+    """One service in transit from this process, from TAKE to commit or rollback.
+
+    :meth:`run` drives the steps; whatever happens, :meth:`_settle` leaves the
+    service released (committed) or resumed and AVAILABLE (rolled back).
+    """
+
+    def __init__(self, session: _Session, name: str) -> None:
+        self.session = session
+        self.name = name
+        self.arbiter: Arbiter | None = None
+        self.ahead = SocketsAhead(())
+        self.quiesced = False
+        self.committed = False
+
+    async def run(self) -> None:
+        try:
+            service = self.session.registry.begin_transit(self.name)
+        except (NoSuchServiceError, ServiceBusyError) as exc:
+            log.info("refused to move %r: %s", self.name, exc)
+            await self.session.send(protocol.error(exc.code, str(exc)))
+            return
+        faults.checkpoint("originator.take-received")
+        try:
+            if await self._send_ahead(service) and await self._send_graph(service):
+                await self._await_decision()
+        except TakeoverError as exc:
+            log.warning("move of %r rolled back: %s", self.name, exc)
+            raise
+        finally:
+            self._settle(service)
+
+    async def _refuse(self, code: str, text: str) -> bool:
+        """Tell the recipient this move will not happen; False, for the caller to return."""
+        await self.session.send(protocol.error(code, text))
+        return False
+
+    async def _send_ahead(self, service: Service) -> bool:
+        """The dry run, then, while the service still runs: the arbiter and the
+        sockets the dry run found, until the recipient says AHEAD_READY.
+
+        False if the move is refused (nothing was paused).
+        """
+        session, name = self.session, self.name
+        # Over TCP, the recipient connects the descriptor socket before TAKE.
+        await session.channel.accept_fd_transport(session.limits.step_timeout)
+        # The dry run: nothing is paused until the graph is known to pickle.
+        found: list[socket.socket] = []
+        problem = check_graph(service, name, session.pickle_protocol, found)
+        if problem is not None:
+            log.warning("cannot move %r, left running: %s", name, problem)
+            return await self._refuse(SerializationError.code, problem.explain(name))
+        twins = getattr(service, "takeover_twins", None)
+        twin_kind = getattr(service, "takeover_twin_kind", None)
+        self.ahead = ahead = SocketsAhead(found, twins() if twins is not None else None, twin_kind)
+        refusal = session.conversation.fd_limit_refusal(len(ahead.sockets) + 1)
+        if refusal is not None:
+            return await self._refuse("limit", refusal)
+        self.arbiter = Arbiter.create()
+        arbiter = {"count": 1, "arbiter": True, "ahead": len(ahead.sockets)}
+        await session.send(Message(Kind.FDS, arbiter), [self.arbiter.fd])
+        for batch, kinds in ahead.batches(SCM_MAX_FD):
+            body: dict[str, Any] = {"count": len(batch), "kinds": kinds}
+            if ahead.twin_kind is not None:
+                body["twins"] = ahead.twin_kind
+            await session.send(Message(Kind.FDS, body), batch)
+        faults.checkpoint("originator.fds-sent-ahead")
+        # The recipient has built them (and registered, and twinned) when it
+        # says AHEAD_READY: only then is the service paused, so that none of
+        # that work waits inside the pause.
+        ready = await session.receive(session.limits.step_timeout)
+        if ready.kind is Kind.BYE:
+            raise ChannelClosedError(f"the recipient ended the conversation while taking {name!r}")
+        faults.checkpoint("originator.ahead-ready-received")
+        return True
+
+    async def _send_graph(self, service: Service) -> bool:
+        """Quiesce the service, pickle it, send the graph and the descriptors
+        found since the dry run. False if the move is refused."""
+        session, name = self.session, self.name
+        # No cyclic collection from quiesce until the graph is sent: the
+        # collector would otherwise run over the pickled objects inside the
+        # pause (it runs later, while the recipient rebuilds them).
+        with gc_paused():
+            # The pause starts when quiescing starts: the first connection stops here.
+            quiesced_at = time.monotonic()
+            # Set first: a quiesce that fails halfway is undone by resume() too.
+            self.quiesced = True
+            try:
+                service.quiesce()
+            except Exception as exc:
+                text = (
+                    f"service {name!r} could not be paused: {type(exc).__name__}: {exc} "
+                    "(raised by its takeover_quiesce hook?); it goes on here"
+                )
+                log.exception("%s", text)
+                return await self._refuse(TakeoverError.code, text)
+            faults.checkpoint("originator.quiesced")
+            try:
+                dumped = self._pickle(service)
+            except TakeoverError as exc:
+                # It pickled before quiescing: a takeover_quiesce hook changed that.
+                problem = check_graph(service, name, session.pickle_protocol)
+                text = str(exc) if problem is None else problem.explain(name)
+                log.warning("cannot move %r after quiescing it: %s", name, text)
+                return await self._refuse(exc.code, text)
+            # Sockets that appeared since the dry run travel after the graph.
+            fds = [s.fileno() for s in dumped.sockets[len(self.ahead.sockets) :]]
+            refusal = session.conversation.fd_limit_refusal(len(dumped.sockets) + 1)
+            if refusal is not None:
+                return await self._refuse("limit", refusal)
+            meta = {
+                "service": name,
+                "fds": len(fds),
+                "ahead": len(self.ahead.sockets),
+                "twins": self.ahead.twin_kind is not None,
+                "size": len(dumped.blob),
+                "main": main_reference(),
+                "quiesced_at": quiesced_at,
+                "pickle_protocol": session.pickle_protocol,
+                "originator_pid": os.getpid(),
+            }
+            await session.send(Message(Kind.GRAPH, meta, dumped.blob))
+            faults.checkpoint("originator.graph-sent")
+            for batch in batches(fds):
+                await session.send(Message(Kind.FDS, {"count": len(batch)}), batch)
+            faults.checkpoint("originator.fds-sent")
+        return True
+
+    def _pickle(self, service: Service) -> Dumped:
+        """The quiesced service's graph, the sockets sent ahead by slot."""
+        ahead = self.ahead
+        # A connection closed while the sockets went ahead keeps its slot, unused.
+        ahead.forget_closed()
+        if ahead.twin_kind is not None:
+            # Twins that now carry more than their socket travel in full.
+            ahead.unfit(getattr(service, "takeover_unfit", list)())
+        return dumps(service, self.session.pickle_protocol, ahead)
+
+    async def _await_decision(self) -> None:
+        """Wait for the recipient's answer; the arbiter decides, not the frame."""
+        assert self.arbiter is not None
+        name = self.name
+        broken: TakeoverError | None = None
+        reply: Message | None = None
+        try:
+            reply = await self.session.receive(self.session.limits.step_timeout)
+            if reply.kind is Kind.BYE:
+                raise ChannelClosedError(f"the recipient ended the conversation taking {name!r}")
+        except TakeoverError as exc:
+            # Timeout, closed or garbled channel.
+            broken, reply = exc, None
+        # Recording ROLLED_BACK fails if the recipient has recorded COMMITTED
+        # (it does before it starts).
+        self.committed = self.arbiter.decide(ROLLED_BACK) == COMMITTED
+        if broken is not None:
+            if not self.committed:
+                raise broken
+            log.warning(
+                "service %r: no COMMITTED (%s), but the recipient committed: released here",
+                name,
+                broken,
+            )
+        elif reply is not None and reply.kind is Kind.REFUSED:
+            # The conversation goes on: the recipient may ask for another service.
+            reason = str(reply.body.get("reason", "no reason given"))
+            if self.committed:
+                log.error("the recipient refused %r after committing it: released here", name)
+            else:
+                log.warning("the recipient refused %r, rolling back: %s", name, reason)
+        elif not self.committed:
+            raise ProtocolError(
+                f"the recipient answered COMMITTED for {name!r} without recording it "
+                "in the move's arbiter; rolled back"
+            )
+        if self.committed:
+            faults.checkpoint("originator.committed-received")
+
+    def _settle(self, service: Service) -> None:
+        """Release the service (committed) or resume it (rolled back), and close the arbiter."""
+        registry, name = self.session.registry, self.name
+        arbiter = self.arbiter
+        if arbiter is not None:
+            if not self.committed:
+                # Rolling back: make sure the recipient can no longer commit.
+                self.committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+            arbiter.close()
+        if self.committed:
+            service.release()
+            registry.withdraw(name)
+            log.info("service %r committed to the recipient and released here", name)
+        elif self.quiesced:
+            service.resume()
+            registry.end_transit(name)
+            log.info("service %r resumed here", name)
+        else:
+            registry.end_transit(name)

@@ -1,0 +1,441 @@
+"""The asyncio runtime.
+
+An application becomes migratable in a few lines::
+
+    import takeover.asyncio as takeover
+
+    server = await takeover.start_server(EchoProtocol, "127.0.0.1", 8000, name="echo")
+    async with takeover.MigrationServer("/run/echo.sock") as migration:
+        migration.publish(server)
+        await migration.wait_empty()        # returns once every service has moved
+
+and ``takeover take /run/echo.sock`` (or :func:`take_and_serve` in another
+program) moves the listener, every connection and the protocols' state to a
+new process.
+
+This package is the asyncio runtime of the sans-IO core (``takeover._core``):
+its transport and server (``_transport``, ``_server``), its control channels
+(``_channel``) and the migration server (``_migration``). On import it
+registers with the core the modules whose classes travel in its graphs and
+the twins it builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._core import runtimes
+from .._core.auth import TLSConfig, load_secret
+from .._core.channel import Channel
+from .._core.errors import (
+    AuthenticationError,
+    ChannelClosedError,
+    NoSuchServiceError,
+    TakeoverError,
+)
+from .._core.options import add_control_options, control_options
+from .._core.policy import UnpicklePolicy
+from .._core.protocol import Limits
+from .._core.recipient import RecipientSession, Taken, select
+from .._core.registry import Service
+from .._core.retire import retire
+from ._channel import AsyncioChannel, StreamChannel, parse_control
+from ._migration import MigrationServer
+from ._server import MigratableServer, ProtocolFactory
+from ._transport import MigratableTransport, new_twins, twin_claimed
+
+__all__ = [
+    "AsyncioChannel",
+    "MigratableServer",
+    "MigratableTransport",
+    "MigrationServer",
+    "StreamChannel",
+    "Succession",
+    "TLSConfig",
+    "add_control_options",
+    "connect",
+    "control_options",
+    "hold",
+    "load_secret",
+    "retire",
+    "serve_until_moved",
+    "start_server",
+    "start_unix_server",
+    "take",
+    "take_and_serve",
+]
+
+_retire = retire  # serve_until_moved's argument ``retire`` hides the function
+
+runtimes.register_runtime(
+    graph_modules=("takeover.asyncio._transport", "takeover.asyncio._server"),
+    twins=runtimes.TwinKind("asyncio", new_twins, twin_claimed),
+)
+
+
+async def start_server(
+    protocol_factory: ProtocolFactory,
+    host: str | None,
+    port: int,
+    *,
+    name: str,
+    backlog: int = 1024,
+    reuse_address: bool = True,
+) -> MigratableServer:
+    """Listen on TCP ``host:port`` and serve it as migratable service ``name``.
+
+    The counterpart of ``loop.create_server``: ``protocol_factory`` is called
+    for each accepted connection and the result must pickle.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, kind, proto, _canon, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    if reuse_address:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return _serve(sock, address, backlog, protocol_factory, name, loop)
+
+
+async def start_unix_server(
+    protocol_factory: ProtocolFactory, path: str, *, name: str, backlog: int = 1024
+) -> MigratableServer:
+    """Listen on the AF_UNIX stream socket ``path`` as migratable service ``name``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    return _serve(sock, path, backlog, protocol_factory, name, asyncio.get_running_loop())
+
+
+def _serve(
+    sock: socket.socket,
+    address: Any,
+    backlog: int,
+    protocol_factory: ProtocolFactory,
+    name: str,
+    loop: asyncio.AbstractEventLoop,
+) -> MigratableServer:
+    """Bind and listen on ``sock`` (closing it on failure) and start serving."""
+    try:
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    server = MigratableServer(sock, protocol_factory, name, loop)
+    server.start()
+    return server
+
+
+async def connect(
+    control: str,
+    *,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
+    allow: Sequence[str] = (),
+    trust: bool = False,
+) -> RecipientSession:
+    """Open a control connection to the migration server at ``control``.
+
+    Args:
+        control: the originator's control socket path, or ``tcp:HOST:PORT``.
+        limits: frame size, descriptor count and step timeout limits.
+        secret: the shared secret, when the originator requires one (and
+            then the originator must prove it knows it too).
+        tls: certificates for TLS over TCP.
+        allow: modules of the application (each with its submodules) whose
+            classes and functions the graphs may name, beyond the
+            originator's script and takeover (see ``takeover._core.policy``).
+        trust: turn the unpickling policy off: the originator may run any
+            code in this process.
+
+    Returns an opened :class:`~takeover.recipient.RecipientSession`.
+
+    Raises:
+        FileNotFoundError, ConnectionRefusedError: nothing serves ``control``.
+        AuthenticationError: the originator runs as another user, or the
+            secrets differ, or only one side has one.
+    """
+    kind, address = parse_control(control)
+    policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
+    channel: Channel
+    if kind == "tcp":
+        context = tls.context(server=False) if tls is not None else None
+        if context is None and secret is None:
+            raise AuthenticationError(
+                f"a TCP control channel ({control}) needs a shared secret or TLS"
+            )
+        try:
+            reader, writer = await asyncio.open_connection(*address, ssl=context)
+        except ssl.SSLError as exc:
+            raise AuthenticationError(
+                f"TLS handshake with {control} failed: {exc.reason or exc}; check --tls-ca "
+                "against the certificate the originator presents"
+            ) from exc
+        channel = StreamChannel(reader, writer, limits=limits)
+    else:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        channel = AsyncioChannel(sock, loop, limits=limits)
+    session = RecipientSession(channel, limits=limits, secret=secret, policy=policy)
+    try:
+        await session.open()
+    except ChannelClosedError as exc:
+        session.abort()
+        if channel.encrypted:
+            # With TLS 1.3 the server checks our certificate after the
+            # handshake has completed here: a refusal shows as a closed channel.
+            raise AuthenticationError(
+                f"the originator at {control} closed the TLS connection before answering: it "
+                "probably refused this side's certificate (check --tls-cert against its CA)"
+            ) from exc
+        raise
+    except BaseException:
+        session.abort()
+        raise
+    return session
+
+
+async def take(
+    control: str,
+    services: Sequence[str] = (),
+    *,
+    runtime: Any = None,
+    limits: Limits = Limits(),
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
+    allow: Sequence[str] = (),
+    trust: bool = False,
+) -> list[Taken]:
+    """Move services from the migration server at ``control`` into this process.
+
+    Args:
+        control: the originator's control socket path, or ``tcp:HOST:PORT``.
+        services: names to take; every published service when empty.
+        runtime: what the services adopt (default: the running event loop).
+        limits, secret, tls, allow, trust: as for :func:`connect`.
+
+    Returns:
+        One :class:`~takeover.Taken` per service, each running in this
+        process's event loop.
+
+    Raises:
+        TakeoverError: the first service that could not be taken; services
+            taken before it keep running here.
+    """
+    runtime = runtime if runtime is not None else asyncio.get_running_loop()
+    session = await connect(
+        control, limits=limits, secret=secret, tls=tls, allow=allow, trust=trust
+    )
+    try:
+        names = select(await session.list(), services)
+        return [await session.take(name, runtime) for name in names]
+    finally:
+        await session.close()
+
+
+async def serve_until_moved(
+    *services: Service,
+    control: str,
+    limits: Limits = Limits(),
+    replace: bool = False,
+    secret: bytes | None = None,
+    tls: TLSConfig | None = None,
+    ready: Callable[[MigrationServer], object] | None = None,
+    retire: bool = True,
+) -> None:
+    """Publish ``services`` at ``control`` and return once all have moved away.
+
+    The usual last line of a migratable program's ``main()``: when it
+    returns, every connection belongs to another process and this one may
+    exit.
+
+    Args:
+        services: the services to publish.
+        control: the control socket path.
+        limits: frame size, descriptor count and step timeout limits.
+        replace: rename over an existing control socket at ``control``.
+        secret, tls: what recipients must authenticate with (see
+            :class:`MigrationServer`).
+        ready: called once the control socket accepts recipients (to print
+            a "ready" line, say).
+        retire: once everything has moved, prepare this process to exit
+            without taking CPU from its successor (:func:`takeover.retire`:
+            the garbage collector's heap frozen, so the interpreter's
+            teardown does not walk it, and the idle scheduling class).
+            Pass False if the program goes on working after this returns.
+    """
+    async with MigrationServer(
+        control, limits=limits, replace=replace, secret=secret, tls=tls
+    ) as migration:
+        for service in services:
+            migration.publish(service)
+        if ready is not None:
+            ready(migration)
+        await migration.wait_empty()
+    if retire:
+        _retire()
+
+
+@dataclass
+class Succession:
+    """What :func:`take_and_serve` did.
+
+    Attributes:
+        taken: the services that moved here, in the order they were taken.
+        failed: each service that could not be taken, with the reason; it
+            goes on in the originator.
+        control: where this process published the services it took (None if
+            it took none).
+        moved_away: every service moved on to a successor (False: a signal
+            stopped this process first, and it closed what it served).
+    """
+
+    taken: list[Taken] = field(default_factory=list)
+    failed: list[tuple[str, TakeoverError]] = field(default_factory=list)
+    control: str | None = None
+    moved_away: bool = False
+
+
+async def take_and_serve(
+    control: str,
+    services: Sequence[str] = (),
+    *,
+    runtime: Any = None,
+    on_taken: Callable[[Taken], object] | None = None,
+    on_failed: Callable[[str, TakeoverError], object] | None = None,
+    on_serving: Callable[[MigrationServer], object] | None = None,
+    **options: Any,
+) -> Succession:
+    """Take services from ``control``, publish them again, and serve them until they move on.
+
+    What ``takeover take`` does: each service is taken in turn (one that
+    fails stays with the originator, and the others are still taken); the
+    services taken are published again, at ``control`` itself (renamed over
+    it before the conversation ends) if they are all the originator had,
+    else at a path of this process's own; then this process serves them
+    until they have all moved on to a successor (and then retires, see
+    :func:`takeover.retire`) or until SIGINT or SIGTERM (and then closes
+    them).
+
+    Args:
+        control: the originator's control socket path, or ``tcp:HOST:PORT``.
+        services: names to take; every published service when empty.
+        runtime: what the services adopt (default: the running event loop;
+            the Twisted runtime passes its reactor).
+        on_taken: called with each service taken, as soon as it serves here.
+        on_failed: called with the name and the error of each service that
+            could not be taken.
+        on_serving: called once the services are published again.
+        options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
+            ``allow``, ``trust``); ``limits``, ``secret`` and ``tls`` apply
+            to the migration server published here too.
+
+    Raises:
+        NoSuchServiceError: the originator publishes nothing, or not a
+            service named in ``services``.
+        TakeoverError: the conversation failed before any service moved.
+    """
+    runtime = runtime if runtime is not None else asyncio.get_running_loop()
+    session = await connect(control, **options)
+    result = Succession()
+    try:
+        listed = await session.list()
+        if not listed:
+            raise NoSuchServiceError(f"the migration server at {control} publishes no services")
+        for name in select(listed, services):
+            try:
+                taken = await session.take(name, runtime)
+            except TakeoverError as exc:
+                result.failed.append((name, exc))
+                if on_failed is not None:
+                    on_failed(name, exc)
+                continue
+            result.taken.append(taken)
+            if on_taken is not None:
+                on_taken(taken)
+        if not result.taken:
+            return result
+        everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
+        migration = _republish(control, everything, result.taken, options)
+        if not migration.path.startswith("tcp:"):
+            # Publish (rename over CONTROL) before BYE, so that the originator,
+            # which removes CONTROL on leaving if it is still its own, sees ours.
+            await migration.start()
+    finally:
+        await session.close()
+    if migration.path.startswith("tcp:"):
+        # The originator releases the port once the conversation is over.
+        await migration.start()
+    result.control = migration.path
+    if on_serving is not None:
+        on_serving(migration)
+    result.moved_away = await hold(migration)
+    return result
+
+
+def _republish(
+    control: str, everything: bool, taken: Sequence[Taken], options: dict[str, Any]
+) -> MigrationServer:
+    """The migration server for the services taken (not started yet).
+
+    At ``control`` itself if they are ``everything`` the originator had;
+    otherwise at a path (or a port) of this process's own, since the
+    originator still serves the rest at ``control``.
+    """
+    if everything:
+        where = control
+    elif control.startswith("tcp:"):
+        where = control.rpartition(":")[0] + ":0"
+    else:
+        where = f"{control}.{os.getpid()}"
+    security = {key: options[key] for key in ("limits", "secret", "tls") if key in options}
+    migration = MigrationServer(where, replace=everything, **security)
+    for result in taken:
+        migration.publish(result.service)
+    return migration
+
+
+async def hold(migration: MigrationServer) -> bool:
+    """Serve what ``migration`` publishes until it has all moved on (True) or
+    SIGINT/SIGTERM (False); then close what is left, and retire if it moved."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    waiter = asyncio.ensure_future(migration.wait_empty())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    moved_away = waiter.done() and not waiter.cancelled()
+    for future in (waiter, stopper):
+        future.cancel()
+    # Stop recipients first: a move in progress rolls back into this process,
+    # and only then are the services closed here.
+    await migration.aclose()
+    for name in migration.registry.names():
+        service: Any = migration.registry.withdraw(name)
+        service.close_connections()
+        service.close()
+    # Let connection_lost callbacks run before the loop goes away.
+    await asyncio.sleep(0)
+    if moved_away:
+        # The successor serves on this machine: leave without taking its CPU.
+        retire()
+    return moved_away
