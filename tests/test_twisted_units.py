@@ -130,6 +130,30 @@ def test_the_graph_carries_unsent_output_and_the_protocol_unreset(served):
         moved.discard()
 
 
+class Brittle(Keeper):
+    """A protocol whose migration hooks all fail."""
+
+    def takeover_quiesce(self) -> None:
+        raise RuntimeError("cannot pause")
+
+    def takeover_adopted(self) -> None:
+        raise RuntimeError("cannot re-arm")
+
+
+def test_hooks_fail_as_on_asyncio(served, caplog):
+    """A failing takeover_quiesce stops the move; a failing takeover_adopted is logged
+    and the service starts all the same (its connections read and write)."""
+    reactor, service, _client, connection = served
+    connection.protocol.__class__ = Brittle
+    with pytest.raises(RuntimeError, match="cannot pause"):
+        service.quiesce()
+    reactor.readers.clear()
+    with caplog.at_level("ERROR", logger="takeover.hooks"):
+        service.start()
+    assert "takeover_adopted() of" in caplog.text and "cannot re-arm" in caplog.text
+    assert reactor.readers == {service.port, connection}
+
+
 def test_release_closes_without_shutdown(served):
     """After release the client sees no EOF: the socket (held elsewhere too) is untouched."""
     _reactor, service, client, connection = served
