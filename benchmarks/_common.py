@@ -256,6 +256,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _connections(control: str) -> int:
+    import takeover.asyncio as takeover
+
+    session = await takeover.connect(control)
+    try:
+        services = await session.list()
+    finally:
+        await session.close()
+    return sum(int(s.get("connections", 0)) for s in services)
+
+
+def wait_connections(control: str, count: int, timeout: float) -> None:
+    """Wait until the service(s) at ``control`` hold ``count`` connections (accepted)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while time.monotonic() < deadline:
+        seen = asyncio.run(_connections(control))
+        if seen >= count:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"the originator accepted {seen} of {count} connections in {timeout} s")
+
+
 def percentile(ordered: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) of sorted values, nearest rank."""
     if not ordered:

@@ -15,7 +15,9 @@ rate and stopped unused) and **moving + starts** (both). The load is
 as soon as the previous one is answered, every answer checked (echo: byte for
 byte and a CRC32 of each direction; http: the request's own path, and hit
 numbers 1..n each once across all answers), stopping by themselves at the end
-of the run.
+of the run. Every connection is accepted before the run starts, and the
+clients keep their connections open, idle, until the last move is over, so
+that every move carries all N: a move that carries fewer is a failure.
 
 Writes ``DIR/NAME.json`` and ``DIR/NAME.md``; ``--render NAME.json`` redraws the
 markdown from the JSON.
@@ -172,11 +174,15 @@ def run_load(
                 samples_path,
                 "--warmup",
                 str(warmup),
+                "--hold",
             ],
             stdin=True,
             cpus=PIN["client"],
         )
         client.event("connected", TIMEOUT)
+        # Accepted before the run, and (--hold) kept until the moves are over:
+        # every move carries every connection.
+        _common.wait_connections(control, connections, TIMEOUT)
         moving = mode in ("moving", "moving_starts")
         # moving + starts and the control keep SPARES recipients started ahead
         # and start the next one as each is used, so that a busy machine
@@ -231,6 +237,11 @@ def run_load(
                 except RuntimeError as exc:
                     failures.append(str(exc))
                     break
+                if taken["connections"] != connections:
+                    failures.append(
+                        f"move at {start - t0:.3f} s carried {taken['connections']} of "
+                        f"{connections} connections"
+                    )
                 if replenish:
                     spares.append(spare(control))
                 moves.append(
@@ -246,6 +257,7 @@ def run_load(
         for proc in spares:
             proc.kill()
         done = client.event("done", duration + TIMEOUT)
+        client.send_line("close")  # the moves are over: the connections may go
         client.wait(TIMEOUT)
         last = holders[-1]
         last.popen.send_signal(signal.SIGTERM)
@@ -369,6 +381,15 @@ def render(data: dict[str, Any]) -> str:
         f"run, {data.get('warmup', 0):g} s of the same load, checked but not recorded, on the same",
         "connections: a fresh process on this machine serves its first second or two up to",
         "3x slower, which the steady run would otherwise be charged with.",
+        *(
+            [
+                "Every connection is accepted before the run, and the client keeps them open,",
+                "idle, until the last move is over: every move carries all of them (one that",
+                "carries fewer counts as a failed move).",
+            ]
+            if data.get("clients_hold")
+            else []
+        ),
         "",
         "- **steady**: the service stays in the process that started it.",
         f"- **moving**: the service moved every {data['move_every']:g} s (each move once the",
@@ -607,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": modes,
         "warmup": args.warmup,
         "mover": args.mover,
+        "clients_hold": True,
         "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
         "runs": [],
     }

@@ -28,7 +28,6 @@ does not fit under the hard limit is skipped and the report says so.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import resource
@@ -51,29 +50,6 @@ import report
 TIMEOUT = 120.0
 SAMPLE = 16
 """Connections checked to still echo after each move."""
-
-
-async def _connections(control: str) -> int:
-    import takeover.asyncio as takeover
-
-    session = await takeover.connect(control)
-    try:
-        services = await session.list()
-    finally:
-        await session.close()
-    return sum(int(s.get("connections", 0)) for s in services)
-
-
-def wait_connections(control: str, count: int, timeout: float) -> None:
-    """Wait until the originator has accepted ``count`` connections."""
-    deadline = time.monotonic() + timeout
-    seen = -1
-    while time.monotonic() < deadline:
-        seen = asyncio.run(_connections(control))
-        if seen >= count:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"the originator accepted {seen} of {count} connections in {timeout} s")
 
 
 def open_clients(port: int, count: int) -> list[socket.socket]:
@@ -142,7 +118,7 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
         port = int(originator.event("ready", TIMEOUT)["port"])
         setup = time.monotonic()
         clients = open_clients(port, count)
-        wait_connections(control, count, TIMEOUT)
+        _common.wait_connections(control, count, TIMEOUT)
         setup_s = time.monotonic() - setup
         idle = _common.proc_memory(originator.pid)
         if recipient_kind == "cli":

@@ -159,7 +159,10 @@ def test_load_quick_path(workdir: str) -> None:
         data = json.load(f)
     moving = [r for r in data["runs"] if r["mode"] in ("moving", "moving_starts")]
     assert len(moving) == 4 and all(r["moves"] for r in moving), "no move happened"
-    assert all(m["connections"] == 4 for r in moving for m in r["moves"])
+    # The clients keep their connections until the last move is over (load.py
+    # --hold): every move, however late, carries all four.
+    carried = [m["connections"] for r in moving for m in r["moves"]]
+    assert carried == [4] * len(carried), carried
     assert all(
         r["hits_check"]["answers"] == r["completed"] + r["warmup_completed"]
         for r in data["runs"]
