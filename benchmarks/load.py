@@ -29,6 +29,7 @@ import argparse
 import array
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -39,9 +40,13 @@ from collections.abc import Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: harness/ (processes, shared with the tests; not installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
 from _common import percentile
+
+from harness.procs import PYTHON, ExpectError, Proc, free_port
 
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
@@ -69,14 +74,14 @@ MOVERS = {
 
 
 def take_argv(control: str) -> list[str]:
-    return [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+    return [PYTHON, "-m", "takeover", "take", "--json", control]
 
 
-def start_app(app: str, port: int, control: str) -> _common.Proc:
+def start_app(app: str, port: int, control: str) -> Proc:
     script = {"echo": "echo.py", "http": "http_counter.py"}[app]
-    argv = [_common.PYTHON, os.path.join(EXAMPLES, script)]
-    proc = _common.Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
-    proc.line(f"{app} on ", TIMEOUT)
+    argv = [PYTHON, os.path.join(EXAMPLES, script)]
+    proc = Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
+    proc.expect("^" + re.escape(f"{app} on "), TIMEOUT)
     return proc
 
 
@@ -129,12 +134,12 @@ def check_hits(hits: list[int]) -> dict[str, int]:
 
 
 def mover_argv(control: str) -> list[str]:
-    return [_common.PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
+    return [PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
 
 
-def spare(control: str) -> _common.Proc:
+def spare(control: str) -> Proc:
     """A recipient started ahead (``_mover.py``), waiting to be told to take."""
-    return _common.Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
+    return Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
 
 
 def run_load(
@@ -149,18 +154,18 @@ def run_load(
     workdir = tempfile.mkdtemp(prefix="tkl", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
     samples_path = os.path.join(workdir, "samples.bin")
-    holders: list[_common.Proc] = []
-    client: _common.Proc | None = None
+    holders: list[Proc] = []
+    client: Proc | None = None
     moves: list[dict[str, Any]] = []
     failures: list[str] = []
-    spares: list[_common.Proc] = []
+    spares: list[Proc] = []
     ready: set[int] = set()
     try:
-        port = _common.free_port()
+        port = free_port()
         holders.append(start_app(app, port, control))
-        client = _common.Proc(
+        client = Proc(
             [
-                _common.PYTHON,
+                PYTHON,
                 CLIENT,
                 "--port",
                 str(port),
@@ -220,7 +225,7 @@ def run_load(
                 try:
                     if mover == "cli":
                         start = time.monotonic()
-                        proc = _common.Proc(take_argv(control), cpus=PIN["server"])
+                        proc = Proc(take_argv(control), cpus=PIN["server"])
                         holders.append(proc)
                     else:
                         # (Started here only if the run outlasts the recipients
@@ -234,7 +239,7 @@ def run_load(
                     taken = proc.event("taken", TIMEOUT)
                     taken_at = time.monotonic()
                     proc.event("serving", TIMEOUT)
-                except RuntimeError as exc:
+                except ExpectError as exc:
                     failures.append(str(exc))
                     break
                 if taken["connections"] != connections:

@@ -43,9 +43,13 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: harness/ (processes, shared with the tests; not installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
 import report
+
+from harness.procs import PYTHON, Proc
 
 TIMEOUT = 120.0
 SAMPLE = 16
@@ -108,11 +112,11 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
     """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
-    procs: list[_common.Proc] = []
+    procs: list[Proc] = []
     clients: list[socket.socket] = []
     try:
-        originator = _common.Proc(
-            [_common.PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
+        originator = Proc(
+            [PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
         )
         procs.append(originator)
         port = int(originator.event("ready", TIMEOUT)["port"])
@@ -122,10 +126,10 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
         setup_s = time.monotonic() - setup
         idle = _common.proc_memory(originator.pid)
         if recipient_kind == "cli":
-            argv = [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+            argv = [PYTHON, "-m", "takeover", "take", "--json", control]
         else:
-            argv = [_common.PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
-        recipient = _common.Proc(argv, stdin=True)
+            argv = [PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
+        recipient = Proc(argv, stdin=True)
         procs.append(recipient)
         taken = recipient.event("taken", TIMEOUT)
         if taken["connections"] != count:
@@ -169,7 +173,7 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
 
 
 def run_floor(count: int) -> dict[str, Any]:
-    proc = _common.Proc([_common.PYTHON, os.path.join(_common.HERE, "_floor.py"), str(count)])
+    proc = Proc([PYTHON, os.path.join(_common.HERE, "_floor.py"), str(count)])
     try:
         result = proc.event("floor", TIMEOUT)
         proc.wait(TIMEOUT)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import EXAMPLES, PYTHON, Proc, run_example, takeover
+from harness.procs import EXAMPLES, PYTHON, Proc, run_example, takeover
 from takeover import _auth, _protocol
 from takeover._protocol import Kind, Message, Role
 

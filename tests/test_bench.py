@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 
-from procs import ROOT
+from harness.procs import ROOT
 
 SCALE = os.path.join(ROOT, "benchmarks", "scale.py")
 SIZES = (1, 10)

@@ -16,7 +16,8 @@ import select
 import socket
 import time
 
-from procs import list_fds, run_example, takeover, wait_until
+from harness.procs import list_fds, run_example, takeover
+from harness.waiting import wait_until
 from takeover import _fds, _protocol
 from takeover._arbiter import COMMITTED, PENDING
 from takeover._protocol import Kind, Message

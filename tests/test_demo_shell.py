@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pexpect
 import pytest
 
-from procs import PYTHON, Proc
+from harness.procs import PYTHON, Proc
 from takeover.demo import interpreters
 from takeover.demo.interpreters import Interpreter
 

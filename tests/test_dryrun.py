@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from procs import APPS, PYTHON, Proc, list_fds, process_state, takeover, wait_until
+from harness.procs import APPS, PYTHON, Proc, list_fds, process_state, takeover
+from harness.waiting import wait_until
 from takeover import NoSuchServiceError, ProtocolError, SerializationError, ServiceState
 from takeover._aio_transport import MigratableServer, MigratableTransport
 from takeover._graphpath import ADVICE, Unpicklable, check_graph, find_unpicklable

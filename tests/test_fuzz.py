@@ -26,7 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procs import list_fds, run_example, takeover, wait_until
+from harness.procs import list_fds, run_example, takeover
+from harness.waiting import wait_until
 from takeover import _auth, _fds, _protocol
 from takeover._protocol import PROTOCOL_VERSION, Kind, Message, Role
 from test_rollback import echo

@@ -7,7 +7,7 @@ import re
 import socket
 import stat
 
-from procs import APPS, PYTHON, Proc, process_state, takeover
+from harness.procs import APPS, PYTHON, Proc, process_state, takeover
 
 
 def _start_ticker(port: int, control: str, *extra: str, env: dict[str, str] | None = None) -> Proc:

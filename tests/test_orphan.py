@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from procs import process_state, run_example, takeover, wait_until
+from harness.procs import process_state, run_example, takeover
+from harness.waiting import wait_until
 
 
 def _echo(client: socket.socket, line: bytes) -> bytes:

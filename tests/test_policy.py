@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from procs import APPS, PYTHON, Proc, takeover, wait_until
+from harness.procs import APPS, PYTHON, Proc, takeover
+from harness.waiting import wait_until
 from takeover import MigrationRefusedError
 from takeover._policy import UnpicklePolicy
 from takeover._serialize import _bound_method, _import_module, dumps, loads

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from procs import Proc, process_state, takeover, wait_until
+from harness.procs import Proc, process_state, takeover
+from harness.waiting import wait_until
 from streaming import streaming
 from test_faults import holders, listener_inode
 from test_rollback import another_port, run_app

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import (
+from harness.procs import (
     APPS,
     PYTHON,
     Proc,
@@ -21,8 +21,8 @@ from procs import (
     run_example,
     socket_inodes,
     takeover,
-    wait_until,
 )
+from harness.waiting import wait_until
 
 PRIVATE_MODULE = "takeover_test_private"
 PRIVATE_SOURCE = '''\

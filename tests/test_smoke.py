@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from procs import run_example, takeover
+from harness.procs import run_example, takeover
 
 
 def test_echo_connection_survives_one_move(control, free_port, procs):

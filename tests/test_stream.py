@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from procs import run_example, takeover, wait_until
+from harness.procs import run_example, takeover
+from harness.waiting import wait_until
 from streaming import Stream, Streams, TightLoop
 
 pytestmark = pytest.mark.slow

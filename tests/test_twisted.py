@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from procs import EXAMPLES, ROOT, Proc, run_example, takeover
+from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
 from test_faults import (
     FAULTS,
     KILL_RECIPIENT,
