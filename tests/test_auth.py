@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.echo import echo
 from harness.procs import EXAMPLES, PYTHON, Proc, run_example, takeover
 from takeover import _auth, _protocol
 from takeover._protocol import Kind, Message, Role
@@ -21,16 +22,6 @@ def _secret(workdir: str, name: str, value: str, mode: int = 0o600) -> str:
         f.write(value + "\n")
     os.chmod(path, mode)
     return path
-
-
-def _echo(client: socket.socket, line: bytes) -> bytes:
-    client.sendall(line + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        assert chunk, "the echo connection closed"
-        data += chunk
-    return data.rstrip(b"\n")
 
 
 def _tcp_control() -> str:
@@ -52,12 +43,12 @@ def test_move_with_shared_secret(control, free_port, workdir, procs):
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
     with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"before") == b"before"
+        assert echo(client, b"before\n") == b"before\n"
         recipient = takeover("take", control, "--secret-file", secret)
         procs.append(recipient)
         recipient.expect(r"^took echo: 1 connections")
         assert origin.wait() == 0
-        assert _echo(client, b"after") == b"after"
+        assert echo(client, b"after\n") == b"after\n"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +71,7 @@ def test_wrong_or_missing_secret_refused(
         refused = takeover("take", control, *args)
         procs.append(refused)
         assert message in _single_error(refused)
-        assert _echo(client, b"still here") == b"still here"
+        assert echo(client, b"still here\n") == b"still here\n"
         listing = takeover("list", "--json", control, "--secret-file", secret)
         procs.append(listing)
         listing.expect(r'"state": "available"')
@@ -181,7 +172,7 @@ def test_move_over_tcp_twice(free_port, workdir, procs):
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
     with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"zero") == b"zero"
+        assert echo(client, b"zero\n") == b"zero\n"
         previous = origin
         for hop in (1, 2):
             recipient = takeover("take", control, "--secret-file", secret)
@@ -189,7 +180,7 @@ def test_move_over_tcp_twice(free_port, workdir, procs):
             recipient.expect(r"^took echo: 1 connections")
             recipient.expect(rf"^serving 1 service\(s\) at {control} ")
             assert previous.wait() == 0
-            assert _echo(client, b"hop %d" % hop) == b"hop %d" % hop
+            assert echo(client, b"hop %d\n" % hop) == b"hop %d\n" % hop
             previous = recipient
 
 
@@ -287,12 +278,12 @@ def test_move_over_tls_and_stranger_refused(free_port, pki, procs):
     procs.append(wrong_ca)
     assert "TLS handshake with" in _single_error(wrong_ca)
     with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"tls") == b"tls"
+        assert echo(client, b"tls\n") == b"tls\n"
         recipient = takeover("take", control, *_tls(pki, "recipient"))
         procs.append(recipient)
         recipient.expect(r"^took echo: 1 connections")
         assert origin.wait() == 0
-        assert _echo(client, b"moved") == b"moved"
+        assert echo(client, b"moved\n") == b"moved\n"
 
 
 @pytest.fixture
@@ -347,7 +338,7 @@ def test_recipient_on_another_host_is_told_so(free_port, workdir, procs, netns):
         )
         procs.append(remote)
         assert "runs on another host" in _single_error(remote)
-        assert _echo(client, b"unmoved") == b"unmoved"
+        assert echo(client, b"unmoved\n") == b"unmoved\n"
     assert origin.popen.poll() is None
 
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness.echo import echo
 from harness.procs import ROOT, Proc, list_fds, process_state, run_example, takeover
 from harness.waiting import wait_until
 from mitm import TO_ORIGINATOR, TO_RECIPIENT, Relay, Trigger
 from streaming import streaming
 from takeover._protocol import Kind
-from test_rollback import check_own_fds, echo, service_fds
+from test_rollback import check_own_fds, service_fds
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.echo import echo
 from harness.procs import list_fds, run_example, takeover
 from harness.waiting import wait_until
 from takeover import _auth, _fds, _protocol
 from takeover._protocol import PROTOCOL_VERSION, Kind, Message, Role
-from test_rollback import echo
 
 pytestmark = pytest.mark.slow
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from harness.echo import echo
 from harness.procs import APPS, PYTHON, Proc, takeover
 from harness.waiting import wait_until
 from takeover import MigrationRefusedError
@@ -530,16 +531,6 @@ def service_state(procs: list[Proc], control: str) -> str:
     procs.append(listing)
     assert listing.wait() == 0, listing.output()
     return str(json.loads(listing.output())["state"])
-
-
-def echo(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    data = b""
-    while len(data) < len(line):
-        chunk = sock.recv(len(line) - len(data))
-        assert chunk, f"EOF after {data!r}"
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.echo import echo, recv_exact
 from harness.procs import (
     APPS,
     PYTHON,
@@ -92,22 +93,6 @@ def clients(port: int, count: int) -> Iterator[list[socket.socket]]:
             assert echo(sock, f"hello {i}\n".encode()) == f"hello {i}\n".encode()
             socks.append(sock)
         yield socks
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {data!r}, expected {size} bytes")
-        data += chunk
-    return data
-
-
-def echo(sock: socket.socket, line: bytes) -> bytes:
-    """Send ``line`` and read back as many bytes."""
-    sock.sendall(line)
-    return recv_exact(sock, len(line))
 
 
 def tcp_sockets(pid: int, port: int) -> set[str]:
