@@ -16,13 +16,13 @@ import select
 import socket
 import time
 
+from handshake import authenticate, write_secret
 from harness.echo import echo
 from harness.procs import list_fds, run_example, takeover
 from harness.waiting import wait_until
 from takeover import _fds, _protocol
 from takeover._arbiter import COMMITTED, PENDING
 from takeover._protocol import Kind, Message
-from test_fuzz import authenticate, write_secret
 
 
 class HandRecipient:

@@ -26,15 +26,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from handshake import authenticate, write_secret
 from harness.echo import echo
 from harness.procs import list_fds, run_example, takeover
 from harness.waiting import wait_until
 from takeover import _auth, _fds, _protocol
-from takeover._protocol import PROTOCOL_VERSION, Kind, Message, Role
+from takeover._protocol import PROTOCOL_VERSION, Kind
 
 pytestmark = pytest.mark.slow
 
-SECRET = b"fuzzing secret"
 MAX_FRAME = 65536
 SERVER_EXAMPLES = 600
 RECIPIENT_EXAMPLES = 20
@@ -167,30 +167,6 @@ def read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
         data += chunk
 
 
-def authenticate(sock: socket.socket) -> None:
-    """A correct HELLO and AUTH; wait for AUTHED."""
-    nonce = _auth.new_nonce()
-    hello = _protocol.hello(
-        Role.RECIPIENT,
-        pid=os.getpid(),
-        pickle_protocol=5,
-        python="x",
-        nonce=nonce,
-        auth=_auth.AUTH_SCHEME,
-    )
-    sock.sendall(hello.encode())
-    decoder = _protocol.FrameDecoder()
-    messages: list[Message] = []
-    while len(messages) < 1:
-        messages += decoder.feed(sock.recv(65536))
-    theirs = messages[0]
-    proof = _auth.proof(SECRET, "recipient", nonce, theirs.body["nonce"])
-    sock.sendall(Message(Kind.AUTH, {"proof": proof}).encode())
-    while len(messages) < 2:
-        messages += decoder.feed(sock.recv(65536))
-    assert messages[1].kind is Kind.AUTHED, messages
-
-
 def send_chunks(sock: socket.socket, chunks: list[bytes], with_fd: int | None, marker: str) -> None:
     for i, chunk in enumerate(chunks):
         data = sentinel(marker) if chunk == b"SENTINEL" else chunk
@@ -206,15 +182,6 @@ def send_chunks(sock: socket.socket, chunks: list[bytes], with_fd: int | None, m
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             return  # the server gave up on us: fine
-
-
-def write_secret(workdir: str) -> str:
-    """A secret file holding SECRET, which :func:`authenticate` proves."""
-    path = os.path.join(workdir, "secret")
-    with open(path, "wb") as f:
-        f.write(SECRET + b"\n")
-    os.chmod(path, 0o600)
-    return path
 
 
 @pytest.fixture

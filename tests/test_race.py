@@ -8,10 +8,10 @@ import signal
 import pytest
 
 from harness.procs import Proc, process_state, takeover
+from harness.procs import free_port as another_port
 from harness.waiting import wait_until
+from services import holders, listener_inode, run_app
 from streaming import streaming
-from test_faults import holders, listener_inode
-from test_rollback import another_port, run_app
 
 pytestmark = pytest.mark.slow
 

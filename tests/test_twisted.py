@@ -19,8 +19,7 @@ import time
 
 import pytest
 
-from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
-from test_faults import (
+from faultmatrix import (
     FAULTS,
     KILL_RECIPIENT,
     RECIPIENT,
@@ -30,6 +29,7 @@ from test_faults import (
     expected,
     run_cell,
 )
+from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
 
 pytestmark = pytest.mark.slow
 
