@@ -421,7 +421,7 @@ def churn(args: argparse.Namespace, t0: float, samples: array.array[float]) -> d
         if now >= end:
             break
         if next_at > now:
-            time.sleep(next_at - now)
+            time.sleep(next_at - now)  # one new connection every CHURN_GAP: the load itself
         start = time.monotonic()
         next_at = start + CHURN_GAP
         line = f"churn {n}\n".encode()

@@ -126,7 +126,7 @@ def busy() -> float:
             for line in f:
                 if line.startswith("procs_running"):
                     samples.append(int(line.split()[1]) - 1)
-        time.sleep(0.1)
+        time.sleep(0.1)  # samples spread over half a second: the measurement itself
     return sum(samples) / len(samples)
 
 
@@ -136,7 +136,7 @@ def wait_quiet(max_wait: float) -> dict[str, float]:
     limit = len(os.sched_getaffinity(0))
     start = time.monotonic()
     level = busy()
-    while level >= limit and time.monotonic() - start < max_wait:
+    while level >= limit and time.monotonic() - start < max_wait:  # a wait under a deadline
         time.sleep(0.5)
         level = busy()
     return {"waited_s": round(time.monotonic() - start, 2), "runnable": level}

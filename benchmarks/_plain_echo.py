@@ -81,10 +81,18 @@ HANDOFF: list[int] = []
 
 
 async def close_all() -> None:
+    """Close every connection and wait until each is gone (its last answer written
+    first), or a second at most for a client that does not read."""
+    assert EMPTY is not None
+    EMPTY.clear()
     for protocol in list(OPEN):
         if protocol.transport is not None:
             protocol.transport.close()
-    await asyncio.sleep(0.01)  # let the closes (and any last answer) go out
+    if OPEN:
+        try:
+            await asyncio.wait_for(EMPTY.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def main(args: argparse.Namespace) -> None:

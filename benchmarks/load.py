@@ -212,7 +212,7 @@ def run_load(
                     break
                 now = time.monotonic()
                 if tick > now:
-                    time.sleep(tick - now)
+                    time.sleep(tick - now)  # the schedule of the moves: what is measured
                 if mode == "starts":
                     # The control: the same processes started, and stopped unused.
                     proc = spares.pop(0)

@@ -179,6 +179,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         long_lived.send_line("go")
         churn.send_line("go")
         t0 = float(long_lived.event("started", TIMEOUT)["t0"])
+        # The replacement starts --warmup s into the run: the schedule, not a wait.
         time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
         new, info = upgrade(strategy, old, port, workdir, args.drain)
         procs.append(new)

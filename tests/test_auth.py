@@ -42,7 +42,7 @@ def test_move_with_shared_secret(control, free_port, workdir, procs):
     secret = _secret(workdir, "s", "correct horse battery staple")
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"before\n") == b"before\n"
         recipient = takeover("take", control, "--secret-file", secret)
         procs.append(recipient)
@@ -66,7 +66,7 @@ def test_wrong_or_missing_secret_refused(
     wrong = _secret(workdir, "w", "the wrong one")
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         args = [wrong if a == "WRONG" else a for a in recipient_args]
         refused = takeover("take", control, *args)
         procs.append(refused)
@@ -116,6 +116,7 @@ def test_secret_file_readable_by_others_rejected(control, free_port, workdir, pr
 
 def _raw_connect(control: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
     sock.connect(control)
     return sock
 
@@ -171,7 +172,7 @@ def test_move_over_tcp_twice(free_port, workdir, procs):
     control = _tcp_control()
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"zero\n") == b"zero\n"
         previous = origin
         for hop in (1, 2):
@@ -277,7 +278,7 @@ def test_move_over_tls_and_stranger_refused(free_port, pki, procs):
     wrong_ca = takeover("list", control, *_tls(pki, "recipient", ca="other-ca"))
     procs.append(wrong_ca)
     assert "TLS handshake with" in _single_error(wrong_ca)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"tls\n") == b"tls\n"
         recipient = takeover("take", control, *_tls(pki, "recipient"))
         procs.append(recipient)
@@ -320,7 +321,7 @@ def test_recipient_on_another_host_is_told_so(free_port, workdir, procs, netns):
     control = f"tcp:{host_addr}:{free_port + 1 if free_port < 65000 else free_port - 1}"
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         remote = Proc(
             [
                 "ip",
@@ -348,7 +349,6 @@ def test_large_frame_before_authentication_refused_at_once(control, free_port, w
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
     with _raw_connect(control) as raw:
-        raw.settimeout(10)
         raw.sendall(bytes([Kind.HELLO]) + (80 * 1024 * 1024).to_bytes(4, "big"))
         # The originator gives up on the connection at once: no 80 MB wait, no buffering.
         assert raw.recv(65536) == b""

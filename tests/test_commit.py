@@ -30,6 +30,7 @@ class HandRecipient:
 
     def __init__(self, control: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
         self.sock.connect(control)
         self.decoder = _protocol.FrameDecoder()
         self.pending: list[Message] = []

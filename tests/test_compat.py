@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from harness.waiting import wait_until_async
 from takeover._aio_transport import MigratableServer
 
 
@@ -48,7 +49,7 @@ def test_server_state_without_poller_starts() -> None:
         finally:
             new.close_connections()
             new.close()
-            await asyncio.sleep(0)
+            await wait_until_async(lambda: not new.connections, what="the closes")
             new.discard()
 
     assert asyncio.run(main()) == b"ping\n"
@@ -69,9 +70,8 @@ def test_peername_and_sockname_after_a_move() -> None:
         address = listener.getsockname()
         old = MigratableServer(listener, Echo, "echo", loop)
         old.start()
-        client = socket.create_connection(address)
-        while not old.connections:
-            await asyncio.sleep(0.01)
+        client = socket.create_connection(address, timeout=10)
+        await wait_until_async(lambda: old.connections, what="the connection")
         old.quiesce()
         dumped = dumps(old)
         try:
@@ -96,7 +96,7 @@ def test_peername_and_sockname_after_a_move() -> None:
             client.close()
             new.close_connections()
             new.close()
-            await asyncio.sleep(0.05)
+            await wait_until_async(lambda: not new.connections, what="the closes")
             new.discard()
 
     peer, client_address, local, listening = asyncio.run(main())

@@ -232,6 +232,7 @@ def test_migration_server_survives_fuzzing(
             authenticated, chunks, with_fd = conversation
             family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
                 sock.connect(address)
                 if transport == "tcp":
                     with_fd = None  # descriptors do not cross TCP
@@ -299,6 +300,7 @@ def test_recipient_never_unpickles_before_authentication(workdir, procs, secret_
                 ready, _, _ = select.select([listener], [], [], 20)
                 assert ready, recipient.output()
                 conn, _ = listener.accept()
+                conn.settimeout(10)
                 with conn:
                     conn.recv(65536)  # the recipient's HELLO
                     body = {

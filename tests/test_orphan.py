@@ -20,8 +20,7 @@ def test_recipient_serves_when_originator_dies(control, free_port, procs, point)
     killed before it sent the graph, its service dies with it and the recipient says so."""
     origin = run_example("echo", free_port, control, env={"TAKEOVER_FAULTS": f"{point}=stop"})
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
-        client.settimeout(10)
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"before\n") == b"before\n"
         recipient = takeover("-v", "take", control)
         procs.append(recipient)
@@ -37,5 +36,5 @@ def test_recipient_serves_when_originator_dies(control, free_port, procs, point)
         recipient.expect(r"^serving 1 service")
         assert client.recv(4096) == b"sent while the originator is stopped\n"
         assert echo(client, b"after\n") == b"after\n"
-    with socket.create_connection(("127.0.0.1", free_port)) as late:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as late:
         assert echo(late, b"new\n") == b"new\n"
