@@ -14,6 +14,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from harness.procs import ROOT
 
 SCALE = os.path.join(ROOT, "benchmarks", "scale.py")
@@ -126,6 +128,7 @@ def _plots(workdir: str, option: str, name: str) -> None:
         assert f"![{name}-latency.png]({name}-latency.png)" in f.read()
 
 
+@pytest.mark.slow
 def test_load_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "4", "--duration", "1", "--move-every", "0.2", "--repeats", "1"]
@@ -171,6 +174,7 @@ def test_load_quick_path(workdir: str) -> None:
     _plots(workdir, "--load", "load")
 
 
+@pytest.mark.slow
 def test_sidebyside_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "3", "--drain", "0.3", "--warmup", "0.3", "--cooldown", "0.4"]

@@ -23,8 +23,6 @@ from harness.procs import PYTHON, Proc
 from takeover.demo import interpreters
 from takeover.demo.interpreters import Interpreter
 
-pytestmark = pytest.mark.slow
-
 PASSWORD = "Zq8-v3-hush"
 PROMPT = r"(>>>|\.\.\.) $"
 
@@ -147,6 +145,7 @@ def assert_gone(pid: int) -> None:
         os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_telnet_session_moves_to_cpython_313_and_pypy(
     telnet, free_port, control, procs, sessions, cpython313, pypy
 ):

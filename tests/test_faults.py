@@ -46,8 +46,6 @@ from mitm import TO_ORIGINATOR
 from services import holders, listener_inode, service_fds
 from streaming import streaming
 
-pytestmark = pytest.mark.slow
-
 DOCS = os.path.join(ROOT, "docs", "faults.md")
 
 CELLS = [
@@ -68,6 +66,7 @@ CELLS = [
 # -- the matrix ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("step", "fault"), CELLS)
 def test_fault_matrix(step, fault, workdir, control, free_port, procs):
     """One cell of the fault matrix: the service runs exactly once, clients unharmed."""
@@ -241,6 +240,7 @@ def test_originator_dying_mid_move_leaves_the_recipient_serving(
 # -- a recipient that stalls -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point", ["recipient.connected", "recipient.fds-received", "recipient.adopted"]
 )

@@ -33,8 +33,6 @@ from harness.waiting import wait_until
 from takeover import _auth, _fds, _protocol
 from takeover._protocol import PROTOCOL_VERSION, Kind
 
-pytestmark = pytest.mark.slow
-
 MAX_FRAME = 65536
 SERVER_EXAMPLES = 600
 RECIPIENT_EXAMPLES = 20
@@ -189,6 +187,7 @@ def secret_path(workdir: str) -> str:
     return write_secret(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_migration_server_survives_fuzzing(
     transport, control, workdir, free_port, procs, secret_path

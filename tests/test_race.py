@@ -13,8 +13,6 @@ from harness.waiting import wait_until
 from services import holders, listener_inode, run_app
 from streaming import streaming
 
-pytestmark = pytest.mark.slow
-
 STOP_AFTER_ADOPT = {"TAKEOVER_FAULTS": "recipient.adopted=stop"}
 
 

@@ -12,8 +12,6 @@ from harness.procs import run_example, takeover
 from harness.waiting import wait_until
 from streaming import Stream, Streams, TightLoop
 
-pytestmark = pytest.mark.slow
-
 CLIENTS = 50
 MOVES = 10
 DEADLINE = 45.0  # seconds for the whole exchange, moves included
@@ -26,6 +24,7 @@ RUNTIMES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("example", "take_args"), RUNTIMES)
 def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port, procs):
     """50 checksummed two-way streams and a connect loop see nothing of 10 moves in a row."""

@@ -31,8 +31,6 @@ from faultmatrix import (
 from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
 from harness.waiting import wait_until
 
-pytestmark = pytest.mark.slow
-
 TWISTED = ("--runtime", "twisted")
 # A manhole session carries an interpreter that runs the source it is given:
 # its recipient allows those modules by name (see examples/twisted_manhole.py).
@@ -211,6 +209,7 @@ TWISTED_CELLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("step", "fault"), TWISTED_CELLS)
 def test_fault_matrix_twisted(step, fault, workdir, control, free_port, procs):
     """The fault matrix's cells for examples/twisted_echo.py and Twisted recipients:
