@@ -22,7 +22,7 @@ venv: $(STAMP)
 # install pays and which the benchmarks would charge to the moves. Stale
 # files are harmless (Python checks the source's timestamp).
 bytecode: $(STAMP)
-	$(BIN)/python -m compileall -q src/takeover examples benchmarks
+	$(BIN)/python -m compileall -q src/takeover examples benchmarks harness
 
 # The benchmarks' plots need matplotlib (the bench extra); make test does not.
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -94,13 +94,13 @@ bench-quick: $(BENCH_STAMP) bytecode
 		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks harness
+	$(BIN)/ruff format --check src tests examples benchmarks harness
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests examples benchmarks
-	$(BIN)/ruff check --fix src tests examples benchmarks
+	$(BIN)/ruff format src tests examples benchmarks harness
+	$(BIN)/ruff check --fix src tests examples benchmarks harness
 
 clean:
 	rm -rf $(VENV) $(VENV313) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

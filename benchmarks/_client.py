@@ -1,7 +1,7 @@
 """Load clients for load.py and sidebyside.py: many connections in one process, on selectors.
 
     python benchmarks/_client.py --port P --app echo|http --connections N --duration S
-        [--interval MS] [--reconnect] [--samples PATH] [--id-base K]
+        [--interval MS] [--reconnect] [--hold] [--samples PATH] [--id-base K]
     python benchmarks/_client.py --port P --churn --duration S [--samples PATH]
 
 Connects every connection (blocking), prints ``{"event": "connected"}``, waits
@@ -13,6 +13,9 @@ one was sent). A connection stops by itself at T + S once its request in
 flight is answered. Then it prints ``{"event": "done", ...}`` with the counts
 and checks; with ``--samples`` every request's (send time, latency) pair, in
 seconds on the shared monotonic clock, is written there as native doubles.
+With ``--hold`` the connections then stay open, idle, until a line (or EOF)
+on stdin: a driver that moves the service until the end of the run (load.py)
+moves every connection each time, however late its last move ends.
 
 * ``echo``: variable-length lines (``examples/echo.py``): the answer must be the
   request, byte for byte; a CRC32 of everything sent and of everything received
@@ -418,7 +421,7 @@ def churn(args: argparse.Namespace, t0: float, samples: array.array[float]) -> d
         if now >= end:
             break
         if next_at > now:
-            time.sleep(next_at - now)
+            time.sleep(next_at - now)  # one new connection every CHURN_GAP: the load itself
         start = time.monotonic()
         next_at = start + CHURN_GAP
         line = f"churn {n}\n".encode()
@@ -470,6 +473,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=0.0, help="ms between requests")
     parser.add_argument("--reconnect", action="store_true")
+    parser.add_argument(
+        "--hold", action="store_true", help="after the done line, keep the connections until stdin"
+    )
     parser.add_argument("--churn", action="store_true")
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds of unrecorded load")
     parser.add_argument("--samples")
@@ -505,6 +511,8 @@ def main() -> None:
         with open(args.samples, "wb") as f:
             samples.tofile(f)
     emit("done", wall_s=wall, cpu_s=cpu, **result)
+    if args.hold:
+        sys.stdin.readline()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark driver and the processes it starts.
+"""Helpers shared by the benchmark drivers and the processes they start.
 
 Nothing here runs at import time: the recipient loads the originator's script
-(``_echo_app.py``) by path, and that script imports this module.
+(``_echo_app.py``) by path, and that script imports this module. Starting
+processes and reading their output is ``harness.procs``, shared with the tests.
 """
 
 from __future__ import annotations
@@ -9,13 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import resource
 import shlex
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,109 +98,6 @@ def save_profile(profile: Any, role: str) -> None:
     profile.dump_stats(os.path.join(directory, f"{role}-{os.getpid()}.prof"))
 
 
-class Proc:
-    """A child process whose output lines are read in the background."""
-
-    def __init__(
-        self, argv: Sequence[str], *, stdin: bool = False, cpus: Sequence[int] = ()
-    ) -> None:
-        self.argv = list(argv)
-        if cpus:  # taskset execs the command: the pid stays the command's
-            argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
-        self.popen = subprocess.Popen(
-            list(argv),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            text=True,
-            close_fds=True,
-        )
-        self.pid = self.popen.pid
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def event(self, name: str, timeout: float) -> dict[str, Any]:
-        """Wait for the JSON line ``{"event": name, ...}`` and return it."""
-
-        def parse(line: str) -> dict[str, Any] | None:
-            if not line.startswith("{"):
-                return None
-            try:
-                data = json.loads(line)
-            except ValueError:
-                return None
-            return data if isinstance(data, dict) and data.get("event") == name else None
-
-        found: dict[str, Any] = self._wait_for(parse, f"{name!r} event", timeout)
-        return found
-
-    def line(self, prefix: str, timeout: float) -> str:
-        """Wait for a line starting with ``prefix`` and return it."""
-        found: str = self._wait_for(
-            lambda line: line if line.startswith(prefix) else None, f"line {prefix!r}", timeout
-        )
-        return found
-
-    def _wait_for(self, match: Callable[[str], Any], what: str, timeout: float) -> Any:
-        """The first non-None ``match(line)`` over the lines to come, within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"{self.argv[1:]}: no {what} within {timeout} s; output:\n"
-                    + "\n".join(self.lines)
-                )
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                self._queue.put(None)
-                raise RuntimeError(
-                    f"{self.argv[1:]} exited ({self.popen.poll()}) before its {what}; "
-                    "output:\n" + "\n".join(self.lines)
-                )
-            self.lines.append(line)
-            found = match(line)
-            if found is not None:
-                return found
-
-    def send_line(self, text: str) -> None:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(text + "\n")
-        self.popen.stdin.flush()
-
-    def wait(self, timeout: float) -> int:
-        status = self.popen.wait(timeout)
-        self._reader.join(timeout)
-        return status
-
-    def kill(self) -> None:
-        """Kill the process if it still runs, reap it and close its pipes."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        try:
-            self.popen.wait(10)
-        finally:
-            self._reader.join(5)
-            for pipe in (self.popen.stdin, self.popen.stdout):
-                if pipe is not None:
-                    try:
-                        pipe.close()
-                    except OSError:
-                        pass
-
-
 def cpu_split(pin: bool = True) -> tuple[list[int], list[int]]:
     """(server CPUs, client CPUs): with two CPUs or more and ``pin``, the clients get
     the last one and the servers the others, so that where the scheduler happens to
@@ -231,7 +126,7 @@ def busy() -> float:
             for line in f:
                 if line.startswith("procs_running"):
                     samples.append(int(line.split()[1]) - 1)
-        time.sleep(0.1)
+        time.sleep(0.1)  # samples spread over half a second: the measurement itself
     return sum(samples) / len(samples)
 
 
@@ -241,19 +136,34 @@ def wait_quiet(max_wait: float) -> dict[str, float]:
     limit = len(os.sched_getaffinity(0))
     start = time.monotonic()
     level = busy()
-    while level >= limit and time.monotonic() - start < max_wait:
+    while level >= limit and time.monotonic() - start < max_wait:  # a wait under a deadline
         time.sleep(0.5)
         level = busy()
     return {"waited_s": round(time.monotonic() - start, 2), "runnable": level}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
+async def _connections(control: str) -> int:
+    import takeover.asyncio as takeover
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    session = await takeover.connect(control)
+    try:
+        services = await session.list()
+    finally:
+        await session.close()
+    return sum(int(s.get("connections", 0)) for s in services)
+
+
+def wait_connections(control: str, count: int, timeout: float) -> None:
+    """Wait until the service(s) at ``control`` hold ``count`` connections (accepted)."""
+    import asyncio
+
+    from harness.waiting import wait_until
+
+    wait_until(
+        lambda: asyncio.run(_connections(control)) >= count,
+        timeout,
+        what=f"the service at {control} to accept {count} connections",
+    )
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -262,9 +172,6 @@ def percentile(ordered: Sequence[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
     return float(ordered[index])
-
-
-PYTHON = sys.executable
 
 
 def add_run_options(parser: argparse.ArgumentParser, name: str) -> None:

@@ -4,7 +4,7 @@
 
 * descriptors: N + 1 TCP sockets (one per connection, plus the listener)
   passed from this process to a forked child over an AF_UNIX stream socket
-  with SCM_RIGHTS, in batches of 253, as ``takeover._fds`` sends them (a
+  with SCM_RIGHTS, in batches of 253, as ``takeover._core.fds`` sends them (a
   short frame per batch, ``MSG_CMSG_CLOEXEC`` on receipt). Timed from the
   first ``sendmsg`` to the child's last ``recvmsg`` on the shared monotonic
   clock.

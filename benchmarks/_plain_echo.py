@@ -3,8 +3,8 @@
     python benchmarks/_plain_echo.py --port P [--reuseport] [--handoff PATH] [--drain S]
     python benchmarks/_plain_echo.py --fd-from PATH [--handoff PATH2] [--drain S]
 
-The protocol is ``examples/echo.py``'s ``Echo``, copied so that nothing of
-takeover is imported. Prints ``{"event": "ready", "port": P, "pid": ...}``
+The protocol is ``harness/echo.py``'s ``Echo``, which ``_echo_app.py`` serves
+too and which imports nothing of takeover. Prints ``{"event": "ready", "port": P, "pid": ...}``
 once it accepts, ``{"event": "exit", ...}`` when it leaves.
 
 * SIGTERM: close the listener and every connection at once, exit
@@ -28,34 +28,31 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
+
+# The repository's root, for harness/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import echo
 
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
 
 
-class Echo(asyncio.Protocol):
-    """Echoes each complete line; a partial line waits until its end."""
-
-    def __init__(self) -> None:
-        self.pending = b""
-        self.transport: asyncio.Transport | None = None
+class Echo(echo.Echo):
+    """The line echo, keeping count of the open connections (to drain them)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         OPEN.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         OPEN.discard(self)
         if not OPEN and EMPTY is not None:
             EMPTY.set()
-
-    def data_received(self, data: bytes) -> None:
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        if lines and self.transport is not None:
-            self.transport.write(b"\n".join(lines) + b"\n")
 
 
 OPEN: set[Echo] = set()
@@ -84,10 +81,18 @@ HANDOFF: list[int] = []
 
 
 async def close_all() -> None:
-    for echo in list(OPEN):
-        if echo.transport is not None:
-            echo.transport.close()
-    await asyncio.sleep(0.01)  # let the closes (and any last answer) go out
+    """Close every connection and wait until each is gone (its last answer written
+    first), or a second at most for a client that does not read."""
+    assert EMPTY is not None
+    EMPTY.clear()
+    for protocol in list(OPEN):
+        if protocol.transport is not None:
+            protocol.transport.close()
+    if OPEN:
+        try:
+            await asyncio.wait_for(EMPTY.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def main(args: argparse.Namespace) -> None:

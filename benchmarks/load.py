@@ -15,7 +15,9 @@ rate and stopped unused) and **moving + starts** (both). The load is
 as soon as the previous one is answered, every answer checked (echo: byte for
 byte and a CRC32 of each direction; http: the request's own path, and hit
 numbers 1..n each once across all answers), stopping by themselves at the end
-of the run.
+of the run. Every connection is accepted before the run starts, and the
+clients keep their connections open, idle, until the last move is over, so
+that every move carries all N: a move that carries fewer is a failure.
 
 Writes ``DIR/NAME.json`` and ``DIR/NAME.md``; ``--render NAME.json`` redraws the
 markdown from the JSON.
@@ -27,6 +29,7 @@ import argparse
 import array
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -37,9 +40,13 @@ from collections.abc import Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: harness/ (processes, shared with the tests; not installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
 from _common import percentile
+
+from harness.procs import PYTHON, ExpectError, Proc, free_port
 
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
@@ -67,14 +74,14 @@ MOVERS = {
 
 
 def take_argv(control: str) -> list[str]:
-    return [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+    return [PYTHON, "-m", "takeover", "take", "--json", control]
 
 
-def start_app(app: str, port: int, control: str) -> _common.Proc:
+def start_app(app: str, port: int, control: str) -> Proc:
     script = {"echo": "echo.py", "http": "http_counter.py"}[app]
-    argv = [_common.PYTHON, os.path.join(EXAMPLES, script)]
-    proc = _common.Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
-    proc.line(f"{app} on ", TIMEOUT)
+    argv = [PYTHON, os.path.join(EXAMPLES, script)]
+    proc = Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
+    proc.expect("^" + re.escape(f"{app} on "), TIMEOUT)
     return proc
 
 
@@ -127,12 +134,12 @@ def check_hits(hits: list[int]) -> dict[str, int]:
 
 
 def mover_argv(control: str) -> list[str]:
-    return [_common.PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
+    return [PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
 
 
-def spare(control: str) -> _common.Proc:
+def spare(control: str) -> Proc:
     """A recipient started ahead (``_mover.py``), waiting to be told to take."""
-    return _common.Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
+    return Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
 
 
 def run_load(
@@ -147,18 +154,18 @@ def run_load(
     workdir = tempfile.mkdtemp(prefix="tkl", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
     samples_path = os.path.join(workdir, "samples.bin")
-    holders: list[_common.Proc] = []
-    client: _common.Proc | None = None
+    holders: list[Proc] = []
+    client: Proc | None = None
     moves: list[dict[str, Any]] = []
     failures: list[str] = []
-    spares: list[_common.Proc] = []
+    spares: list[Proc] = []
     ready: set[int] = set()
     try:
-        port = _common.free_port()
+        port = free_port()
         holders.append(start_app(app, port, control))
-        client = _common.Proc(
+        client = Proc(
             [
-                _common.PYTHON,
+                PYTHON,
                 CLIENT,
                 "--port",
                 str(port),
@@ -172,11 +179,15 @@ def run_load(
                 samples_path,
                 "--warmup",
                 str(warmup),
+                "--hold",
             ],
             stdin=True,
             cpus=PIN["client"],
         )
         client.event("connected", TIMEOUT)
+        # Accepted before the run, and (--hold) kept until the moves are over:
+        # every move carries every connection.
+        _common.wait_connections(control, connections, TIMEOUT)
         moving = mode in ("moving", "moving_starts")
         # moving + starts and the control keep SPARES recipients started ahead
         # and start the next one as each is used, so that a busy machine
@@ -201,7 +212,7 @@ def run_load(
                     break
                 now = time.monotonic()
                 if tick > now:
-                    time.sleep(tick - now)
+                    time.sleep(tick - now)  # the schedule of the moves: what is measured
                 if mode == "starts":
                     # The control: the same processes started, and stopped unused.
                     proc = spares.pop(0)
@@ -214,7 +225,7 @@ def run_load(
                 try:
                     if mover == "cli":
                         start = time.monotonic()
-                        proc = _common.Proc(take_argv(control), cpus=PIN["server"])
+                        proc = Proc(take_argv(control), cpus=PIN["server"])
                         holders.append(proc)
                     else:
                         # (Started here only if the run outlasts the recipients
@@ -228,9 +239,14 @@ def run_load(
                     taken = proc.event("taken", TIMEOUT)
                     taken_at = time.monotonic()
                     proc.event("serving", TIMEOUT)
-                except RuntimeError as exc:
+                except ExpectError as exc:
                     failures.append(str(exc))
                     break
+                if taken["connections"] != connections:
+                    failures.append(
+                        f"move at {start - t0:.3f} s carried {taken['connections']} of "
+                        f"{connections} connections"
+                    )
                 if replenish:
                     spares.append(spare(control))
                 moves.append(
@@ -246,6 +262,7 @@ def run_load(
         for proc in spares:
             proc.kill()
         done = client.event("done", duration + TIMEOUT)
+        client.send_line("close")  # the moves are over: the connections may go
         client.wait(TIMEOUT)
         last = holders[-1]
         last.popen.send_signal(signal.SIGTERM)
@@ -369,6 +386,15 @@ def render(data: dict[str, Any]) -> str:
         f"run, {data.get('warmup', 0):g} s of the same load, checked but not recorded, on the same",
         "connections: a fresh process on this machine serves its first second or two up to",
         "3x slower, which the steady run would otherwise be charged with.",
+        *(
+            [
+                "Every connection is accepted before the run, and the client keeps them open,",
+                "idle, until the last move is over: every move carries all of them (one that",
+                "carries fewer counts as a failed move).",
+            ]
+            if data.get("clients_hold")
+            else []
+        ),
         "",
         "- **steady**: the service stays in the process that started it.",
         f"- **moving**: the service moved every {data['move_every']:g} s (each move once the",
@@ -607,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": modes,
         "warmup": args.warmup,
         "mover": args.mover,
+        "clients_hold": True,
         "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
         "runs": [],
     }

@@ -28,7 +28,6 @@ does not fit under the hard limit is skipped and the report says so.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import resource
@@ -44,36 +43,17 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: harness/ (processes, shared with the tests; not installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
 import report
 
+from harness.procs import PYTHON, Proc
+
 TIMEOUT = 120.0
 SAMPLE = 16
 """Connections checked to still echo after each move."""
-
-
-async def _connections(control: str) -> int:
-    import takeover.asyncio as takeover
-
-    session = await takeover.connect(control)
-    try:
-        services = await session.list()
-    finally:
-        await session.close()
-    return sum(int(s.get("connections", 0)) for s in services)
-
-
-def wait_connections(control: str, count: int, timeout: float) -> None:
-    """Wait until the originator has accepted ``count`` connections."""
-    deadline = time.monotonic() + timeout
-    seen = -1
-    while time.monotonic() < deadline:
-        seen = asyncio.run(_connections(control))
-        if seen >= count:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"the originator accepted {seen} of {count} connections in {timeout} s")
 
 
 def open_clients(port: int, count: int) -> list[socket.socket]:
@@ -132,24 +112,24 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
     """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
-    procs: list[_common.Proc] = []
+    procs: list[Proc] = []
     clients: list[socket.socket] = []
     try:
-        originator = _common.Proc(
-            [_common.PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
+        originator = Proc(
+            [PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
         )
         procs.append(originator)
         port = int(originator.event("ready", TIMEOUT)["port"])
         setup = time.monotonic()
         clients = open_clients(port, count)
-        wait_connections(control, count, TIMEOUT)
+        _common.wait_connections(control, count, TIMEOUT)
         setup_s = time.monotonic() - setup
         idle = _common.proc_memory(originator.pid)
         if recipient_kind == "cli":
-            argv = [_common.PYTHON, "-m", "takeover", "take", "--json", control]
+            argv = [PYTHON, "-m", "takeover", "take", "--json", control]
         else:
-            argv = [_common.PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
-        recipient = _common.Proc(argv, stdin=True)
+            argv = [PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
+        recipient = Proc(argv, stdin=True)
         procs.append(recipient)
         taken = recipient.event("taken", TIMEOUT)
         if taken["connections"] != count:
@@ -193,7 +173,7 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
 
 
 def run_floor(count: int) -> dict[str, Any]:
-    proc = _common.Proc([_common.PYTHON, os.path.join(_common.HERE, "_floor.py"), str(count)])
+    proc = Proc([PYTHON, os.path.join(_common.HERE, "_floor.py"), str(count)])
     try:
         result = proc.event("floor", TIMEOUT)
         proc.wait(TIMEOUT)

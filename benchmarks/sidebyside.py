@@ -45,10 +45,14 @@ from collections.abc import Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: harness/ (processes, shared with the tests; not installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
 from _common import percentile
 from load import read_samples, series
+
+from harness.procs import PYTHON, Proc, free_port
 
 PLAIN = os.path.join(_common.HERE, "_plain_echo.py")
 CLIENT = os.path.join(_common.HERE, "_client.py")
@@ -67,7 +71,7 @@ LABELS = {
 class Exit:
     """Records when a process exits, from a thread of its own."""
 
-    def __init__(self, proc: _common.Proc) -> None:
+    def __init__(self, proc: Proc) -> None:
         self.proc = proc
         self.at: float | None = None
         self.thread = threading.Thread(target=self._wait, daemon=True)
@@ -84,25 +88,25 @@ class Exit:
         return self.at
 
 
-def start_old(strategy: str, port: int, workdir: str, drain: float) -> _common.Proc:
+def start_old(strategy: str, port: int, workdir: str, drain: float) -> Proc:
     if strategy == "takeover":
         control = os.path.join(workdir, "c.sock")
-        argv = [_common.PYTHON, os.path.join(_common.HERE, "_echo_app.py")]
+        argv = [PYTHON, os.path.join(_common.HERE, "_echo_app.py")]
         argv += ["--port", str(port), "--control", control]
     else:
-        argv = [_common.PYTHON, PLAIN, "--port", str(port), "--drain", str(drain)]
+        argv = [PYTHON, PLAIN, "--port", str(port), "--drain", str(drain)]
         if strategy == "reuseport":
             argv.append("--reuseport")
         if strategy == "handoff":
             argv += ["--handoff", os.path.join(workdir, "h0.sock")]
-    proc = _common.Proc(argv, cpus=PIN["server"])
+    proc = Proc(argv, cpus=PIN["server"])
     proc.event("ready", TIMEOUT)
     return proc
 
 
 def upgrade(
-    strategy: str, old: _common.Proc, port: int, workdir: str, drain: float
-) -> tuple[_common.Proc, dict[str, Any]]:
+    strategy: str, old: Proc, port: int, workdir: str, drain: float
+) -> tuple[Proc, dict[str, Any]]:
     """Replace ``old``; return the new process and the timings from the start."""
     gone = Exit(old)
     t0 = time.monotonic()
@@ -110,24 +114,24 @@ def upgrade(
     if strategy == "restart":
         old.popen.send_signal(signal.SIGTERM)
         gone.join(TIMEOUT)
-        new = _common.Proc([_common.PYTHON, PLAIN, "--port", str(port)], cpus=PIN["server"])
+        new = Proc([PYTHON, PLAIN, "--port", str(port)], cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     elif strategy == "reuseport":
-        argv = [_common.PYTHON, PLAIN, "--port", str(port), "--reuseport"]
-        new = _common.Proc(argv, cpus=PIN["server"])
+        argv = [PYTHON, PLAIN, "--port", str(port), "--reuseport"]
+        new = Proc(argv, cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
         old.popen.send_signal(signal.SIGTERM)
     elif strategy == "handoff":
-        argv = [_common.PYTHON, PLAIN, "--fd-from", os.path.join(workdir, "h0.sock")]
-        new = _common.Proc([*argv, "--drain", str(drain)], cpus=PIN["server"])
+        argv = [PYTHON, PLAIN, "--fd-from", os.path.join(workdir, "h0.sock")]
+        new = Proc([*argv, "--drain", str(drain)], cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     else:
         control = os.path.join(workdir, "c.sock")
-        argv = [_common.PYTHON, "-m", "takeover", "take", "--json", control]
-        new = _common.Proc(argv, cpus=PIN["server"])
+        argv = [PYTHON, "-m", "takeover", "take", "--json", control]
+        new = Proc(argv, cpus=PIN["server"])
         taken = new.event("taken", TIMEOUT)
         info["pause_ms"] = taken["pause_ms"]
         info["moved"] = taken["connections"]
@@ -141,14 +145,14 @@ def upgrade(
 
 def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="tks", dir="/tmp")
-    procs: list[_common.Proc] = []
+    procs: list[Proc] = []
     duration = args.warmup + args.drain + args.cooldown
     try:
-        port = _common.free_port()
+        port = free_port()
         old = start_old(strategy, port, workdir, args.drain)
         procs.append(old)
-        common = [_common.PYTHON, CLIENT, "--port", str(port), "--duration", str(duration)]
-        long_lived = _common.Proc(
+        common = [PYTHON, CLIENT, "--port", str(port), "--duration", str(duration)]
+        long_lived = Proc(
             [
                 *common,
                 "--connections",
@@ -163,7 +167,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
             cpus=PIN["client"],
         )
         procs.append(long_lived)
-        churn = _common.Proc(
+        churn = Proc(
             [*common, "--churn", "--samples", os.path.join(workdir, "churn.bin")],
             stdin=True,
             cpus=PIN["client"],
@@ -175,6 +179,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         long_lived.send_line("go")
         churn.send_line("go")
         t0 = float(long_lived.event("started", TIMEOUT)["t0"])
+        # The replacement starts --warmup s into the run: the schedule, not a wait.
         time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
         new, info = upgrade(strategy, old, port, workdir, args.drain)
         procs.append(new)
@@ -299,9 +304,9 @@ def render(data: dict[str, Any]) -> str:
         "- **takeover**: `python -m takeover take --json CONTROL` takes the listener and every",
         "  connection; the old process exits once the move is committed.",
         "",
-        "Baselines: `benchmarks/_plain_echo.py` (plain asyncio, `examples/echo.py`'s `Echo`);",
-        "takeover: `benchmarks/_echo_app.py` (the same `Echo`). Every new process is a fresh",
-        "Python process started at the replacement.",
+        "Baselines: `benchmarks/_plain_echo.py` (plain asyncio, `harness/echo.py`'s `Echo`, the",
+        "line echo of `examples/echo.py`); takeover: `benchmarks/_echo_app.py` (the same `Echo`).",
+        "Every new process is a fresh Python process started at the replacement.",
         "",
         f"Workload (`benchmarks/_client.py`): {data['connections']} long-lived connections, each",
         f"sending a line every {data['interval']:g} ms and waiting for its echo; a connection the",

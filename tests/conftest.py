@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from procs import Proc, list_fds
+# The repository's root, for harness/ (processes and the line echo, shared with
+# the benchmarks; not installed). The tests' own helper modules (streaming.py,
+# mitm.py, ...) are next to them in tests/, which pytest puts on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import procs as _procs
+from harness.procs import Proc, list_fds
 
 
 @pytest.fixture
@@ -32,9 +38,7 @@ def control(workdir: str) -> str:
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _procs.free_port()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from procs import wait_until
+from harness.waiting import wait_until
 
 WINDOW = 32 * 1024  # bytes a client may have sent and not yet seen come back
 

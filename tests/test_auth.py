@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import EXAMPLES, PYTHON, Proc, run_example, takeover
+from harness.echo import echo
+from harness.procs import EXAMPLES, PYTHON, Proc, run_example, takeover
 from takeover._core import auth as _auth
 from takeover._core import protocol as _protocol
 from takeover._core.protocol import Kind, Message, Role
@@ -22,16 +23,6 @@ def _secret(workdir: str, name: str, value: str, mode: int = 0o600) -> str:
         f.write(value + "\n")
     os.chmod(path, mode)
     return path
-
-
-def _echo(client: socket.socket, line: bytes) -> bytes:
-    client.sendall(line + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        assert chunk, "the echo connection closed"
-        data += chunk
-    return data.rstrip(b"\n")
 
 
 def _tcp_control() -> str:
@@ -52,13 +43,13 @@ def test_move_with_shared_secret(control, free_port, workdir, procs):
     secret = _secret(workdir, "s", "correct horse battery staple")
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"before") == b"before"
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        assert echo(client, b"before\n") == b"before\n"
         recipient = takeover("take", control, "--secret-file", secret)
         procs.append(recipient)
         recipient.expect(r"^took echo: 1 connections")
         assert origin.wait() == 0
-        assert _echo(client, b"after") == b"after"
+        assert echo(client, b"after\n") == b"after\n"
 
 
 @pytest.mark.parametrize(
@@ -76,12 +67,12 @@ def test_wrong_or_missing_secret_refused(
     wrong = _secret(workdir, "w", "the wrong one")
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         args = [wrong if a == "WRONG" else a for a in recipient_args]
         refused = takeover("take", control, *args)
         procs.append(refused)
         assert message in _single_error(refused)
-        assert _echo(client, b"still here") == b"still here"
+        assert echo(client, b"still here\n") == b"still here\n"
         listing = takeover("list", "--json", control, "--secret-file", secret)
         procs.append(listing)
         listing.expect(r'"state": "available"')
@@ -126,6 +117,7 @@ def test_secret_file_readable_by_others_rejected(control, free_port, workdir, pr
 
 def _raw_connect(control: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
     sock.connect(control)
     return sock
 
@@ -181,8 +173,8 @@ def test_move_over_tcp_twice(free_port, workdir, procs):
     control = _tcp_control()
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"zero") == b"zero"
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        assert echo(client, b"zero\n") == b"zero\n"
         previous = origin
         for hop in (1, 2):
             recipient = takeover("take", control, "--secret-file", secret)
@@ -190,7 +182,7 @@ def test_move_over_tcp_twice(free_port, workdir, procs):
             recipient.expect(r"^took echo: 1 connections")
             recipient.expect(rf"^serving 1 service\(s\) at {control} ")
             assert previous.wait() == 0
-            assert _echo(client, b"hop %d" % hop) == b"hop %d" % hop
+            assert echo(client, b"hop %d\n" % hop) == b"hop %d\n" % hop
             previous = recipient
 
 
@@ -287,13 +279,13 @@ def test_move_over_tls_and_stranger_refused(free_port, pki, procs):
     wrong_ca = takeover("list", control, *_tls(pki, "recipient", ca="other-ca"))
     procs.append(wrong_ca)
     assert "TLS handshake with" in _single_error(wrong_ca)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
-        assert _echo(client, b"tls") == b"tls"
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        assert echo(client, b"tls\n") == b"tls\n"
         recipient = takeover("take", control, *_tls(pki, "recipient"))
         procs.append(recipient)
         recipient.expect(r"^took echo: 1 connections")
         assert origin.wait() == 0
-        assert _echo(client, b"moved") == b"moved"
+        assert echo(client, b"moved\n") == b"moved\n"
 
 
 @pytest.fixture
@@ -330,7 +322,7 @@ def test_recipient_on_another_host_is_told_so(free_port, workdir, procs, netns):
     control = f"tcp:{host_addr}:{free_port + 1 if free_port < 65000 else free_port - 1}"
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         remote = Proc(
             [
                 "ip",
@@ -348,7 +340,7 @@ def test_recipient_on_another_host_is_told_so(free_port, workdir, procs, netns):
         )
         procs.append(remote)
         assert "runs on another host" in _single_error(remote)
-        assert _echo(client, b"unmoved") == b"unmoved"
+        assert echo(client, b"unmoved\n") == b"unmoved\n"
     assert origin.popen.poll() is None
 
 
@@ -358,7 +350,6 @@ def test_large_frame_before_authentication_refused_at_once(control, free_port, w
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
     with _raw_connect(control) as raw:
-        raw.settimeout(10)
         raw.sendall(bytes([Kind.HELLO]) + (80 * 1024 * 1024).to_bytes(4, "big"))
         # The originator gives up on the connection at once: no 80 MB wait, no buffering.
         assert raw.recv(65536) == b""

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import uuid
 
-from procs import ROOT
+import pytest
+
+from harness.procs import ROOT
 
 SCALE = os.path.join(ROOT, "benchmarks", "scale.py")
 SIZES = (1, 10)
@@ -126,6 +128,7 @@ def _plots(workdir: str, option: str, name: str) -> None:
         assert f"![{name}-latency.png]({name}-latency.png)" in f.read()
 
 
+@pytest.mark.slow
 def test_load_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "4", "--duration", "1", "--move-every", "0.2", "--repeats", "1"]
@@ -159,7 +162,10 @@ def test_load_quick_path(workdir: str) -> None:
         data = json.load(f)
     moving = [r for r in data["runs"] if r["mode"] in ("moving", "moving_starts")]
     assert len(moving) == 4 and all(r["moves"] for r in moving), "no move happened"
-    assert all(m["connections"] == 4 for r in moving for m in r["moves"])
+    # The clients keep their connections until the last move is over (load.py
+    # --hold): every move, however late, carries all four.
+    carried = [m["connections"] for r in moving for m in r["moves"]]
+    assert carried == [4] * len(carried), carried
     assert all(
         r["hits_check"]["answers"] == r["completed"] + r["warmup_completed"]
         for r in data["runs"]
@@ -168,6 +174,7 @@ def test_load_quick_path(workdir: str) -> None:
     _plots(workdir, "--load", "load")
 
 
+@pytest.mark.slow
 def test_sidebyside_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "3", "--drain", "0.3", "--warmup", "0.3", "--cooldown", "0.4"]

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from procs import PYTHON, Proc, process_state, run_example, takeover, wait_until
+from harness.procs import PYTHON, Proc, process_state, run_example, takeover
+from harness.waiting import wait_until
 
 ERROR_PREFIX = "takeover: error:"
 

@@ -16,13 +16,14 @@ import select
 import socket
 import time
 
-from procs import list_fds, run_example, takeover, wait_until
+from handshake import authenticate, write_secret
+from harness.echo import echo
+from harness.procs import list_fds, run_example, takeover
+from harness.waiting import wait_until
 from takeover._core import fds as _fds
 from takeover._core import protocol as _protocol
 from takeover._core.arbiter import COMMITTED, PENDING
 from takeover._core.protocol import Kind, Message
-from test_fuzz import authenticate, write_secret
-from test_rollback import echo
 
 
 class HandRecipient:
@@ -30,6 +31,7 @@ class HandRecipient:
 
     def __init__(self, control: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
         self.sock.connect(control)
         self.decoder = _protocol.FrameDecoder()
         self.pending: list[Message] = []

@@ -15,6 +15,7 @@ import socket
 
 import pytest
 
+from harness.waiting import wait_until_async
 from takeover import MigrationRefusedError
 from takeover.asyncio import MigratableServer
 
@@ -101,9 +102,8 @@ def test_peername_and_sockname_after_a_move() -> None:
         address = listener.getsockname()
         old = MigratableServer(listener, Echo, "echo", loop)
         old.start()
-        client = socket.create_connection(address)
-        while not old.connections:
-            await asyncio.sleep(0.01)
+        client = socket.create_connection(address, timeout=10)
+        await wait_until_async(lambda: old.connections, what="the connection")
         old.quiesce()
         dumped = dumps(old)
         try:
@@ -128,7 +128,7 @@ def test_peername_and_sockname_after_a_move() -> None:
             client.close()
             new.close_connections()
             new.close()
-            await asyncio.sleep(0.05)
+            await wait_until_async(lambda: not new.connections, what="the closes")
             new.discard()
 
     peer, client_address, local, listening = asyncio.run(main())

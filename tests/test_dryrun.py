@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from procs import APPS, PYTHON, Proc, list_fds, process_state, takeover, wait_until
+from harness.procs import APPS, PYTHON, Proc, list_fds, process_state, takeover
+from harness.waiting import wait_until, wait_until_async
 from takeover import NoSuchServiceError, ProtocolError, SerializationError, ServiceState
 from takeover._core.graphpath import ADVICE, Unpicklable, check_graph, find_unpicklable
 from takeover._core.protocol import Conversation, FrameDecoder, Kind, Message, Role, error, hello
@@ -415,8 +416,7 @@ async def _in_process(control: str) -> None:
     session = None
     try:
         await loop.sock_connect(client, server.sockets[0].getsockname())
-        while not server.connections:
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: server.connections, what="the connection")
         protocol: Any = server.connections[0].get_protocol()
         protocol.on_done = lambda: None
         session = await connect(control)
@@ -461,7 +461,7 @@ async def _in_process(control: str) -> None:
         server.close_connections()
         server.close()
         await migration.aclose()
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: not server.connections, what="the closes")
 
 
 def test_take_refused_by_dry_run_and_check_in_one_process(control):
@@ -500,8 +500,7 @@ async def _spoiled_by_hook(control: str) -> None:
     session = None
     try:
         await loop.sock_connect(client, server.sockets[0].getsockname())
-        while not server.connections:
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: server.connections, what="the connection")
         session = await connect(control)
         assert (await session.check("echo")).ok
         with pytest.raises(SerializationError) as info:
@@ -519,7 +518,7 @@ async def _spoiled_by_hook(control: str) -> None:
         server.close_connections()
         server.close()
         await migration.aclose()
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: not server.connections, what="the closes")
 
 
 def test_graph_spoiled_by_quiesce_hook_is_named_and_rolled_back(control):

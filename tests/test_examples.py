@@ -7,7 +7,8 @@ import socket
 import sys
 from collections.abc import Iterator
 
-from procs import Proc, run_example, takeover, wait_until
+from harness.procs import Proc, run_example, takeover
+from harness.waiting import wait_until
 
 TIMEOUT = 10.0
 

@@ -26,16 +26,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procs import list_fds, run_example, takeover, wait_until
+from handshake import authenticate, write_secret
+from harness.echo import echo
+from harness.procs import list_fds, run_example, takeover
+from harness.waiting import wait_until
 from takeover._core import auth as _auth
 from takeover._core import fds as _fds
 from takeover._core import protocol as _protocol
-from takeover._core.protocol import PROTOCOL_VERSION, Kind, Message, Role
-from test_rollback import echo
+from takeover._core.protocol import PROTOCOL_VERSION, Kind
 
-pytestmark = pytest.mark.slow
-
-SECRET = b"fuzzing secret"
 MAX_FRAME = 65536
 SERVER_EXAMPLES = 600
 RECIPIENT_EXAMPLES = 20
@@ -168,30 +167,6 @@ def read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
         data += chunk
 
 
-def authenticate(sock: socket.socket) -> None:
-    """A correct HELLO and AUTH; wait for AUTHED."""
-    nonce = _auth.new_nonce()
-    hello = _protocol.hello(
-        Role.RECIPIENT,
-        pid=os.getpid(),
-        pickle_protocol=5,
-        python="x",
-        nonce=nonce,
-        auth=_auth.AUTH_SCHEME,
-    )
-    sock.sendall(hello.encode())
-    decoder = _protocol.FrameDecoder()
-    messages: list[Message] = []
-    while len(messages) < 1:
-        messages += decoder.feed(sock.recv(65536))
-    theirs = messages[0]
-    proof = _auth.proof(SECRET, "recipient", nonce, theirs.body["nonce"])
-    sock.sendall(Message(Kind.AUTH, {"proof": proof}).encode())
-    while len(messages) < 2:
-        messages += decoder.feed(sock.recv(65536))
-    assert messages[1].kind is Kind.AUTHED, messages
-
-
 def send_chunks(sock: socket.socket, chunks: list[bytes], with_fd: int | None, marker: str) -> None:
     for i, chunk in enumerate(chunks):
         data = sentinel(marker) if chunk == b"SENTINEL" else chunk
@@ -209,20 +184,12 @@ def send_chunks(sock: socket.socket, chunks: list[bytes], with_fd: int | None, m
             return  # the server gave up on us: fine
 
 
-def write_secret(workdir: str) -> str:
-    """A secret file holding SECRET, which :func:`authenticate` proves."""
-    path = os.path.join(workdir, "secret")
-    with open(path, "wb") as f:
-        f.write(SECRET + b"\n")
-    os.chmod(path, 0o600)
-    return path
-
-
 @pytest.fixture
 def secret_path(workdir: str) -> str:
     return write_secret(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_migration_server_survives_fuzzing(
     transport, control, workdir, free_port, procs, secret_path
@@ -266,6 +233,7 @@ def test_migration_server_survives_fuzzing(
             authenticated, chunks, with_fd = conversation
             family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
                 sock.connect(address)
                 if transport == "tcp":
                     with_fd = None  # descriptors do not cross TCP
@@ -333,6 +301,7 @@ def test_recipient_never_unpickles_before_authentication(workdir, procs, secret_
                 ready, _, _ = select.select([listener], [], [], 20)
                 assert ready, recipient.output()
                 conn, _ = listener.accept()
+                conn.settimeout(10)
                 with conn:
                     conn.recv(65536)  # the recipient's HELLO
                     body = {

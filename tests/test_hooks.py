@@ -7,7 +7,7 @@ import re
 import socket
 import stat
 
-from procs import APPS, PYTHON, Proc, process_state, takeover
+from harness.procs import APPS, PYTHON, Proc, process_state, takeover
 
 
 def _start_ticker(port: int, control: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
@@ -68,7 +68,7 @@ def test_timer_rearmed_after_move(control, free_port, procs):
     """A call_later timer keeps ticking in the new process, counting on without a gap."""
     origin = _start_ticker(free_port, control)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         _check_ticks_cross_move(client, origin.pid, control, procs)
     assert origin.wait() == 0
 
@@ -79,10 +79,12 @@ def test_unix_stream_service_moves(control, free_port, workdir, procs):
     origin = _start_ticker(free_port, control, "--unix", path)
     procs.append(origin)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
         client.connect(path)
         recipient = _check_ticks_cross_move(client, origin.pid, control, procs)
         assert re.search(r"^took ticker-unix: 1 connections", recipient.output(), re.M)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+        late.settimeout(10)
         late.connect(path)
         assert _ticks(late, bytearray(), 1)[0][1] == recipient.pid
     assert origin.wait() == 0
@@ -125,9 +127,9 @@ def test_accept_backs_off_when_out_of_descriptors(control, free_port, procs):
     """With no descriptor left, a connection waits in the queue and is served once one frees."""
     origin = _start_ticker(free_port, control, "--spare-fds", "2")
     procs.append(origin)
-    first = socket.create_connection(("127.0.0.1", free_port))
-    second = socket.create_connection(("127.0.0.1", free_port))
-    with first, second, socket.create_connection(("127.0.0.1", free_port)) as third:
+    first = socket.create_connection(("127.0.0.1", free_port), timeout=10)
+    second = socket.create_connection(("127.0.0.1", free_port), timeout=10)
+    with first, second, socket.create_connection(("127.0.0.1", free_port), timeout=10) as third:
         assert _ticks(first, bytearray(), 1)
         assert _ticks(second, bytearray(), 1)
         origin.expect(r"accept failed on ticker: .*Too many open files.*retrying")
@@ -139,7 +141,7 @@ def test_stalled_recipient_rolled_back_after_step_timeout(control, free_port, pr
     """A recipient that stops answering past --step-timeout loses the service to a rollback."""
     origin = _start_ticker(free_port, control, "--step-timeout", "0.5")
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         buffer = bytearray()
         first = _ticks(client, buffer, 2)
         stalled = takeover("take", control, env={"TAKEOVER_FAULTS": "recipient.adopted=stop"})
@@ -159,7 +161,7 @@ def test_failing_quiesce_hook_refuses_the_move(control, free_port, procs):
     """A takeover_quiesce hook that raises: the take fails saying so, the service goes on."""
     origin = _start_ticker(free_port, control, env={"TICKER_FAIL_HOOK": "quiesce"})
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         buffer = bytearray()
         first = _ticks(client, buffer, 2)
         refused = takeover("take", control)
@@ -179,7 +181,7 @@ def test_failing_adopted_hook_does_not_lose_the_service(control, free_port, proc
     failing = {"TICKER_FAIL_HOOK": "adopted"}
     origin = _start_ticker(free_port, control)
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         recipient = _check_ticks_cross_move(client, origin.pid, control, procs, env=failing)
         assert "takeover_adopted() of" in recipient.output()
     assert origin.wait() == 0

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import ROOT
+from harness.procs import ROOT
 
 PACKAGE = os.path.join(ROOT, "src", "takeover")
 

@@ -16,7 +16,8 @@ import socket
 
 import pytest
 
-from procs import APPS, PYTHON, Proc, wait_until
+from harness.procs import APPS, PYTHON, Proc
+from harness.waiting import wait_until
 
 CONNECTIONS = 300
 SOFT = 256

@@ -9,17 +9,9 @@ import socket
 
 import pytest
 
-from procs import process_state, run_example, takeover, wait_until
-
-
-def _echo(client: socket.socket, line: bytes) -> bytes:
-    client.sendall(line + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        assert chunk, "the echo connection closed"
-        data += chunk
-    return data.rstrip(b"\n")
+from harness.echo import echo
+from harness.procs import process_state, run_example, takeover
+from harness.waiting import wait_until
 
 
 @pytest.mark.parametrize("point", ["originator.fds-sent", "originator.quiesced"])
@@ -28,9 +20,8 @@ def test_recipient_serves_when_originator_dies(control, free_port, procs, point)
     killed before it sent the graph, its service dies with it and the recipient says so."""
     origin = run_example("echo", free_port, control, env={"TAKEOVER_FAULTS": f"{point}=stop"})
     procs.append(origin)
-    with socket.create_connection(("127.0.0.1", free_port)) as client:
-        client.settimeout(10)
-        assert _echo(client, b"before") == b"before"
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        assert echo(client, b"before\n") == b"before\n"
         recipient = takeover("-v", "take", control)
         procs.append(recipient)
         wait_until(lambda: process_state(origin.pid) == "T", what="the originator to stop")
@@ -44,6 +35,6 @@ def test_recipient_serves_when_originator_dies(control, free_port, procs, point)
             return
         recipient.expect(r"^serving 1 service")
         assert client.recv(4096) == b"sent while the originator is stopped\n"
-        assert _echo(client, b"after") == b"after"
-    with socket.create_connection(("127.0.0.1", free_port)) as late:
-        assert _echo(late, b"new") == b"new"
+        assert echo(client, b"after\n") == b"after\n"
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as late:
+        assert echo(late, b"new\n") == b"new\n"

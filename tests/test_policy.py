@@ -30,7 +30,9 @@ from typing import Any
 
 import pytest
 
-from procs import APPS, PYTHON, Proc, takeover, wait_until
+from harness.echo import echo
+from harness.procs import APPS, PYTHON, Proc, takeover
+from harness.waiting import wait_until
 from takeover import MigrationRefusedError
 from takeover._core.pickling import _bound_method, _import_module, dumps, loads
 from takeover._core.policy import UnpicklePolicy
@@ -559,16 +561,6 @@ def service_state(procs: list[Proc], control: str) -> str:
     procs.append(listing)
     assert listing.wait() == 0, listing.output()
     return str(json.loads(listing.output())["state"])
-
-
-def echo(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    data = b""
-    while len(data) < len(line):
-        chunk = sock.recv(len(line) - len(data))
-        assert chunk, f"EOF after {data!r}"
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,11 @@ import signal
 
 import pytest
 
-from procs import Proc, process_state, takeover, wait_until
+from harness.procs import Proc, process_state, takeover
+from harness.procs import free_port as another_port
+from harness.waiting import wait_until
+from services import holders, listener_inode, run_app
 from streaming import streaming
-from test_faults import holders, listener_inode
-from test_rollback import another_port, run_app
-
-pytestmark = pytest.mark.slow
 
 STOP_AFTER_ADOPT = {"TAKEOVER_FAULTS": "recipient.adopted=stop"}
 

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from procs import ROOT
+from harness.procs import ROOT
 
 SRC = os.path.join(ROOT, "src")
 

@@ -12,17 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import (
-    APPS,
-    PYTHON,
-    Proc,
+from harness.echo import echo, recv_exact
+from harness.procs import free_port as another_port
+from harness.procs import (
     list_fds,
     process_state,
     run_example,
     socket_inodes,
     takeover,
-    wait_until,
 )
+from harness.waiting import wait_until
+from services import check_own_fds, run_app, service_fds
 
 PRIVATE_MODULE = "takeover_test_private"
 PRIVATE_SOURCE = '''\
@@ -50,23 +50,6 @@ ALLOW_PRIVATE = ("--allow", PRIVATE_MODULE)
 # -- helpers -------------------------------------------------------------------
 
 
-def run_app(
-    procs: list[Proc], port: int, control: str, *extra: str, env: dict[str, str] | None = None
-) -> Proc:
-    """Start tests/apps/multi_echo.py and wait until its control socket exists."""
-    proc = Proc(
-        [
-            PYTHON,
-            os.path.join(APPS, "multi_echo.py"),
-            *("--port", str(port), "--control", control, *extra),
-        ],
-        env=env,
-    )
-    procs.append(proc)
-    proc.expect(r"control")
-    return proc
-
-
 def private_module(workdir: str) -> dict[str, str]:
     """Write the private protocol module; return the env that makes it importable."""
     directory = os.path.join(workdir, "private")
@@ -74,12 +57,6 @@ def private_module(workdir: str) -> dict[str, str]:
     with open(os.path.join(directory, f"{PRIVATE_MODULE}.py"), "w") as f:
         f.write(PRIVATE_SOURCE)
     return {"PYTHONPATH": directory}
-
-
-def another_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -94,73 +71,12 @@ def clients(port: int, count: int) -> Iterator[list[socket.socket]]:
         yield socks
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {data!r}, expected {size} bytes")
-        data += chunk
-    return data
-
-
-def echo(sock: socket.socket, line: bytes) -> bytes:
-    """Send ``line`` and read back as many bytes."""
-    sock.sendall(line)
-    return recv_exact(sock, len(line))
-
-
-def tcp_sockets(pid: int, port: int) -> set[str]:
-    """Sockets (``socket:[N]``) in ``pid``'s namespace whose local port is ``port``."""
-    found = set()
-    with open(f"/proc/{pid}/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(f"socket:[{fields[9]}]")
-    return found
-
-
-def unix_paths(pid: int) -> dict[str, str]:
-    """AF_UNIX sockets in ``pid``'s namespace: ``socket:[N]`` -> bound path ('' if none)."""
-    paths = {}
-    with open(f"/proc/{pid}/net/unix") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            paths[f"socket:[{fields[6]}]"] = fields[7] if len(fields) > 7 else ""
-    return paths
-
-
-def service_fds(pid: int, port: int) -> dict[int, str]:
-    """The descriptors of ``pid`` that are the listener on ``port`` or its connections."""
-    sockets = tcp_sockets(pid, port)
-    return {fd: target for fd, target in list_fds(pid).items() if target in sockets}
-
-
 def _less_one_epoll(remaining: dict[int, str], now: dict[int, str]) -> bool:
     """``now`` is ``remaining`` less exactly one epoll instance: the moved service's own."""
     gone = {fd: t for fd, t in remaining.items() if now.get(fd) != t}
     return set(now.items()) <= set(remaining.items()) and list(gone.values()) == [
         "anon_inode:[eventpoll]"
     ]
-
-
-def check_own_fds(pid: int, own: dict[int, str], control: str, pollers: int = 1) -> None:
-    """``own`` is exactly a takeover process's own set: stdio, epoll, self-pipe, control,
-    and one epoll instance per asyncio service it serves (``pollers``)."""
-    sockets = sorted(t for t in own.values() if t.startswith("socket:"))
-    others = sorted(t for t in own.values() if not t.startswith("socket:"))
-    epolls = ["anon_inode:[eventpoll]"] * (1 + pollers)
-    assert others == sorted(["/dev/null", *epolls, *[own[1]] * 2]), own
-    assert own[1].startswith("pipe:"), own
-    unix = unix_paths(pid)
-    assert all(s in unix for s in sockets), f"{pid} holds non-AF_UNIX sockets: {own}"
-    paths = sorted(unix[s] for s in sockets)
-    # The event loop's self-pipe (an unnamed socketpair) and the control
-    # listener; a control connection left open would be another unnamed one.
-    assert paths == ["", "", control], own
 
 
 # -- rollback ------------------------------------------------------------------

@@ -5,14 +5,12 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import time
 
 import pytest
 
-from procs import run_example, takeover, wait_until
+from harness.procs import run_example, takeover
+from harness.waiting import wait_until
 from streaming import Stream, Streams, TightLoop
-
-pytestmark = pytest.mark.slow
 
 CLIENTS = 50
 MOVES = 10
@@ -26,6 +24,7 @@ RUNTIMES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("example", "take_args"), RUNTIMES)
 def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port, procs):
     """50 checksummed two-way streams and a connect loop see nothing of 10 moves in a row."""
@@ -52,7 +51,6 @@ def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port,
         moved: list[int] = []
         rounds_at_move: list[int] = []
         received_at_move: list[int] = []
-        started = time.monotonic()
         for _ in range(MOVES):
             recipient = takeover("take", control, *take_args)
             procs.append(recipient)
@@ -63,7 +61,6 @@ def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port,
             rounds_at_move.append(loop.rounds)
             received_at_move.append(sum(s.received for s in streams))
             previous = recipient
-        moves_took = time.monotonic() - started
     finally:
         if loop is not None:
             loop.stopping.set()
@@ -97,7 +94,6 @@ def test_fifty_streams_survive_ten_moves(example, take_args, control, free_port,
     assert all(b > a for a, b in zip(rounds_at_move, rounds_at_move[1:])), rounds_at_move
     assert all(b > a for a, b in zip(received_at_move, received_at_move[1:])), received_at_move
     assert loop.rounds > 0
-    assert moves_took < 40, f"{MOVES} moves took {moves_took:.1f} s"
 
     # The streams closed their connections; the last recipient still serves
     # the (now empty) listener, and a new client is echoed.

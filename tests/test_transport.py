@@ -46,7 +46,7 @@ PROGRAM = textwrap.dedent(
         client.close()
         server.close_connections()
         server.close()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the closes scheduled above run
         print(json.dumps({"reads": 2000, "faults": after - before}))
 
     asyncio.run(main())

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from harness.waiting import wait_until_async
 from takeover._core.ahead import SocketsAhead, Twins, build_sockets
 from takeover._core.errors import MigrationRefusedError, ProtocolError, SerializationError
 from takeover._core.pickling import dumps, loads
@@ -66,9 +67,8 @@ async def serving(count: int) -> tuple[MigratableServer, list[socket.socket]]:
     listener.listen(8)
     server = MigratableServer(listener, Echo, "echo", asyncio.get_running_loop())
     server.start()
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(count)]
-    while len(server.connections) < count:
-        await asyncio.sleep(0.01)
+    clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(count)]
+    await wait_until_async(lambda: len(server.connections) == count, what="the connections")
     return server, clients
 
 
@@ -88,8 +88,6 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         old, clients = await serving(4)
-        for client in clients:
-            client.settimeout(10)
         by_port = {t.get_extra_info("peername")[1]: t for t in old.connections}
         # get_extra_info above cached the addresses of all four: forget them,
         # so that only the one read again below carries them.
@@ -108,8 +106,7 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
         # Meanwhile the service runs: one connection closes.
         closing.close()
         clients[3].close()
-        await asyncio.sleep(0.05)
-        assert len(old.connections) == 3
+        await wait_until_async(lambda: len(old.connections) == 3, what="the close")
 
         old.quiesce()
         writing.write(b"pending\n")  # kept in the paused transport's buffer
@@ -153,7 +150,7 @@ def test_idle_connections_travel_as_twins_the_others_in_full() -> None:
                 client.close()
             new.close_connections()
             new.close()
-            await asyncio.sleep(0.05)
+            await wait_until_async(lambda: not new.connections, what="the closes")
             new.discard()
 
     asyncio.run(main())
@@ -226,8 +223,7 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
                 dumps(server).sockets, server.takeover_twins(), server.takeover_twin_kind
             )
             transport.close()
-            await asyncio.sleep(0.05)
-            assert not server.connections
+            await wait_until_async(lambda: not server.connections, what="the close")
             server.quiesce()
             sent_ahead.forget_closed()
             sent_ahead.unfit(server.takeover_unfit())
@@ -238,7 +234,7 @@ def test_a_connection_closed_since_the_dry_run_is_no_twin() -> None:
             client.close()
             server.resume()
             server.close()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop: what resume() scheduled runs
             server.discard()
 
     asyncio.run(main())

@@ -15,12 +15,10 @@ import shutil
 import signal
 import socket
 import sys
-import time
 
 import pytest
 
-from procs import EXAMPLES, ROOT, Proc, run_example, takeover
-from test_faults import (
+from faultmatrix import (
     FAULTS,
     KILL_RECIPIENT,
     RECIPIENT,
@@ -30,8 +28,8 @@ from test_faults import (
     expected,
     run_cell,
 )
-
-pytestmark = pytest.mark.slow
+from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
+from harness.waiting import wait_until
 
 TWISTED = ("--runtime", "twisted")
 # A manhole session carries an interpreter that runs the source it is given:
@@ -128,7 +126,8 @@ def test_manhole_session_moves_to_this_interpreter_and_to_cpython_313(control, f
 
         # 1. To a new process on this interpreter, with a line half typed.
         client.send("half = ans")
-        time.sleep(0.3)
+        # The manhole echoes what it has read: "ans" whole once it has the last key.
+        client.expect_exact("ans")
         second_proc = _move(control, sys.executable, procs)
         assert origin.wait() == 0, origin.output()
         client.sendline("wer + 1")
@@ -210,6 +209,7 @@ TWISTED_CELLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("step", "fault"), TWISTED_CELLS)
 def test_fault_matrix_twisted(step, fault, workdir, control, free_port, procs):
     """The fault matrix's cells for examples/twisted_echo.py and Twisted recipients:
@@ -264,6 +264,20 @@ def test_unix_port_and_its_connection_move(workdir, control, procs):
     assert recipient.wait() == 0, recipient.output()
 
 
+def _tcp_queues(local_port: int, remote_port: int) -> tuple[int, int]:
+    """(sent and not acknowledged, received and not read) bytes of the TCP socket
+    from 127.0.0.1:``local_port`` to ``remote_port``, from /proc/net/tcp."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            ports = tuple(int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+            if ports == (local_port, remote_port):
+                tx, rx = (int(n, 16) for n in fields[4].split(":"))
+                return tx, rx
+    raise AssertionError(f"no TCP socket from port {local_port} to {remote_port}")
+
+
 def test_unsent_output_in_twisteds_write_buffer_moves(control, free_port, procs):
     """A client that stops reading leaves megabytes in the transport's buffer
     (dataBuffer/_tempDataBuffer); they travel and arrive, in order, from the
@@ -285,7 +299,14 @@ def test_unsent_output_in_twisteds_write_buffer_moves(control, free_port, procs)
             sent.update(chunk)
             written += len(chunk)
         assert written >= total
-        time.sleep(0.5)
+        # The originator reads on: wait until it has read every byte sent (none
+        # unacknowledged on the client's side, none unread on its own), so that
+        # what it echoed and could not write is in Twisted's buffer, not the kernel's.
+        here, there = client.getsockname()[1], free_port
+        wait_until(
+            lambda: _tcp_queues(here, there)[0] == 0 and _tcp_queues(there, here)[1] == 0,
+            what="the originator to read all that was sent",
+        )
         recipient = takeover("take", control, *TWISTED, "--json")
         procs.append(recipient)
         match = recipient.expect(r'^\{"connections": 1, "event": "taken", .*"graph_bytes": (\d+)')
