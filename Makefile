@@ -49,17 +49,21 @@ interpreters:
 	fi
 
 # The Twisted manhole test moves a live session to CPython 3.13: a venv there
-# with takeover and its twisted extra (the recipient runs a reactor).
-PY313 ?= /root/.pyenv/versions/3.13.0/bin/python
+# with takeover and its twisted extra (the recipient runs a reactor). The
+# interpreter is found by scripts/find-python (pyenv's versions, python3.13 on
+# PATH); PY313=/path/to/python overrides it.
+FIND_PYTHON := $(PYTHON) scripts/find-python
 VENV313 := .venv-3.13
 STAMP313 := $(VENV313)/.installed
 
 $(STAMP313): pyproject.toml
-	@if [ -x "$(PY313)" ]; then \
-		$(PY313) -m venv $(VENV313) && \
+	@py="$(PY313)"; [ -n "$$py" ] || py="$$($(FIND_PYTHON) 3.13)"; \
+	if [ -n "$$py" ]; then \
+		echo "$(VENV313): $$py"; \
+		rm -rf $(VENV313) && "$$py" -m venv $(VENV313) && \
 		$(VENV313)/bin/pip install --quiet -e '.[twisted]' && touch $(STAMP313); \
 	else \
-		echo "warning: no CPython 3.13 at $(PY313); the manhole's move to 3.13 is not tested" >&2; \
+		echo "warning: the manhole's move to CPython 3.13 cannot be tested" >&2; \
 	fi
 
 twisted-interpreters: $(STAMP313)
