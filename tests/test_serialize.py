@@ -144,8 +144,12 @@ def test_closed_socket_refused():
 def test_modules_pickle_by_name():
     """A module in the graph travels as its name and loads as the imported module."""
     graph = {"codec": json, "holder": Holder(mod=os.path)}
-    with pytest.raises(TypeError):
-        pickle.dumps(graph)
+    if sys.implementation.name == "pypy":
+        # PyPy's pickle makes a module a call of __import__, which recipients refuse.
+        assert b"__import__" in pickle.dumps(graph)
+    else:
+        with pytest.raises(TypeError):
+            pickle.dumps(graph)
     dumped = dumps(graph)
     assert dumped.sockets == []
     assert b"json" in dumped.blob
