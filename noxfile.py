@@ -86,12 +86,13 @@ def _tests(session: nox.Session) -> None:
     )
 
 
-def _missing(label: str, reason: str):  # type: ignore[no-untyped-def]
+def _missing(reason: str):  # type: ignore[no-untyped-def]
     def session_function(session: nox.Session) -> None:
         if os.environ.get("CI"):
-            session.error(f"{label}: {reason}")
-        session.skip(f"{label}: {reason}")
+            session.error(reason)
+        session.skip(reason)
 
+    session_function.__doc__ = f"Not run: {reason}."
     return session_function
 
 
@@ -104,7 +105,7 @@ for _text in find_python.ALL:
         _reason = f"no {_spec.label} on this machine (looked in {find_python.where(_spec)})" + (
             ": run `make interpreters`" if _spec.implementation == "pypy" else ""
         )
-        nox.session(name=_name, python=False, venv_backend="none")(_missing(_name, _reason))
+        nox.session(name=_name, python=False, venv_backend="none")(_missing(_reason))
     else:
         nox.session(name=_name, python=_path)(_tests)
     if _text != DEFAULT:
