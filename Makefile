@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test lint format clean bench bench-quick interpreters twisted-interpreters bytecode
+.PHONY: all demo test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint,twisted]'
+	$(BIN)/pip install --quiet -e '.[test,lint,twisted,matrix]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -49,17 +49,21 @@ interpreters:
 	fi
 
 # The Twisted manhole test moves a live session to CPython 3.13: a venv there
-# with takeover and its twisted extra (the recipient runs a reactor).
-PY313 ?= /root/.pyenv/versions/3.13.0/bin/python
+# with takeover and its twisted extra (the recipient runs a reactor). The
+# interpreter is found by scripts/find-python (pyenv's versions, python3.13 on
+# PATH); PY313=/path/to/python overrides it.
+FIND_PYTHON := $(PYTHON) scripts/find-python
 VENV313 := .venv-3.13
 STAMP313 := $(VENV313)/.installed
 
 $(STAMP313): pyproject.toml
-	@if [ -x "$(PY313)" ]; then \
-		$(PY313) -m venv $(VENV313) && \
+	@py="$(PY313)"; [ -n "$$py" ] || py="$$($(FIND_PYTHON) 3.13)"; \
+	if [ -n "$$py" ]; then \
+		echo "$(VENV313): $$py"; \
+		rm -rf $(VENV313) && "$$py" -m venv $(VENV313) && \
 		$(VENV313)/bin/pip install --quiet -e '.[twisted]' && touch $(STAMP313); \
 	else \
-		echo "warning: no CPython 3.13 at $(PY313); the manhole's move to 3.13 is not tested" >&2; \
+		echo "warning: the manhole's move to CPython 3.13 cannot be tested" >&2; \
 	fi
 
 twisted-interpreters: $(STAMP313)
@@ -69,6 +73,15 @@ demo: $(STAMP) interpreters
 
 test: $(STAMP) interpreters twisted-interpreters bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The test suite on every other supported interpreter the machine has
+# (noxfile.py): CPython 3.9 to 3.13 (pyenv's, or python3.N on PATH) and PyPy
+# (Debian's pypy3), each in its own venv under .nox/. `make test` runs the
+# default interpreter's. 3.10, 3.12 and PyPy leave out the tests marked slow
+# unless MATRIX=full. NOX_ARGS="-s tests-3.9" picks sessions; PYTEST_ARGS go
+# to pytest.
+matrix: $(STAMP) interpreters twisted-interpreters
+	MATRIX="$(MATRIX)" $(BIN)/nox $(NOX_ARGS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
 RESULTS := benchmarks/results
@@ -93,14 +106,16 @@ bench-quick: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
 		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json
 
+LINTED := src tests examples benchmarks harness noxfile.py scripts/find-python
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples benchmarks harness
-	$(BIN)/ruff format --check src tests examples benchmarks harness
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests examples benchmarks harness
-	$(BIN)/ruff check --fix src tests examples benchmarks harness
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 clean:
-	rm -rf $(VENV) $(VENV313) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV313) .nox build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

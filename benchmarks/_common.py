@@ -98,11 +98,18 @@ def save_profile(profile: Any, role: str) -> None:
     profile.dump_stats(os.path.join(directory, f"{role}-{os.getpid()}.prof"))
 
 
+def _cpus_allowed() -> list[int]:
+    """The CPUs this process may run on (PyPy's ``os`` has no ``sched_getaffinity``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def cpu_split(pin: bool = True) -> tuple[list[int], list[int]]:
     """(server CPUs, client CPUs): with two CPUs or more and ``pin``, the clients get
     the last one and the servers the others, so that where the scheduler happens to
     put each new process does not change the figures; else both get ()."""
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = _cpus_allowed()
     if not pin or len(cpus) < 2 or not shutil.which("taskset"):
         return [], []
     return cpus[:-1], cpus[-1:]
@@ -133,7 +140,7 @@ def busy() -> float:
 def wait_quiet(max_wait: float) -> dict[str, float]:
     """Before a run on a shared machine: wait (up to ``max_wait`` s) until fewer
     processes are runnable than there are CPUs; say how busy it was."""
-    limit = len(os.sched_getaffinity(0))
+    limit = len(_cpus_allowed())
     start = time.monotonic()
     level = busy()
     while level >= limit and time.monotonic() - start < max_wait:  # a wait under a deadline

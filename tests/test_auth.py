@@ -202,11 +202,23 @@ def test_tcp_without_secret_or_tls_refused(free_port, procs):
 
 @pytest.fixture
 def pki(workdir) -> dict[str, str]:
-    """A CA, an originator and a recipient certificate signed by it, and a stranger's."""
+    """A CA, an originator and a recipient certificate signed by it, and a stranger's.
+
+    With the extensions Python 3.13's default context requires (VERIFY_X509_STRICT):
+    key usage on the CA, key identifiers on the leaves.
+    """
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
 
+    with open(os.path.join(workdir, "leaf.ext"), "w") as f:
+        f.write(
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth, clientAuth\n"
+            "subjectKeyIdentifier = hash\n"
+            "authorityKeyIdentifier = keyid, issuer\n"
+        )
     for ca in ("ca", "other-ca"):
         run(
             "req",
@@ -218,6 +230,8 @@ def pki(workdir) -> dict[str, str]:
             "2",
             "-subj",
             f"/CN={ca}",
+            "-addext",
+            "keyUsage = critical, keyCertSign, cRLSign",
             "-keyout",
             f"{ca}.key",
             "-out",
@@ -248,6 +262,8 @@ def pki(workdir) -> dict[str, str]:
             "-CAcreateserial",
             "-days",
             "2",
+            "-extfile",
+            "leaf.ext",
             "-out",
             f"{name}.pem",
         )

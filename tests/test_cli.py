@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator, Sequence
 
 import pytest
 
-from harness.procs import PYTHON, Proc, process_state, run_example, takeover
+import pythons
+from harness.procs import PYTHON, ROOT, Proc, process_state, run_example, takeover
 from harness.waiting import wait_until
 
 ERROR_PREFIX = "takeover: error:"
+SRC = os.path.join(ROOT, "src")
+# A peer run as nobody may run another interpreter than this one's venv.
+NOBODY_ENV = {"PYTHONPATH": SRC}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
@@ -152,11 +158,34 @@ def test_take_busy_service(echo, control, free_port, procs):
 
 
 def setpriv_nobody() -> list[str]:
+    """The command prefix that runs a peer as user nobody, and the interpreter it runs."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run a peer as another user")
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
-    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    return [*prefix, python_for_nobody(tuple(prefix))]
+
+
+@functools.cache
+def python_for_nobody(prefix: tuple[str, ...]) -> str:
+    """An interpreter that user nobody can run takeover with (``src`` on PYTHONPATH).
+
+    This one, unless nobody may not read where it lives: pyenv's versions under
+    root's 0700 home cannot load their libpython as nobody. Then any other that
+    scripts/find-python finds: the peer's interpreter is not what is tested.
+    """
+    others = [pythons.find(spec) for spec in pythons.find_python.ALL]
+    for python in dict.fromkeys([PYTHON, *[p for p in others if p]]):
+        probe = subprocess.run(
+            [*prefix, python, "-c", "import takeover"],
+            env={**os.environ, "PYTHONPATH": SRC},
+            capture_output=True,
+            timeout=60,
+        )
+        if probe.returncode == 0:
+            return python
+    pytest.fail(f"user nobody can run none of the interpreters found (this one: {PYTHON})")
 
 
 def test_other_user_refused_by_peer_credentials(echo, control, workdir, free_port):
@@ -168,7 +197,9 @@ def test_other_user_refused_by_peer_credentials(echo, control, workdir, free_por
     os.chmod(workdir, 0o755)
     os.chmod(control, 0o666)
     with echo_client(free_port) as client:
-        line = one_error(*finish(Proc([*prefix, PYTHON, "-m", "takeover", "list", control])))
+        line = one_error(
+            *finish(Proc([*prefix, "-m", "takeover", "list", control], env=NOBODY_ENV))
+        )
         assert f"uid {nobody}" in line
         assert "refused recipient" in line
         assert_still_serving(control, client)
@@ -180,7 +211,9 @@ def test_other_user_refused_by_socket_mode(echo, control, workdir, free_port):
     os.chmod(workdir, 0o755)
     assert os.stat(control).st_mode & 0o777 == 0o600
     with echo_client(free_port) as client:
-        line = one_error(*finish(Proc([*prefix, PYTHON, "-m", "takeover", "take", control])))
+        line = one_error(
+            *finish(Proc([*prefix, "-m", "takeover", "take", control], env=NOBODY_ENV))
+        )
         assert f"permission denied opening {control}" in line
         assert_still_serving(control, client)
 

@@ -2,8 +2,9 @@
 
 These drive the real ``telnet`` client through pexpect against ``takeover
 demo serve``, and move the server with ``takeover take`` run under other
-interpreters (found the way ``takeover demo`` finds them). ``make test``
-installs ``telnet`` and ``pypy3`` first (``make interpreters``).
+interpreters, found by ``scripts/find-python`` and checked against the
+demo's own search. ``make test`` installs ``telnet`` and ``pypy3`` first
+(``make interpreters``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 import pexpect
 import pytest
 
+import pythons
 from harness.procs import PYTHON, Proc
 from takeover.demo import interpreters
 from takeover.demo.interpreters import Interpreter
@@ -27,42 +29,40 @@ PASSWORD = "Zq8-v3-hush"
 PROMPT = r"(>>>|\.\.\.) $"
 
 
-def _missing(what: str) -> None:
-    """Skip on a developer's machine; fail in CI, where `make interpreters` provides it."""
-    message = f"{what} is not installed: run `make interpreters`"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def found() -> list[Interpreter]:
     return interpreters.find()
 
 
-@pytest.fixture
-def cpython313(found: list[Interpreter]) -> Interpreter:
-    for interpreter in found:
-        if interpreter.implementation == "cpython" and interpreter.version[:2] == (3, 13):
-            return interpreter
-    _missing("CPython 3.13 (pyenv)")
-    raise AssertionError  # unreachable
+def _interpreter(spec: str) -> Interpreter:
+    """``spec`` as scripts/find-python finds it (the tests' own search, not the demo's)."""
+    path = pythons.require(spec)
+    asked = interpreters.probe([path])
+    assert asked, f"{path} cannot run takeover"
+    return asked[0]
+
+
+def _is_this(interpreter: Interpreter) -> bool:
+    """Whether ``interpreter`` is the one running the tests (same implementation and 3.N)."""
+    this = (sys.implementation.name, sys.version_info[:2])
+    return (interpreter.implementation, interpreter.version[:2]) == this
 
 
 @pytest.fixture
-def pypy(found: list[Interpreter]) -> Interpreter:
-    for interpreter in found:
-        if interpreter.implementation == "pypy":
-            return interpreter
-    _missing("PyPy (pypy3)")
-    raise AssertionError  # unreachable
+def cpython313() -> Interpreter:
+    return _interpreter("3.13")
+
+
+@pytest.fixture
+def pypy() -> Interpreter:
+    return _interpreter("pypy3")
 
 
 @pytest.fixture(autouse=True)
 def telnet() -> str:
     path = shutil.which("telnet")
     if path is None:
-        _missing("telnet")
+        pythons.missing("telnet", "run `make interpreters`")
     assert path is not None
     return path
 
@@ -149,7 +149,9 @@ def assert_gone(pid: int) -> None:
 def test_telnet_session_moves_to_cpython_313_and_pypy(
     telnet, free_port, control, procs, sessions, cpython313, pypy
 ):
-    """The paper's transcript, twice: each move gives a new pid and interpreter, nothing lost."""
+    """The paper's transcript, twice: each move gives a new pid and interpreter, nothing lost.
+
+    Run on CPython 3.13 or on PyPy, it moves to the other one only."""
     server = serve(free_port, control, f"admin:{PASSWORD}")
     procs.append(server)
     me = Session(telnet, free_port, "admin", PASSWORD)
@@ -163,7 +165,8 @@ def test_telnet_session_moves_to_cpython_313_and_pypy(
     assert versions[0] == repr(sys.version)
 
     previous = server
-    for target, marker in ((cpython313, "3.13."), (pypy, "PyPy")):
+    targets = [(cpython313, "3.13."), (pypy, "PyPy")]
+    for target, marker in [(t, m) for t, m in targets if not _is_this(t)]:
         recipient = move(target.path, control, previous, procs)
         assert_gone(previous.pid)
         assert me.value("os.getpid()") == str(recipient.pid)
@@ -350,7 +353,10 @@ def test_ctrl_c_drops_the_block_and_ctrl_d_logs_out(telnet, free_port, control, 
 
 
 def test_the_demo_moves_to_the_newest_other_interpreter_then_pypy(found, cpython313, pypy):
-    """The demo's quick route agrees with a full search: CPython 3.13 (the newest), then PyPy."""
+    """The demo's quick route agrees with a full search: CPython 3.13 (the newest; 3.12
+    from 3.13 itself), then PyPy (none from PyPy itself)."""
     route = interpreters.route()
     assert route == interpreters.choose(found)
-    assert [i.real for i in route] == [cpython313.real, pypy.real]
+    newest = _interpreter("3.12") if _is_this(cpython313) else cpython313
+    expected = [newest] if _is_this(pypy) else [newest, pypy]
+    assert [i.real for i in route] == [i.real for i in expected]

@@ -20,6 +20,9 @@ from takeover._core.fds import (
     send_with_fds,
 )
 
+# Linux's value; PyPy's socket module lacks the constant.
+SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+
 
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
@@ -131,7 +134,7 @@ def test_truncated_ancillary_data_closes_what_arrived_and_raises(pair, memfds):
     # cannot overflow it. SO_PASSCRED makes the kernel put an SCM_CREDENTIALS
     # message first in the same buffer; a full batch of 253 then no longer fits
     # and the kernel sets MSG_CTRUNC (246 descriptors arrive, 7 are dropped).
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    receiver.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
     originals = make_memfds(memfds, SCM_MAX_FD)
     send_with_fds(sender, b"x", originals)
     before = open_count()
@@ -145,7 +148,7 @@ def test_truncated_ancillary_data_closes_what_arrived_and_raises(pair, memfds):
 def test_foreign_ancillary_data_closes_descriptors_and_raises(pair, memfds):
     """Ancillary data other than SCM_RIGHTS is refused and the descriptors beside it closed."""
     sender, receiver = pair
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    receiver.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
     send_with_fds(sender, b"x", make_memfds(memfds, 4))
     before = open_count()
     with pytest.raises(ProtocolError, match="not SCM_RIGHTS"):

@@ -323,6 +323,12 @@ def test_recipient_never_unpickles_before_authentication(workdir, procs, secret_
                             conn.sendall(chunk)
                         except (BrokenPipeError, ConnectionResetError):
                             break
+                    # All is said: a frame cut short ends at EOF, not at the
+                    # recipient's step timeout (longer than this wait).
+                    try:
+                        conn.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
                     status = recipient.wait()
             finally:
                 os.unlink(path)

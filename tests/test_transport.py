@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PROGRAM = textwrap.dedent(
     """
     import asyncio, json, resource, socket
@@ -54,6 +56,12 @@ PROGRAM = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(
+    sys.implementation.name != "cpython",
+    reason="counts what CPython's allocator maps per read; PyPy's JIT and GC fault pages as "
+    "they warm up and grow (30,000-40,000 per 2,000 requests after 50, plain asyncio's "
+    "server too), so there the count does not measure the read buffers",
+)
 def test_small_reads_do_not_fault_fresh_pages() -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=60

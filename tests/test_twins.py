@@ -15,7 +15,6 @@ import copyreg
 import io
 import os
 import pickle
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import pythons
 from harness.waiting import wait_until_async
 from takeover._core.ahead import SocketsAhead, Twins, build_sockets
 from takeover._core.errors import MigrationRefusedError, ProtocolError, SerializationError
@@ -275,12 +275,11 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("python", ["pypy3", sys.executable])
+@pytest.mark.parametrize("python", ["pypy3", "this"])
 def test_the_memo_of_twins_is_not_used_up_by_a_pickling(python: str) -> None:
     """The pure-Python pickler (PyPy) adds to the memo it is given: it gets a copy,
     so the same SocketsAhead pickles twice alike; the pure-Python unpickler seeds."""
-    if shutil.which(python) is None:
-        pytest.skip("no pypy3 (make interpreters)")
+    python = sys.executable if python == "this" else pythons.require(python)
     out = subprocess.run(
         [python, "-c", PURE_PYTHON_MOVE],
         capture_output=True,

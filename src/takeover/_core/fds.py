@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import sys
 from collections.abc import Sequence
 
 from .errors import ProtocolError
@@ -27,7 +28,11 @@ SCM_MAX_FD = 253
 """The most descriptors Linux accepts in one SCM_RIGHTS message."""
 
 _INT_SIZE = array.array("i").itemsize
-_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Linux's value where the socket module lacks the constant (PyPy 3.9 does):
+# without the flag every descriptor received would be inherited by children.
+_MSG_CMSG_CLOEXEC: int = getattr(
+    socket, "MSG_CMSG_CLOEXEC", 0x40000000 if sys.platform.startswith("linux") else 0
+)
 
 
 def batches(fds: Sequence[int], size: int = SCM_MAX_FD) -> list[list[int]]:

@@ -1,0 +1,57 @@
+"""Other interpreters for the tests, found by ``scripts/find-python``.
+
+The Makefile (the CPython 3.13 venv of the Twisted tests), ``noxfile.py``
+(the matrix) and the tests all find interpreters with that one script.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import os
+from types import ModuleType
+
+import pytest
+
+from harness.procs import ROOT
+
+
+def _load() -> ModuleType:
+    path = os.path.join(ROOT, "scripts", "find-python")
+    loader = importlib.machinery.SourceFileLoader("find_python", path)
+    spec = importlib.util.spec_from_loader("find_python", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+find_python = _load()
+
+
+@functools.cache
+def find(spec: str) -> str | None:
+    """The path of the interpreter ``spec`` (``3.13``, ``pypy3``), or None."""
+    return find_python.find(find_python.parse(spec))  # type: ignore[no-any-return]
+
+
+def missing(what: str, how: str) -> None:
+    """Skip on a developer's machine; fail in CI, where the Makefile provides ``what``."""
+    message = f"{what} is not installed: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require(spec: str) -> str:
+    """The path of ``spec``; skips the test (fails it in CI) if the machine has none."""
+    path = find(spec)
+    if path is None:
+        label = find_python.parse(spec).label
+        if spec.startswith("pypy"):
+            missing(label, "run `make interpreters` (Debian's pypy3)")
+        else:
+            missing(label, f"no {label} in pyenv or on PATH (see scripts/find-python)")
+    assert path is not None
+    return path
