@@ -18,8 +18,6 @@ everywhere. Arguments after ``--`` go to pytest instead.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import sys
 import time
@@ -27,19 +25,10 @@ import time
 import nox
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # harness/, which loads scripts/find-python as a module
+from harness import find_python as _find_python  # noqa: E402
 
-
-def _load_find_python():  # type: ignore[no-untyped-def]
-    path = os.path.join(ROOT, "scripts", "find-python")
-    loader = importlib.machinery.SourceFileLoader("find_python", path)
-    spec = importlib.util.spec_from_loader("find_python", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-find_python = _load_find_python()
+find_python = _find_python.load()
 
 nox.options.default_venv_backend = "venv"  # the interpreter's own venv module
 nox.options.download_python = "never"  # no network here but package registries

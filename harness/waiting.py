@@ -16,6 +16,22 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+class _Deadline:
+    """When to give up waiting for ``what``, and the error that says so."""
+
+    def __init__(self, timeout: float, what: str) -> None:
+        self.timeout, self.what = timeout, what
+        self.at = time.monotonic() + timeout
+
+    def met(self, value: object) -> bool:
+        """Whether ``value`` is what was awaited; raises once the deadline has passed."""
+        if value:
+            return True
+        if time.monotonic() >= self.at:
+            raise AssertionError(f"timed out after {self.timeout} s waiting for {self.what}")
+        return False
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout: float = 20.0,
@@ -27,14 +43,10 @@ def wait_until(
     Raises:
         AssertionError: ``timeout`` seconds passed first.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    deadline = _Deadline(timeout, what)
+    while not deadline.met(value := predicate()):
         time.sleep(interval)
+    return value
 
 
 async def wait_until_async(
@@ -48,11 +60,7 @@ async def wait_until_async(
     Raises:
         AssertionError: ``timeout`` seconds passed first.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    deadline = _Deadline(timeout, what)
+    while not deadline.met(value := predicate()):
         await asyncio.sleep(interval)
+    return value

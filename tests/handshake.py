@@ -26,9 +26,8 @@ def write_secret(workdir: str) -> str:
     return path
 
 
-def authenticate(sock: socket.socket) -> None:
-    """A correct HELLO and AUTH; wait for AUTHED."""
-    nonce = _auth.new_nonce()
+def recipient_hello(nonce: str) -> bytes:
+    """A recipient's HELLO with ``nonce``, saying it authenticates with a secret."""
     hello = _protocol.hello(
         Role.RECIPIENT,
         pid=os.getpid(),
@@ -37,7 +36,13 @@ def authenticate(sock: socket.socket) -> None:
         nonce=nonce,
         auth=_auth.AUTH_SCHEME,
     )
-    sock.sendall(hello.encode())
+    return hello.encode()
+
+
+def authenticate(sock: socket.socket) -> None:
+    """A correct HELLO and AUTH; wait for AUTHED."""
+    nonce = _auth.new_nonce()
+    sock.sendall(recipient_hello(nonce))
     decoder = _protocol.FrameDecoder()
     messages: list[Message] = []
     while len(messages) < 1:

@@ -7,27 +7,13 @@ The Makefile (the CPython 3.13 venv of the Twisted tests), ``noxfile.py``
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import os
-from types import ModuleType
 
 import pytest
 
-from harness.procs import ROOT
+from harness import find_python as _find_python
 
-
-def _load() -> ModuleType:
-    path = os.path.join(ROOT, "scripts", "find-python")
-    loader = importlib.machinery.SourceFileLoader("find_python", path)
-    spec = importlib.util.spec_from_loader("find_python", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-find_python = _load()
+find_python = _find_python.load()
 
 
 @functools.cache

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from handshake import recipient_hello
 from harness.echo import echo
 from harness.procs import EXAMPLES, PYTHON, Proc, run_example, takeover
 from takeover._core import auth as _auth
 from takeover._core import protocol as _protocol
-from takeover._core.protocol import Kind, Message, Role
+from takeover._core.protocol import Kind, Message
 
 
 def _secret(workdir: str, name: str, value: str, mode: int = 0o600) -> str:
@@ -136,14 +137,7 @@ def test_replayed_authentication_refused(control, free_port, workdir, procs):
     origin = run_example("echo", free_port, control, "--secret-file", secret)
     procs.append(origin)
     nonce = _auth.new_nonce()
-    hello = _protocol.hello(
-        Role.RECIPIENT,
-        pid=os.getpid(),
-        pickle_protocol=5,
-        python="x",
-        nonce=nonce,
-        auth=_auth.AUTH_SCHEME,
-    ).encode()
+    hello = recipient_hello(nonce)
     with _raw_connect(control) as first:
         first.sendall(hello)
         theirs = _read_message(first, _protocol.FrameDecoder())

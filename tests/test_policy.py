@@ -33,6 +33,7 @@ import pytest
 from harness.echo import echo
 from harness.procs import APPS, PYTHON, Proc, takeover
 from harness.waiting import wait_until
+from services import run_app
 from takeover import MigrationRefusedError
 from takeover._core.pickling import _bound_method, _import_module, dumps, loads
 from takeover._core.policy import UnpicklePolicy
@@ -619,16 +620,7 @@ def test_private_module_needs_allow(control, workdir, free_port, procs):
         directory, "tk_private", "import asyncio\n\nclass Proto(asyncio.Protocol):\n    pass\n"
     )
     env = {"PYTHONPATH": directory}
-    origin = Proc(
-        [
-            PYTHON,
-            os.path.join(APPS, "multi_echo.py"),
-            *("--port", str(free_port), "--control", control, "--protocol", "tk_private:Proto"),
-        ],
-        env=env,
-    )
-    procs.append(origin)
-    origin.expect(r"control")
+    origin = run_app(procs, free_port, control, "--protocol", "tk_private:Proto", env=env)
     refused_take = takeover("take", control, env=env)
     procs.append(refused_take)
     assert refused_take.wait() == 1, refused_take.output()

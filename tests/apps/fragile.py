@@ -18,19 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import threading
 from typing import Any
 
+# The repository's root, for harness/; a recipient that loads this script runs this too.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 import takeover.asyncio as takeover
+from harness import echo
 
 
-class Fragile(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.pending = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+class Fragile(echo.Echo):
+    """The line echo (harness/echo.py), with three commands."""
 
     def data_received(self, data: bytes) -> None:
         *lines, self.pending = (self.pending + data).split(b"\n")
