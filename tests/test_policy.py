@@ -521,6 +521,22 @@ def test_takeover_machinery_cannot_be_named():
         loads(b"c__main__\nloads\n.", [], main="module:takeover._core.pickling")
 
 
+def echo_args(*args: Any) -> tuple[Any, ...]:
+    """An application function a graph may name (with ``allow=(__name__,)``)."""
+    return args
+
+
+def test_a_graph_cannot_make_a_function_receive_the_load():
+    """Which reconstructors get the load in progress is takeover's list, not an attribute
+    a graph's BUILD could set on a function it names."""
+    module = __name__
+    blob = (
+        f"c{module}\necho_args\n}}S'_takeover_needs_load'\nI01\nsb0"
+        f"c{module}\necho_args\n(I5\ntR."
+    ).encode()
+    assert loads(blob, [], policy=UnpicklePolicy(allow=(module,))) == (5,)
+
+
 def test_a_module_of_another_takeover_is_named_as_such():
     """A graph naming a takeover module this version lacks says the versions differ."""
     message = refused(b"ctakeover._aio_transport\nMigratableServer\n.", "takeover._aio_transport")

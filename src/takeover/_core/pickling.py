@@ -91,6 +91,12 @@ def _outside_a_load() -> ProtocolError:
     return ProtocolError("a takeover reconstructor was called outside the load of a service graph")
 
 
+# The functions marked with needs_load, by id. Kept here rather than as an
+# attribute of each function, which a graph's BUILD could set on any function
+# of the application it names.
+_needs_load: dict[int, Callable[..., Any]] = {}
+
+
 def needs_load(function: F) -> F:
     """Mark a reconstructor whose first argument is the :class:`GraphLoad` in progress.
 
@@ -98,7 +104,7 @@ def needs_load(function: F) -> F:
     policy has accepted it), so such a function reaches the load's policy
     and script without a global.
     """
-    function._takeover_needs_load = True  # type: ignore[attr-defined]
+    _needs_load[id(function)] = function
     return function
 
 
@@ -530,7 +536,7 @@ class GraphUnpickler(pickle.Unpickler):
             raise MigrationRefusedError(
                 f"cannot import {module}.{name}: {type(exc).__name__}: {exc}"
             ) from exc
-        if isinstance(target, types.FunctionType) and target.__dict__.get("_takeover_needs_load"):
+        if _needs_load.get(id(target)) is target:
             return functools.partial(target, load)
         return target
 
