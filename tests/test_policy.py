@@ -531,8 +531,7 @@ def test_a_graph_cannot_make_a_function_receive_the_load():
     a graph's BUILD could set on a function it names."""
     module = __name__
     blob = (
-        f"c{module}\necho_args\n}}S'_takeover_needs_load'\nI01\nsb0"
-        f"c{module}\necho_args\n(I5\ntR."
+        f"c{module}\necho_args\n}}S'_takeover_needs_load'\nI01\nsb0c{module}\necho_args\n(I5\ntR."
     ).encode()
     assert loads(blob, [], policy=UnpicklePolicy(allow=(module,))) == (5,)
 
