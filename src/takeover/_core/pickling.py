@@ -536,8 +536,9 @@ class GraphUnpickler(pickle.Unpickler):
             raise MigrationRefusedError(
                 f"cannot import {module}.{name}: {type(exc).__name__}: {exc}"
             ) from exc
-        if _needs_load.get(id(target)) is target:
-            return functools.partial(target, load)
+        marked = _needs_load.get(id(target))
+        if marked is not None and marked is target:
+            return functools.partial(marked, load)
         return target
 
     def _resolve(self, load: GraphLoad, module: str, name: str) -> Any:
