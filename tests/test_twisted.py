@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+import pythons
 from faultmatrix import (
     FAULTS,
     KILL_RECIPIENT,
@@ -95,10 +96,7 @@ def _move(control: str, python: str, procs: list[Proc]) -> Proc:
 def _need_telnet() -> None:
     """Skip on a developer's machine; fail in CI, where `make interpreters` installs it."""
     if shutil.which("telnet") is None:
-        message = "telnet is not installed: run `make interpreters`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pythons.missing("telnet", "run `make interpreters`")
 
 
 def test_manhole_session_moves_to_this_interpreter_and_to_cpython_313(control, free_port, procs):

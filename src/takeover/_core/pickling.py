@@ -605,8 +605,7 @@ def loads(
         unpickler.use(fds, ahead)
         if policy is not None:
             unpickler.policy = policy
-    load = GraphLoad(unpickler, unpickler.policy, main)
-    outer, unpickler.load_in_progress = unpickler.load_in_progress, load
+    load = unpickler.load_in_progress = GraphLoad(unpickler, unpickler.policy, main)
     try:
         with gc_paused():
             graph = unpickler.load()
@@ -624,7 +623,7 @@ def loads(
         raise error from exc
     finally:
         load.finish()
-        unpickler.load_in_progress = outer
+        unpickler.load_in_progress = None
     if not seeded:
         unpickler.close_unused()
     return graph
