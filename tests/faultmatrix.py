@@ -3,9 +3,11 @@
 For each step of the conversation (a row of docs/faults.md) and each fault (a
 column): SIGKILL the recipient there, SIGKILL the originator there, cut the
 control channel there, or corrupt the next frame there (the last two with the
-man-in-the-middle relay of tests/mitm.py). :func:`run_cell` plays one cell with
-real processes while clients stream checksummed data through the whole
-attempt, and checks its invariants. tests/test_faults.py runs every cell for
+man-in-the-middle relay of tests/mitm.py), or, while the recipient is stopped
+there, write to every connection from outside the service.
+:func:`run_cell` plays one cell of the first four columns with real processes
+while clients stream checksummed data through the whole attempt, and checks
+its invariants; tests/latewrites.py plays the last column. tests/test_faults.py runs every cell for
 the asyncio runtime and renders docs/faults.md from :data:`STEPS`,
 :data:`EXPECTED` and :data:`KNOWN_GAPS`; tests/test_twisted.py runs the cells
 the Twisted recipient decides.
@@ -31,13 +33,20 @@ FULL = 50  # clients in the cells after the graph has gone out, where a mistake 
 LIGHT = 10  # clients everywhere else
 
 ORIGINATOR, RECIPIENT, NONE = "originator", "recipient", "none"
-KILL_RECIPIENT, KILL_ORIGINATOR, CUT, CORRUPT = (
+KILL_RECIPIENT, KILL_ORIGINATOR, CUT, CORRUPT, WRITE = (
     "kill recipient",
     "kill originator",
     "cut channel",
     "corrupt frame",
+    "write during transit",
 )
-FAULTS = (KILL_RECIPIENT, KILL_ORIGINATOR, CUT, CORRUPT)
+FAULTS = (KILL_RECIPIENT, KILL_ORIGINATOR, CUT, CORRUPT, WRITE)
+
+# What becomes of lines written from outside the service while the recipient
+# is stopped at a step (the WRITE column).
+SENT = "sent"  # the service was not paused yet: they went out, and the move went on
+ROLLED_BACK = "rolled back"  # in transit: the move rolled back, they went out from here
+TOLD = "told"  # the recipient had committed: write() raised, or is_closing() said so
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,16 @@ STEPS = [
         clients=FULL,
         relay=False,
     ),
+    # Committed in the arbiter and started, COMMITTED not yet sent: the
+    # originator, still waiting, holds its (quiesced) copies.
+    Step(
+        "started",
+        "recipient.started",
+        None,
+        (TO_ORIGINATOR, Kind.COMMITTED),
+        clients=FULL,
+        relay=False,
+    ),
     Step(
         "committed",
         "recipient.committed-sent",
@@ -145,7 +164,9 @@ EXPECTED = {
     # COMMITTED, asks the arbiter and releases.
     ("graph sent", CUT): RECIPIENT,
     ("graph sent", CORRUPT): RECIPIENT,
-    # After COMMITTED the service is the recipient's: killing it kills the service.
+    # Once committed in the arbiter the service is the recipient's: killing it
+    # kills the service.
+    ("started", KILL_RECIPIENT): NONE,
     ("committed", KILL_RECIPIENT): NONE,
     ("committed", KILL_ORIGINATOR): RECIPIENT,
     ("committed", CUT): RECIPIENT,
@@ -159,8 +180,24 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
 }
 
 
+# The WRITE column: who serves afterwards, and what became of the lines.
+WRITE_OUTCOMES = {
+    **{
+        name: (RECIPIENT, SENT)
+        for name in ("connected", "authenticated", "listed", "take asked", "fds sent ahead")
+    },
+    # AHEAD_READY has gone out: the originator has paused and pickled the service.
+    **{
+        name: (ORIGINATOR, ROLLED_BACK)
+        for name in ("ahead ready", "graph sent", "fds sent", "adopted")
+    },
+    "started": (RECIPIENT, TOLD),
+    "committed": (RECIPIENT, TOLD),
+}
+
+
 def applicable(step: Step, fault: str) -> bool:
-    if fault == KILL_RECIPIENT:
+    if fault in (KILL_RECIPIENT, WRITE):
         return step.recipient_point is not None
     if fault == KILL_ORIGINATOR:
         return step.originator_point is not None
@@ -168,6 +205,8 @@ def applicable(step: Step, fault: str) -> bool:
 
 
 def expected(step: Step, fault: str) -> str:
+    if fault == WRITE:
+        return WRITE_OUTCOMES[step.name][0]
     return EXPECTED.get((step.name, fault), ORIGINATOR)
 
 

@@ -3,7 +3,10 @@
 For each step (a row of docs/faults.md) and each fault (a column): SIGKILL the
 recipient there, SIGKILL the originator there, cut the control channel there,
 or corrupt the next frame there (the last two with the man-in-the-middle relay
-of tests/mitm.py). Clients stream checksummed data through the whole attempt.
+of tests/mitm.py), or write to every connection from outside the service while
+the recipient is stopped there (tests/latewrites.py). Clients stream
+checksummed data through the whole attempt (numbered lines from the writer,
+in the last column).
 Each cell checks which process serves the service afterwards, that the
 clients of a surviving service saw no error and lost, duplicated or altered no
 byte, that the survivor leaked no descriptor, and that never two processes
@@ -33,6 +36,8 @@ from faultmatrix import (
     NONE,
     STEP,
     STEPS,
+    WRITE,
+    WRITE_OUTCOMES,
     applicable,
     expected,
     run_cell,
@@ -42,6 +47,7 @@ from faultmatrix import (
 from harness.echo import echo
 from harness.procs import ROOT, list_fds, process_state, run_example, takeover
 from harness.waiting import wait_until
+from latewrites import run_write_cell
 from mitm import TO_ORIGINATOR
 from services import holders, listener_inode, service_fds
 from streaming import streaming
@@ -70,6 +76,15 @@ CELLS = [
 @pytest.mark.parametrize(("step", "fault"), CELLS)
 def test_fault_matrix(step, fault, workdir, control, free_port, procs):
     """One cell of the fault matrix: the service runs exactly once, clients unharmed."""
+    if fault == WRITE:
+        row = STEP[step]
+        assert row.recipient_point is not None
+        outcome = WRITE_OUTCOMES[step][1]
+        secret = secret_file(workdir)
+        run_write_cell(
+            step, row.recipient_point, outcome, row.clients, secret, control, free_port, procs
+        )
+        return
     result = run_cell(STEP[step], fault, workdir, control, free_port, procs)
     assert result.server == expected(STEP[step], fault)
 
@@ -107,7 +122,9 @@ def render() -> str:
         "Columns: SIGKILL of the recipient or of the originator when it stops itself at the",
         "step's `TAKEOVER_FAULTS` point; the control channel cut by a relay between the two",
         "(which passes descriptors through with SCM_RIGHTS) before the step's frame, or that",
-        "frame with one byte flipped (mid-JSON; for mid-graph, mid-pickle).",
+        "frame with one byte flipped (mid-JSON; for mid-graph, mid-pickle). The last column",
+        "plays `tests/apps/pusher.py` instead of the echo: while the recipient is stopped at",
+        "its point, a task outside the service writes one numbered line to every connection.",
         "",
         "Each cell: **who serves** afterwards; then `errors/clients` (streams that saw an",
         "error); every cell also asserts no byte lost, duplicated or altered on any stream",
@@ -130,6 +147,8 @@ def render() -> str:
             want = expected(step, fault)
             errors = step.clients if want == NONE else 0
             cell = f"**{want}**, {errors}/{step.clients}"
+            if fault == WRITE:
+                cell = f"**{want}**, {WRITE_OUTCOMES[step.name][1]}"
             if (step.name, fault) in KNOWN_GAPS:
                 cell = "**both** (known gap, xfail)"
             cells.append(cell)
@@ -162,6 +181,18 @@ def render() -> str:
         "  1 s `--step-timeout` (at `recipient.connected`, `fds-received` or `adopted`) is",
         "  rolled back while it is still stopped, and when it wakes finds ROLLED_BACK in the",
         "  arbiter and starts nothing.",
+        "- **write during transit**: the cell says who serves, then what became of the",
+        "  lines the outside writer wrote while the recipient was stopped. **sent**: the",
+        "  service was not paused yet, so they went out at once, and the move went on.",
+        "  **rolled back**: the service was in transit (its graph pickled); the write",
+        "  recorded ROLLED_BACK in the arbiter first, so the lines went out from the",
+        "  originator when it resumed, and the recipient failed with a message naming the",
+        "  connection and the writer's code (`pusher.py:LINE in push_once`). **told**: the",
+        "  recipient had committed; `write()` raised `ConnectionMovedError` (at",
+        "  `started`, where the originator still held its copies) or `is_closing()` was",
+        "  already true, so the writer wrote nothing. Every cell asserts that the clients'",
+        "  lines are numbered without a gap or a repeat and that each process's count of",
+        "  lines its writer believes it wrote equals the count the clients got from it.",
     ]
     lines += ["", "Known gaps:", ""]
     for (name, fault), reason in KNOWN_GAPS.items():

@@ -2,8 +2,9 @@
 
 The 50-stream test runs against examples/twisted_echo.py in test_stream.py;
 here: the manhole over a real telnet client (same interpreter, then CPython
-3.13), the recipient-killed cells of the fault matrix, a UNIX port, and
-Twisted's unsent write buffer carried across a move.
+3.13), the recipient-killed cells of the fault matrix and its "write during
+transit" column, a UNIX port, and Twisted's unsent write buffer carried
+across a move.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from faultmatrix import (
     RECIPIENT,
     STEP,
     STEPS,
+    WRITE,
+    WRITE_OUTCOMES,
     applicable,
     expected,
     run_cell,
+    secret_file,
 )
 from harness.procs import EXAMPLES, ROOT, Proc, run_example, takeover
 from harness.waiting import wait_until
+from latewrites import run_write_cell
 
 TWISTED = ("--runtime", "twisted")
 # A manhole session carries an interpreter that runs the source it is given:
@@ -204,7 +209,9 @@ TWISTED_CELLS = [
     pytest.param(step.name, fault, id=f"{step.name.replace(' ', '-')}:{fault.replace(' ', '-')}")
     for step in STEPS
     for fault in FAULTS
-    if applicable(step, fault) and (fault == KILL_RECIPIENT or expected(step, fault) == RECIPIENT)
+    if fault != WRITE
+    and applicable(step, fault)
+    and (fault == KILL_RECIPIENT or expected(step, fault) == RECIPIENT)
 ]
 
 
@@ -225,6 +232,33 @@ def test_fault_matrix_twisted(step, fault, workdir, control, free_port, procs):
         waker_fds=2,
     )
     assert result.server == expected(STEP[step], fault)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "step",
+    [step.name for step in STEPS if applicable(step, WRITE)],
+    ids=lambda name: name.replace(" ", "-"),
+)
+def test_fault_matrix_twisted_write_during_transit(step, workdir, control, free_port, procs):
+    """The "write during transit" column with a Twisted writer and service
+    (tests/apps/twisted_pusher.py) and Twisted recipients: every line written
+    while the recipient is stopped at the step goes out (before the pause, or
+    after the rollback it causes) or is refused at the writer."""
+    row = STEP[step]
+    assert row.recipient_point is not None
+    run_write_cell(
+        step,
+        row.recipient_point,
+        WRITE_OUTCOMES[step][1],
+        row.clients,
+        secret_file(workdir),
+        control,
+        free_port,
+        procs,
+        app="twisted_pusher.py",
+        take_args=TWISTED,
+    )
 
 
 # -- a UNIX port, and the unsent write buffer ----------------------------------------

@@ -9,7 +9,9 @@ writes its decision under an exclusive ``flock``; the other side then finds
 it and abides by it. So the control channel may lose or garble any frame, and
 either process may die, and still at most one of them serves the service:
 an originator that finds COMMITTED releases instead of resuming, a recipient
-that finds ROLLED_BACK discards its copy.
+that finds ROLLED_BACK discards its copy. The originator writes why it
+rolled back after the byte (:meth:`Arbiter.note`), so the recipient can say
+why even when the channel is gone.
 
 ``flock`` locks belong to an open file description, and a descriptor passed
 with SCM_RIGHTS shares the sender's, so the recipient reopens the memfd
@@ -24,6 +26,9 @@ import os
 PENDING = b"P"
 COMMITTED = b"C"
 ROLLED_BACK = b"R"
+
+NOTE_LIMIT = 2000
+"""Bytes of a decision's note kept (after the decision byte)."""
 
 
 class Arbiter:
@@ -55,17 +60,27 @@ class Arbiter:
             os.close(received)
         return cls(fd)
 
-    def decide(self, wanted: bytes) -> bytes:
-        """Record ``wanted`` unless the other side decided first; return the decision."""
+    def decide(self, wanted: bytes, note: str = "") -> bytes:
+        """Record ``wanted`` (with ``note``, why) unless the other side decided
+        first; return the decision."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             state = os.pread(self.fd, 1, 0)
             if state == PENDING:
+                text = note.encode("utf-8", "replace")[:NOTE_LIMIT]
+                # The note first: the decision byte is what the other side reads.
+                if text:
+                    os.pwrite(self.fd, text, 1)
                 os.pwrite(self.fd, wanted, 0)
                 return wanted
             return state
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def note(self) -> str:
+        """Why the decision was taken, as its taker wrote it ('' if it did not say)."""
+        data = os.pread(self.fd, NOTE_LIMIT, 1)
+        return data.decode("utf-8", "replace")
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -14,10 +14,12 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "ChannelClosedError",
+    "ConnectionMovedError",
     "MigrationRefusedError",
     "MigrationTimeoutError",
     "NoSuchServiceError",
     "ProtocolError",
+    "RolledBackError",
     "SerializationError",
     "ServiceBusyError",
     "TakeoverError",
@@ -92,6 +94,32 @@ class MigrationTimeoutError(TakeoverError, TimeoutError):
     code = "timeout"
 
 
+class RolledBackError(TakeoverError):
+    """The originator rolled the move back before the recipient could commit.
+
+    It gave up waiting (its step timeout, a broken channel) or code outside
+    the service changed one of its connections after its graph was pickled
+    (see :class:`ConnectionMovedError`); the message says which. The service
+    goes on in the originator, and taking it again may succeed.
+    """
+
+    code = "rolled-back"
+
+
+class ConnectionMovedError(TakeoverError, ConnectionError):
+    """A write to a connection whose service has moved to another process.
+
+    Raised, in the process the service left, by ``write()`` (and
+    ``writelines()``, ``write_eof()``) on one of the service's transports
+    once the recipient owns the connection; ``is_closing()`` is then true.
+    Nothing of the call was sent: the bytes are the writer's to deal with.
+    A ``ConnectionError``, so code that handles a lost connection on write
+    handles this one too.
+    """
+
+    code = "moved"
+
+
 ERRORS_BY_CODE: dict[str, type[TakeoverError]] = {
     cls.code: cls
     for cls in (
@@ -104,6 +132,8 @@ ERRORS_BY_CODE: dict[str, type[TakeoverError]] = {
         SerializationError,
         MigrationRefusedError,
         MigrationTimeoutError,
+        RolledBackError,
+        ConnectionMovedError,
     )
 }
 

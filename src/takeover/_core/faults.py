@@ -13,7 +13,8 @@ The points, in the order of the conversation (tests/test_faults.py covers each):
   ``fds-sent``, ``committed-received``;
 * recipient: ``connected``, ``authenticated``, ``listed``, ``take-sent``,
   ``ahead-received``, ``ahead-ready-sent``, ``graph-received``, ``fds-received``,
-  ``adopted``, ``committed-sent``.
+  ``adopted``, ``started`` (committed in the arbiter and started, COMMITTED
+  not yet sent), ``committed-sent``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ is either committed (released here, forgotten by the registry) or rolled back
   ROLLED_BACK recorded first resumes the service, COMMITTED found there
   releases it. So the channel can break anywhere and still only one process
   serves the service.
+* once the graph is pickled the service is *sealed*: code outside it that
+  writes to (or closes, pauses...) one of its connections asks the arbiter
+  first (:meth:`_Move.late_call`). If nothing is decided, it records
+  ROLLED_BACK, so the call takes effect here when the service resumes; if the
+  recipient has committed, the call fails as on a lost connection
+  (:class:`~takeover.ConnectionMovedError`). A call made after the pickle is
+  never carried, so this is the only way it is never lost either.
 
 The rules of the conversation itself (which frame may come when, what the
 counts must be) are the sans-IO machine's (``protocol.Conversation``); this
@@ -207,6 +214,8 @@ class _Move:
         self.ahead = SocketsAhead(())
         self.quiesced = False
         self.committed = False
+        # Why this side rolled back, if it did of its own accord (a late call).
+        self.late: str | None = None
 
     async def run(self) -> None:
         try:
@@ -220,7 +229,7 @@ class _Move:
             if await self._send_ahead(service) and await self._send_graph(service):
                 await self._await_decision()
         except TakeoverError as exc:
-            log.warning("move of %r rolled back: %s", self.name, exc)
+            log.warning("move of %r rolled back: %s", self.name, self.late or exc)
             raise
         finally:
             self._settle(service)
@@ -299,6 +308,10 @@ class _Move:
                 text = str(exc) if problem is None else problem.explain(name)
                 log.warning("cannot move %r after quiescing it: %s", name, text)
                 return await self._refuse(exc.code, text)
+            # From here a change to a connection would not be carried: see late_call.
+            seal = getattr(service, "takeover_seal", None)
+            if seal is not None:
+                seal(self.late_call)
             # Sockets that appeared since the dry run travel after the graph.
             fds = [s.fileno() for s in dumped.sockets[len(self.ahead.sockets) :]]
             refusal = session.conversation.fd_limit_refusal(len(dumped.sockets) + 1)
@@ -332,6 +345,34 @@ class _Move:
             ahead.unfit(getattr(service, "takeover_unfit", list)())
         return dumps(service, self.session.pickle_protocol, ahead)
 
+    def late_call(self, call: str) -> bool:
+        """Code outside the sealed service makes ``call`` (say, "write() to the
+        connection from 10.0.0.7:51234"); may it go ahead?
+
+        True: this process serves the service still (the move is rolled back
+        now, if it was not already), and the call takes effect when it
+        resumes. False: the recipient has committed; the runtime fails the
+        call as on a lost connection. Called synchronously by the runtime,
+        inside the call.
+        """
+        assert self.arbiter is not None  # sealed after the arbiter went out
+        if self.arbiter.fd < 0:
+            return not self.committed
+        if self.late is None:
+            where = _caller()
+            note = (
+                f"{call}{f', at {where},' if where else ''} after the graph was pickled: "
+                "that change would have been lost with this process's copy, so the move "
+                "was rolled back and the change takes effect here. Stop such writers in "
+                "takeover_quiesce() and restart them in takeover_resume() and "
+                "takeover_adopted(), or take again once they have stopped"
+            )
+            if self.arbiter.decide(ROLLED_BACK, note) == COMMITTED:
+                return False
+            self.late = note
+            log.warning("move of %r: %s", self.name, note)
+        return True
+
     async def _await_decision(self) -> None:
         """Wait for the recipient's answer; the arbiter decides, not the frame."""
         assert self.arbiter is not None
@@ -347,7 +388,11 @@ class _Move:
             broken, reply = exc, None
         # Recording ROLLED_BACK fails if the recipient has recorded COMMITTED
         # (it does before it starts).
-        self.committed = self.arbiter.decide(ROLLED_BACK) == COMMITTED
+        if broken is not None:
+            why = str(broken)
+        else:
+            why = f"the recipient answered {reply.kind.name if reply is not None else 'nothing'}"
+        self.committed = self.arbiter.decide(ROLLED_BACK, why) == COMMITTED
         if broken is not None:
             if not self.committed:
                 raise broken
@@ -361,8 +406,10 @@ class _Move:
             reason = str(reply.body.get("reason", "no reason given"))
             if self.committed:
                 log.error("the recipient refused %r after committing it: released here", name)
-            else:
+            elif self.late is None:
                 log.warning("the recipient refused %r, rolling back: %s", name, reason)
+            else:
+                log.warning("move of %r rolled back: %s", name, self.late)
         elif not self.committed:
             raise ProtocolError(
                 f"the recipient answered COMMITTED for {name!r} without recording it "
@@ -378,7 +425,8 @@ class _Move:
         if arbiter is not None:
             if not self.committed:
                 # Rolling back: make sure the recipient can no longer commit.
-                self.committed = arbiter.decide(ROLLED_BACK) == COMMITTED
+                decision = arbiter.decide(ROLLED_BACK, "the originator gave up on the move")
+                self.committed = decision == COMMITTED
             arbiter.close()
         if self.committed:
             service.release()
@@ -390,3 +438,16 @@ class _Move:
             log.info("service %r resumed here", name)
         else:
             registry.end_transit(name)
+
+
+def _caller() -> str:
+    """Where the innermost caller outside takeover and the event loop's own
+    modules is, as "FILE:LINE in FUNCTION" ('' if there is none)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if not module.startswith(("takeover.", "asyncio.", "twisted.", "uvloop")):
+            code = frame.f_code
+            return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return ""

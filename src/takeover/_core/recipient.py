@@ -33,9 +33,9 @@ from .errors import (
     AuthenticationError,
     ChannelClosedError,
     MigrationRefusedError,
-    MigrationTimeoutError,
     NoSuchServiceError,
     ProtocolError,
+    RolledBackError,
     TakeoverError,
     error_from_code,
 )
@@ -292,8 +292,10 @@ class RecipientSession:
             ChannelClosedError: the originator went away before this side held
                 the graph and every descriptor; the service was not started
                 here.
-            MigrationTimeoutError: the originator gave up waiting (its step
-                timeout) and rolled back before this side could commit.
+            RolledBackError: the originator rolled back before this side
+                could commit: it gave up waiting (its step timeout), or code
+                outside the service changed one of its connections after the
+                graph was pickled. The message says which.
         """
         if self._fd_transport is not None:
             # Over TCP: connect the local descriptor socket first (same host only).
@@ -403,10 +405,18 @@ class RecipientSession:
         # whether or not the originator is still alive to read COMMITTED.
         if arrival.arbiter.decide(COMMITTED) != COMMITTED:
             service.discard()
-            raise MigrationTimeoutError(
+            why = arrival.arbiter.note() or "it gave up waiting, or its channel broke"
+            error = RolledBackError(
                 f"the originator rolled {name!r} back before this side could commit "
-                "(it gave up waiting, or its channel broke); not started here"
+                f"({why}); not started here"
             )
+            try:
+                # The conversation goes on, if the channel does: another
+                # service (or this one again) may be taken.
+                await self._send(Message(Kind.REFUSED, {"service": name, "reason": str(error)}))
+            except (TakeoverError, OSError) as exc:
+                log.info("could not tell the originator (%s)", exc)
+            raise error
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
         try:
@@ -417,6 +427,7 @@ class RecipientSession:
             # exception end the process and every connection with it.
             log.exception("service %r failed to start completely after commit", name)
         started_at = time.monotonic()
+        faults.checkpoint("recipient.started")
         # Only now tell the originator, so that its wake-up (which may take
         # this CPU) falls after the pause: the arbiter already holds the
         # decision, and the originator keeps its copies quiet until it reads it.

@@ -43,6 +43,17 @@ class Service(Protocol):
     ``takeover_twins()`` (socket -> object, asked before quiescing) and
     ``takeover_unfit()`` (those that now carry more than their socket, asked
     after quiescing).
+
+    Optional, originator side: ``takeover_seal(late_call)``, called once the
+    service's graph is pickled. From then on, until ``resume`` or
+    ``release`` (which lift the seal), a call from outside the service that
+    would change one of its connections (a write, a close...) must first ask
+    ``late_call(description)``: True, the call goes ahead (the move has been
+    rolled back, and the call takes effect when the service resumes); False,
+    the recipient owns the connection, and the call must fail as on a lost
+    connection (``write`` raises :class:`~takeover.ConnectionMovedError`).
+    Without it such a call would change what was already pickled, and be
+    lost.
     """
 
     service_name: str

@@ -183,6 +183,9 @@ class MigratableServer:
     # How the dry run names these attributes in a path (see takeover._core.graphpath).
     _takeover_path_names = {"_transports": "connections", "_sock": "socket"}
 
+    # The move's late_call while a move's graph is pickled (see takeover_seal).
+    _seal: Callable[[str], bool] | None = None
+
     def __init__(
         self,
         sock: socket.socket,
@@ -208,6 +211,7 @@ class MigratableServer:
         state = self.__dict__.copy()
         state["_loop"] = None
         state["_poller"] = None
+        state.pop("_seal", None)
         transports = list(self._transports)
         state["_transports"] = transports
         state["_protocols"] = [t._protocol for t in transports]
@@ -356,7 +360,13 @@ class MigratableServer:
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_quiesce"
         )
 
+    def takeover_seal(self, late_call: Callable[[str], bool]) -> None:
+        """Make calls from outside that change a connection ask ``late_call``
+        first, until resume() or release() (see ``_transport._may_change``)."""
+        self._seal = late_call
+
     def resume(self) -> None:
+        self._seal = None
         run_service_hooks(
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_resume"
         )
@@ -372,6 +382,7 @@ class MigratableServer:
         for transport in self._transports:
             transport._release()
         self._transports.clear()
+        self._seal = None
         if self._sock is not None:
             self._sock.close()
 

@@ -14,7 +14,16 @@ differences that matter for migration:
   :func:`new_twins`).
 * ``_release()`` (originator, after commit) closes this process's
   descriptor with a plain ``close()``: no ``shutdown()``, no SO_LINGER, so
-  the connection, now the recipient's, is untouched.
+  the connection, now the recipient's, is untouched. The transport is then
+  *moved*: ``is_closing()`` is true and ``write()`` raises
+  :class:`~takeover.ConnectionMovedError`, so a writer that kept a
+  reference learns that its bytes were not sent.
+* Once the service's graph is pickled, a call from outside the service that
+  changes the connection (``write()``, ``close()``, ``pause_reading()``...)
+  first asks the move (the server's seal, see
+  ``takeover._core.registry.Service``): either the move is rolled back and
+  the call takes effect here, or the recipient has committed and the call
+  fails as above. Never is it silently dropped with the originator's copy.
 * On the recipient, ``_start()`` first writes the carried output, then
   resumes reading: bytes leave in the order the protocol wrote them.
 
@@ -35,6 +44,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
+
+from .._core.errors import ConnectionMovedError
 
 if TYPE_CHECKING:
     from ._server import MigratableServer
@@ -107,6 +118,7 @@ class MigratableTransport(asyncio.Transport):
     _low_water = HIGH_WATER // 4
     _quiesced = True
     _lost_pending = False
+    _moved = False
     _info: dict[str, Any] | None = None
 
     def __init__(
@@ -154,6 +166,8 @@ class MigratableTransport(asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        if self._quiesced and not self._may_change("set_protocol()"):
+            return
         self._protocol = protocol
 
     def is_reading(self) -> bool:
@@ -162,16 +176,22 @@ class MigratableTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         if self._reading_paused or self._closing:
             return
+        if self._quiesced and not self._may_change("pause_reading()"):
+            return
         self._reading_paused = True
         self._sync()
 
     def resume_reading(self) -> None:
         if not self._reading_paused or self._closing:
             return
+        if self._quiesced and not self._may_change("resume_reading()"):
+            return
         self._reading_paused = False
         self._sync()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._quiesced and not self._may_change("set_write_buffer_limits()"):
+            return
         self._high_water = HIGH_WATER if high is None else high
         self._low_water = self._high_water // 4 if low is None else low
         self._maybe_pause_protocol()
@@ -188,7 +208,11 @@ class MigratableTransport(asyncio.Transport):
         if self._eof_pending or self._eof_written:
             raise RuntimeError("cannot write after write_eof()")
         if self._closing or self._lost or not data:
+            if self._moved and data:
+                raise self._moved_error("write()")
             return
+        if self._quiesced and not self._may_change("write()"):
+            raise self._moved_error("write()")
         if not self._buffer and not self._quiesced:
             try:
                 sent = self._sock.send(data)
@@ -210,8 +234,12 @@ class MigratableTransport(asyncio.Transport):
         return True
 
     def write_eof(self) -> None:
+        if self._moved:
+            raise self._moved_error("write_eof()")
         if self._closing or self._eof_pending or self._eof_written:
             return
+        if self._quiesced and not self._may_change("write_eof()"):
+            raise self._moved_error("write_eof()")
         self._eof_pending = True
         if not self._buffer and not self._quiesced:
             self._shutdown_write()
@@ -219,12 +247,16 @@ class MigratableTransport(asyncio.Transport):
     def close(self) -> None:
         if self._closing:
             return
+        if self._quiesced and not self._may_change("close()"):
+            return
         self._closing = True
         self._sync()
         if not self._buffer:
             self._schedule_connection_lost(None)
 
     def abort(self) -> None:
+        if self._lost or (self._quiesced and not self._may_change("abort()")):
+            return
         self._force_close(None)
 
     # -- I/O ------------------------------------------------------------------
@@ -358,12 +390,57 @@ class MigratableTransport(asyncio.Transport):
         """Commit, originator side: drop this process's descriptor only.
 
         The server has closed its poller first, so nothing watches it here.
+        From now on the transport is closed, and writes raise
+        ConnectionMovedError.
         """
         self._quiesced = True
         self._lost = True
+        self._closing = True
+        self._moved = True
         self._sock.close()
+
+    def _may_change(self, call: str) -> bool:
+        """Whether ``call`` may change this quiesced connection.
+
+        Inside a move whose graph is pickled (the server is sealed), the
+        move decides (see ``takeover._core.registry.Service``); if the
+        recipient owns the connection, this transport is moved from now on
+        and False is returned.
+        """
+        if self._moved:
+            return False
+        seal = self._server._seal
+        if seal is None or seal(f"{call} on {self._describe()}"):
+            return True
+        self._closing = True
+        self._moved = True
+        return False
+
+    def _describe(self) -> str:
+        try:
+            peer = self._sock.getpeername()
+        except OSError:
+            peer = None
+        if isinstance(peer, tuple):
+            peer = f"{peer[0]}:{peer[1]}"
+        where = f" from {peer}" if peer else ""
+        return f"the connection{where} of service {self._server.service_name!r}"
+
+    def _moved_error(self, call: str) -> ConnectionMovedError:
+        return ConnectionMovedError(
+            f"{call} on {self._describe()}: the connection now belongs to another process "
+            "(the service moved); nothing was sent"
+        )
 
     def __repr__(self) -> str:
         peer = (self._info or {}).get("peername")
-        state = "quiesced" if self._quiesced else "closing" if self._closing else "open"
+        state = (
+            "moved"
+            if self._moved
+            else "quiesced"
+            if self._quiesced
+            else "closing"
+            if self._closing
+            else "open"
+        )
         return f"<MigratableTransport fd={self._sock.fileno()} peer={peer} {state}>"

@@ -26,7 +26,16 @@ These are Twisted's own ``tcp.Port``/``tcp.Server`` and ``unix.Port``/
   ``loseConnection()`` (it ends in ``shutdown()``) nor ``abortConnection()``
   (SO_LINGER 0, an RST), nor ``stopListening()`` (a ``shutdown()`` of the
   listening socket wakes every process's ``accept`` with an error): the
-  connection and the listener now belong to the recipient.
+  connection and the listener now belong to the recipient. The connection
+  is then *moved*: ``connected`` is 0, and ``write()`` raises
+  :class:`~takeover.ConnectionMovedError` instead of dropping the bytes
+  as Twisted does on a closed connection, so a writer that kept a reference
+  learns that they were not sent.
+* once the graph is pickled, a call from outside the service that changes a
+  connection (``write``, ``loseConnection``, ``pauseProducing``...) first
+  asks the move, as in the asyncio runtime: either the move is rolled back
+  and the call takes effect here, or the recipient has committed and the
+  call fails as above.
 
 A protocol (and a factory) may define the hooks of the asyncio runtime:
 ``takeover_quiesce()``, ``takeover_resume()`` and ``takeover_adopted()``.
@@ -43,13 +52,13 @@ from typing import Any
 from twisted.internet import tcp, unix
 
 from .._core.ahead import AheadPoller
-from .._core.errors import MigrationRefusedError
+from .._core.errors import ConnectionMovedError, MigrationRefusedError
 from .._core.hooks import run_service_hooks
 
 log = logging.getLogger("takeover.twisted")
 
 # Attributes that belong to this process, not to the connection.
-_LOCAL = ("reactor", "fileno", "deferred")
+_LOCAL = ("reactor", "fileno", "deferred", "_tko_seal")
 
 
 def _check_reactor(runtime: Any) -> Any:
@@ -142,6 +151,80 @@ class _MigratableConnection(_Gate):
     server: Any
     protocol: Any
     connected: int
+    _tko_moved = False
+
+    # -- calls from outside while the service is in transit (see _tko_may_change)
+
+    def write(self, data: bytes) -> None:
+        if (self._tko_quiesced or self._tko_moved) and data and not self._tko_may_change("write()"):
+            raise self._tko_moved_error("write()")
+        super().write(data)  # type: ignore[misc]
+
+    def writeSequence(self, iovec: Any) -> None:
+        if (self._tko_quiesced or self._tko_moved) and not self._tko_may_change("writeSequence()"):
+            raise self._tko_moved_error("writeSequence()")
+        super().writeSequence(iovec)  # type: ignore[misc]
+
+    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
+        if self._tko_quiesced and not self._tko_may_change("loseConnection()"):
+            return
+        super().loseConnection(*args, **kwargs)  # type: ignore[misc]
+
+    def loseWriteConnection(self) -> None:
+        if self._tko_quiesced and not self._tko_may_change("loseWriteConnection()"):
+            return
+        super().loseWriteConnection()  # type: ignore[misc]
+
+    def abortConnection(self) -> None:
+        if self._tko_quiesced and not self._tko_may_change("abortConnection()"):
+            return
+        super().abortConnection()  # type: ignore[misc]
+
+    def pauseProducing(self) -> None:
+        if self._tko_quiesced and not self._tko_may_change("pauseProducing()"):
+            return
+        super().pauseProducing()  # type: ignore[misc]
+
+    def resumeProducing(self) -> None:
+        if self._tko_quiesced and not self._tko_may_change("resumeProducing()"):
+            return
+        super().resumeProducing()  # type: ignore[misc]
+
+    def _tko_may_change(self, call: str) -> bool:
+        """Whether ``call`` may change this quiesced connection.
+
+        While the move's graph is pickled (its port is sealed) the move
+        decides (see ``takeover._core.registry.Service``); if the recipient
+        owns the connection, it is moved from now on and False is returned.
+        """
+        if self._tko_moved:
+            return False
+        if not self.connected:
+            return True  # closed before the move: Twisted ignores the call
+        seal = getattr(self.server, "_tko_seal", None)
+        if seal is None or seal(f"{call} on {self._tko_describe()}"):
+            return True
+        self._tko_moved = True
+        self.connected = 0
+        self.disconnected = 1
+        return False
+
+    def _tko_describe(self) -> str:
+        try:
+            peer: Any = self.socket.getpeername()
+        except OSError:
+            peer = None
+        if isinstance(peer, tuple):
+            peer = f"{peer[0]}:{peer[1]}"
+        elif isinstance(peer, bytes):
+            peer = peer.decode(errors="replace")
+        return f"the connection{f' from {peer}' if peer else ''} (a Twisted {type(self).__name__})"
+
+    def _tko_moved_error(self, call: str) -> ConnectionMovedError:
+        return ConnectionMovedError(
+            f"{call} on {self._tko_describe()}: the connection now belongs to another "
+            "process (the service moved); nothing was sent"
+        )
 
     def connectionLost(self, reason: Any) -> None:
         try:
@@ -156,6 +239,7 @@ class _MigratableConnection(_Gate):
         self._tko_quiesce()
         self.connected = 0
         self.disconnected = 1
+        self._tko_moved = True
         self.socket.close()
 
     def _tko_discard(self) -> None:
@@ -199,6 +283,8 @@ class _MigratablePort(_Gate):
     _tko_connections: dict[_MigratableConnection, None]
     socket: socket.socket
     factory: Any
+    # The move's late_call while a move's graph is pickled (MigratablePort.takeover_seal).
+    _tko_seal: Callable[[str], bool] | None = None
 
     def _tko_release(self) -> None:
         self._tko_quiesce()
@@ -280,7 +366,13 @@ class MigratablePort:
             self.port.factory, [c.protocol for c in self.connections], "takeover_quiesce"
         )
 
+    def takeover_seal(self, late_call: Callable[[str], bool]) -> None:
+        """Make calls from outside that change a connection ask ``late_call``
+        first, until resume() or release() (see ``_tko_may_change``)."""
+        self.port._tko_seal = late_call
+
     def resume(self) -> None:
+        self.port.__dict__.pop("_tko_seal", None)
         run_service_hooks(
             self.port.factory, [c.protocol for c in self.connections], "takeover_resume"
         )
@@ -291,6 +383,7 @@ class MigratablePort:
         for connection in self.connections:
             connection._tko_release()
         self.port._tko_connections.clear()
+        self.port.__dict__.pop("_tko_seal", None)
         self.port._tko_release()
 
     def adopt(self, runtime: Any, ahead: AheadPoller | None = None) -> None:
