@@ -79,7 +79,7 @@ class Feeds:
             self.errors.append(f"{sock.getsockname()}: {exc}")
             data = b""
         if not data:
-            raise AssertionError(f"a client's connection closed: {self.errors}")
+            raise EOFError(f"a client's connection closed: {self.errors}")
         buffer = self.buffers[sock]
         buffer += data
         *complete, rest = bytes(buffer).split(b"\n")
@@ -91,6 +91,25 @@ class Feeds:
                 f"line {number} after {len(lines)} lines: a gap or a repeat"
             )
             lines.append((number, pid))
+
+    def read_to_end(self, timeout: float = 20.0) -> None:
+        """Read until every connection has been closed by the server."""
+        open_ = set(self.sockets)
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            for s in open_:
+                selector.register(s, selectors.EVENT_READ)
+            while open_:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{len(open_)} connections still open"
+                for key, _ in selector.select(remaining):
+                    sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                    try:
+                        self._read_one(sock)
+                    except EOFError:
+                        selector.unregister(sock)
+                        open_.discard(sock)
+        assert all(not b for b in self.buffers.values()), "a partial line at the end"
 
     def wait_for(self, total: int, timeout: float = 20.0) -> None:
         """Read until ``total`` lines in all have come, then check that no more come."""

@@ -37,7 +37,8 @@ The recipient connects and speaks first. Written from the originator's side
     ahead-ready     --out GRAPH-->       sending-fds       (GRAPH says how many fds follow)
     sending-fds     --out FDS-->         sending-fds ... await-committed once all are sent
     await-committed --in COMMITTED-->    idle              (the service has moved)
-    await-committed --in REFUSED-->      idle              (rolled back)
+    await-committed --in REFUSED-->      idle              (rolled back: the recipient could not
+                                                            adopt it, or found ROLLED_BACK)
     any             --either BYE-->      closed
 
 ERROR may also be sent in ``start`` and ``hello-received`` (authentication
