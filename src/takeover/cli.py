@@ -5,6 +5,12 @@
                   [--runtime asyncio|twisted]
     takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
+    takeover run --control PATH [--successor COMMAND] -- COMMAND...
+
+``run`` is an anchor for supervisors (systemd, supervisord, a container's
+PID 1): a process whose PID never changes, which starts COMMAND, starts a
+successor on SIGHUP, and exits with the last server's status once no server
+is left (see ``takeover.anchor``).
 
 ``check`` is a dry run: the originator pickles each service's graph and throws
 it away, pausing nothing, and says what would stop it from moving. It exits 0
@@ -222,6 +228,22 @@ async def _check(args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else EXIT_FAILURE
 
 
+def _run_anchor(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .anchor import run
+
+    command = list(args.command_line)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CommandError("run: give the server's command after --")
+    if args.verbose == 0:
+        logging.getLogger("takeover.anchor").setLevel(logging.INFO)
+    successor = shlex.split(args.successor) if args.successor else []
+    return run(command, args.control, successor)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -296,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     _control_arguments(p)
     _service_arguments(p, "check", "one JSON object per service")
     p.set_defaults(run=_check)
+
+    p = commands.add_parser(
+        "run",
+        help="supervise a server from a process whose PID never changes (systemd, containers)",
+        description="Start COMMAND and supervise it: SIGHUP starts a successor that takes "
+        "its services (`takeover take CONTROL` by default), SIGTERM and SIGINT go to the "
+        "server, and this process exits with the last server's status once no server is "
+        "left. Under systemd (Type=notify) it reports READY, RELOADING and a STATUS line.",
+    )
+    p.add_argument(
+        "--control", required=True, metavar="PATH", help="the server's control socket path"
+    )
+    p.add_argument(
+        "--successor",
+        metavar="COMMAND",
+        help="the command that takes over on SIGHUP (one shell-quoted string; default: "
+        "`takeover take CONTROL` under this interpreter)",
+    )
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    p.set_defaults(run=None, sync=_run_anchor)
 
     p = commands.add_parser(
         "demo",

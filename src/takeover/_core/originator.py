@@ -76,6 +76,7 @@ class _Session:
     registry: Registry
     limits: Limits
     pickle_protocol: int = pickle.HIGHEST_PROTOCOL
+    peer_pid: int | None = None
 
     async def send(self, message: Message, fds: list[int] | None = None) -> None:
         self.conversation.send(message)
@@ -117,6 +118,13 @@ async def serve_channel(
         return
     faults.checkpoint("originator.authenticated")
     session.pickle_protocol = min(pickle.HIGHEST_PROTOCOL, peer["pickle_protocol"])
+    # The kernel's word for a local peer; the recipient's own (same host) over TCP.
+    credentials = channel.peer if channel.local else None
+    claimed = peer.get("pid")
+    if credentials is not None:
+        session.peer_pid = credentials.pid
+    elif isinstance(claimed, int):
+        session.peer_pid = claimed
     channel.limit_frames(limits.max_frame_size)
     log.info("recipient pid %s connected (%s)", peer["pid"], peer.get("implementation"))
     while True:
@@ -125,7 +133,11 @@ async def serve_channel(
             return
         if message.kind is Kind.LIST:
             # "main" lets the recipient load the script before the pause.
-            listing = {"services": registry.describe(), "main": main_reference()}
+            listing = {
+                "services": registry.describe(),
+                "main": main_reference(),
+                "supervision": registry.supervision,
+            }
             await session.send(Message(Kind.SERVICES, listing))
             faults.checkpoint("originator.listed")
         elif message.kind is Kind.TAKE:
@@ -430,6 +442,7 @@ class _Move:
             arbiter.close()
         if self.committed:
             service.release()
+            registry.successor_pid = self.session.peer_pid
             registry.withdraw(name)
             log.info("service %r committed to the recipient and released here", name)
         elif self.quiesced:

@@ -183,6 +183,8 @@ class RecipientSession:
         self.policy.prepare()
         self._fd_transport: dict[str, Any] | None = None
         self._main: str | None = None
+        # What the originator asks its successor to carry on (its PID file).
+        self.supervision: dict[str, str] = {}
         self.conversation = Conversation(Role.RECIPIENT, limits)
         self.originator: dict[str, Any] = {}
         self.pickle_protocol = pickle.HIGHEST_PROTOCOL
@@ -274,6 +276,13 @@ class RecipientSession:
             raise ProtocolError("SERVICES frame lists no services")
         main = reply.body.get("main")
         self._main = main if isinstance(main, str) else None
+        supervision = reply.body.get("supervision")
+        if isinstance(supervision, dict):
+            self.supervision = {
+                key: value
+                for key, value in supervision.items()
+                if key == "pid_file" and isinstance(value, str) and os.path.isabs(value)
+            }
         faults.checkpoint("recipient.listed")
         return services
 

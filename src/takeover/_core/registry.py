@@ -79,6 +79,10 @@ class Registry:
         self._services: dict[str, Service] = {}
         self._states: dict[str, ServiceState] = {}
         self._on_empty: list[Callable[[], None]] = []
+        # The pid of the process that took the last service that moved away.
+        self.successor_pid: int | None = None
+        # What a recipient is told to carry on (``pid_file``), see supervision.py.
+        self.supervision: dict[str, str] = {}
 
     def publish(self, service: Service) -> None:
         """Make ``service`` available under its ``service_name``.

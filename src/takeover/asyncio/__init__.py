@@ -44,8 +44,9 @@ from .._core.options import add_control_options, control_options
 from .._core.policy import UnpicklePolicy
 from .._core.protocol import Limits
 from .._core.recipient import RecipientSession, Taken, select
-from .._core.registry import Service
+from .._core.registry import Registry, Service
 from .._core.retire import retire
+from .._core.supervision import Supervisor
 from ._channel import AsyncioChannel, StreamChannel, parse_control
 from ._migration import MigrationServer
 from ._server import MigratableServer, ProtocolFactory
@@ -256,6 +257,7 @@ async def serve_until_moved(
     tls: TLSConfig | None = None,
     ready: Callable[[MigrationServer], object] | None = None,
     retire: bool = True,
+    pid_file: str | None = None,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
@@ -277,15 +279,28 @@ async def serve_until_moved(
             the garbage collector's heap frozen, so the interpreter's
             teardown does not walk it, and the idle scheduling class).
             Pass False if the program goes on working after this returns.
+        pid_file: keep this PID file naming the process that serves: this
+            one once published, its successor once everything has moved
+            (replaced atomically; the successor carries it on).
+
+    Under a supervisor that set ``$NOTIFY_SOCKET`` (systemd's ``Type=notify``,
+    or ``takeover run``), this process sends ``READY=1`` and a ``STATUS=``
+    line once published, and, once everything has moved, ``MAINPID=`` its
+    successor's pid, waiting until the supervisor has read it before
+    returning (see ``takeover._core.supervision``).
     """
+    supervisor = Supervisor(pid_file)
     async with MigrationServer(
         control, limits=limits, replace=replace, secret=secret, tls=tls
     ) as migration:
         for service in services:
             migration.publish(service)
+        migration.registry.supervision = supervisor.handed_on()
+        supervisor.serving(*_counts(migration.registry))
         if ready is not None:
             ready(migration)
         await migration.wait_empty()
+        supervisor.moved_away(migration.registry.successor_pid)
     if retire:
         _retire()
 
@@ -318,6 +333,7 @@ async def take_and_serve(
     on_taken: Callable[[Taken], object] | None = None,
     on_failed: Callable[[str, TakeoverError], object] | None = None,
     on_serving: Callable[[MigrationServer], object] | None = None,
+    pid_file: str | None = None,
     **options: Any,
 ) -> Succession:
     """Take services from ``control``, publish them again, and serve them until they move on.
@@ -340,6 +356,9 @@ async def take_and_serve(
         on_failed: called with the name and the error of each service that
             could not be taken.
         on_serving: called once the services are published again.
+        pid_file: the PID file to keep (default: the originator's, if it
+            kept one); see :func:`serve_until_moved`, whose supervisor
+            notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
             ``allow``, ``trust``); ``limits``, ``secret`` and ``tls`` apply
             to the migration server published here too.
@@ -352,8 +371,11 @@ async def take_and_serve(
     runtime = runtime if runtime is not None else asyncio.get_running_loop()
     session = await connect(control, **options)
     result = Succession()
+    supervisor = Supervisor(pid_file)
     try:
         listed = await session.list()
+        if pid_file is None and "pid_file" in session.supervision:
+            supervisor = Supervisor(session.supervision["pid_file"])
         if not listed:
             raise NoSuchServiceError(f"the migration server at {control} publishes no services")
         for name in select(listed, services):
@@ -361,6 +383,7 @@ async def take_and_serve(
                 taken = await session.take(name, runtime)
             except TakeoverError as exc:
                 result.failed.append((name, exc))
+                supervisor.failed(f"{name}: {exc}")
                 if on_failed is not None:
                     on_failed(name, exc)
                 continue
@@ -371,6 +394,7 @@ async def take_and_serve(
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
         migration = _republish(control, everything, result.taken, options)
+        migration.registry.supervision = supervisor.handed_on()
         if not migration.path.startswith("tcp:"):
             # Publish (rename over CONTROL) before BYE, so that the originator,
             # which removes CONTROL on leaving if it is still its own, sees ours.
@@ -381,10 +405,18 @@ async def take_and_serve(
         # The originator releases the port once the conversation is over.
         await migration.start()
     result.control = migration.path
+    pause = max(t.pause_ms for t in result.taken)
+    supervisor.serving(*_counts(migration.registry), pause_ms=pause)
     if on_serving is not None:
         on_serving(migration)
-    result.moved_away = await hold(migration)
+    result.moved_away = await hold(migration, supervisor)
     return result
+
+
+def _counts(registry: Registry) -> tuple[int, int]:
+    """How many services ``registry`` publishes, and how many connections they hold."""
+    listed = registry.describe()
+    return len(listed), sum(int(s.get("connections", 0) or 0) for s in listed)
 
 
 def _republish(
@@ -409,9 +441,10 @@ def _republish(
     return migration
 
 
-async def hold(migration: MigrationServer) -> bool:
+async def hold(migration: MigrationServer, supervisor: Supervisor | None = None) -> bool:
     """Serve what ``migration`` publishes until it has all moved on (True) or
-    SIGINT/SIGTERM (False); then close what is left, and retire if it moved."""
+    SIGINT/SIGTERM (False); then close what is left, and retire if it moved
+    (after telling ``supervisor`` who the successor is)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -435,6 +468,8 @@ async def hold(migration: MigrationServer) -> bool:
         service.close()
     # Let connection_lost callbacks run before the loop goes away.
     await asyncio.sleep(0)
+    if moved_away and supervisor is not None:
+        supervisor.moved_away(migration.registry.successor_pid)
     if moved_away:
         # The successor serves on this machine: leave without taking its CPU.
         retire()
