@@ -37,7 +37,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._core.errors import TakeoverError
-from ._core.options import add_limit_options, add_security_options, limits, security_options
+from ._core.options import (
+    add_limit_options,
+    add_pid_file_option,
+    add_security_options,
+    limits,
+    security_options,
+)
 from ._core.recipient import CheckResult, Taken, select
 
 if TYPE_CHECKING:
@@ -178,6 +184,11 @@ async def _take(args: argparse.Namespace) -> int:
         else:
             print(f"serving {len(taken)} service(s) at {migration.path} (pid {os.getpid()})")
         sys.stdout.flush()
+        if args.detached is not None:
+            # The command that started this one may return now (see _detach).
+            os.write(args.detached, b"serving\n")
+            os.close(args.detached)
+            args.detached = None
 
     try:
         result = await take_and_serve(
@@ -189,6 +200,7 @@ async def _take(args: argparse.Namespace) -> int:
             on_taken=on_taken,
             on_failed=on_failed,
             on_serving=on_serving,
+            pid_file=args.pid_file,
         )
     except TakeoverError:
         raise
@@ -226,6 +238,30 @@ async def _check(args: argparse.Namespace) -> int:
     if not results and not args.json:
         print(f"no services published at {args.control}")
     return 0 if all(result.ok for result in results) else EXIT_FAILURE
+
+
+def _detach(args: argparse.Namespace) -> int | None:
+    """``take --detach``: fork; this process returns once the child serves.
+
+    Returns the parent's exit status (0 once the child said it serves, 1 if
+    it exited first); None in the child, which goes on with the take. What
+    an ``ExecReload=`` needs: it must return, while the new server stays in
+    the unit (the old one hands it MAINPID).
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        args.detached = write
+        return None
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    if said.startswith(b"serving"):
+        return 0
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code > 0 else EXIT_FAILURE
 
 
 def _run_anchor(args: argparse.Namespace) -> int:
@@ -303,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="turn the unpickling policy off: the originator may run any code here",
     )
+    add_pid_file_option(p)
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once the services serve here (or the take failed), leaving this "
+        "process serving them in the background: for ExecReload= without `takeover run`",
+    )
     p.add_argument(
         "--runtime",
         choices=("asyncio", "twisted"),
@@ -356,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.detached = None
+    if getattr(args, "detach", False):
+        status = _detach(args)
+        if status is not None:
+            return status
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="takeover[%(process)d] %(name)s: %(message)s")
     try:

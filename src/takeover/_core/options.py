@@ -75,16 +75,27 @@ def limits(args: argparse.Namespace) -> Limits:
 
 
 def add_control_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """Add ``--control`` (a socket path or ``tcp:HOST:PORT``), the security
-    options and the limit options."""
+    """Add ``--control`` (a socket path or ``tcp:HOST:PORT``), ``--pid-file``,
+    the security options and the limit options."""
     parser.add_argument(
         "--control",
         required=required,
         metavar="CONTROL",
         help="where to publish services for migration: a socket path, or tcp:HOST:PORT",
     )
+    add_pid_file_option(parser)
     add_security_options(parser)
     add_limit_options(parser)
+
+
+def add_pid_file_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--pid-file``."""
+    parser.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="keep PATH naming the process that serves (replaced atomically at each move; "
+        "the successor carries it on)",
+    )
 
 
 def security_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,5 +117,10 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def control_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``control``, ``secret``, ``tls`` and ``limits`` for ``serve_until_moved``."""
-    return {"control": args.control, "limits": limits(args), **security_options(args)}
+    """``control``, ``secret``, ``tls``, ``limits`` and ``pid_file`` for ``serve_until_moved``."""
+    return {
+        "control": args.control,
+        "limits": limits(args),
+        "pid_file": getattr(args, "pid_file", None),
+        **security_options(args),
+    }

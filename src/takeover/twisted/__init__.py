@@ -179,7 +179,7 @@ def serve_until_moved(*services: Service, control: str, reactor: Any = None, **o
 
     The migration server runs in the reactor (see the module's docstring);
     the other keyword arguments (``limits``, ``replace``, ``secret``,
-    ``tls``, ``ready``, ``retire``) are those of
+    ``tls``, ``ready``, ``retire``, ``pid_file``) are those of
     :func:`takeover.asyncio.serve_until_moved`.
     """
     return _deferred(aio.serve_until_moved(*services, control=control, **options), reactor)
