@@ -9,12 +9,14 @@ notification socket of the test's own stands in for systemd's.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 
 from harness.echo import echo
-from harness.procs import Proc, process_state, run_example, takeover
+from harness.procs import APPS, PYTHON, Proc, process_state, run_example, takeover
 from harness.waiting import wait_until
 from test_anchor import Upstream
 
@@ -97,3 +99,52 @@ def test_a_detached_take_that_fails_returns_non_zero(workdir, control, free_port
     assert "no service named 'nope'" in failing.output()
     with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
         assert echo(client, b"still\n") == b"still\n"
+
+
+def ask(client: socket.socket, line: bytes) -> bytes:
+    client.sendall(line)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = client.recv(100)
+        assert chunk, "closed"
+        answer += chunk
+    return answer
+
+
+def test_every_move_is_logged_once_on_each_side(control, free_port, procs):
+    """A move that commits and one that fails: one line each, on both sides; JSON when asked."""
+    origin = Proc(
+        [PYTHON, os.path.join(APPS, "fragile.py"), "--port", str(free_port), "--control", control]
+    )
+    procs.append(origin)
+    origin.expect("control")
+    with socket.create_connection(("127.0.0.1", free_port), timeout=10) as client:
+        assert ask(client, b"lock\n") == b"ok lock\n"
+        # The originator refuses: the protocol holds a lock.
+        refused = takeover("take", "--log-format", "json", control)
+        procs.append(refused)
+        assert refused.wait() == 1
+        events = [json.loads(line) for line in refused.output().splitlines() if line[:1] == "{"]
+        assert [e["event"] for e in events] == ["not-taken"], refused.output()
+        (event,) = events
+        assert event["service"] == "fragile" and event["peer_pid"] == origin.pid
+        assert event["level"] == "warning" and "_thread.lock" in event["reason"]
+        line = origin.expect(r"takeover\.moves: did not move 'fragile' to pid (\d+) ")
+        assert int(line[1]) == refused.pid and "(nothing was paused)" in line.string
+        assert ask(client, b"drop\n") == b"ok drop\n"
+        taker = takeover("take", "--log-format", "json", control)
+        procs.append(taker)
+        took = taker.event("took")
+        assert took["service"] == "fragile" and took["peer_pid"] == origin.pid
+        assert took["connections"] == 1 and took["pause_ms"] > 0
+        moved = origin.expect(r"takeover\.moves: moved 'fragile' to pid (\d+): 1 connections, ")
+        assert int(moved[1]) == taker.pid
+        assert re.search(r"paused \d+\.\d\d ms$", moved.string), moved.string
+        assert origin.wait() == 0
+        assert echo(client, b"after\n") == b"after\n"
+    # In text, `take` prints its own line for each move: no second one from its log.
+    assert "takeover.moves" not in "".join(
+        line for line in taker.output().splitlines() if not line.startswith("{")
+    )
+    taker.signal(signal.SIGTERM)
+    assert taker.wait() == 0

@@ -36,6 +36,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._core import logs
 from ._core.errors import TakeoverError
 from ._core.options import (
     add_limit_options,
@@ -294,6 +295,17 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_security_options(parser)
     add_limit_options(parser)
+    _log_format_argument(parser)
+
+
+def _log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log to stderr as text lines (default) or one JSON object per line; every move "
+        "is logged, on both sides",
+    )
 
 
 def _service_arguments(parser: argparse.ArgumentParser, verb: str, json_help: str) -> None:
@@ -307,19 +319,7 @@ def _service_arguments(parser: argparse.ArgumentParser, verb: str, json_help: st
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="takeover",
-        description="Move live network services between running Python processes.",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("list", help="show the services a migration server publishes")
-    _control_arguments(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per service")
-    p.set_defaults(run=_list)
-
+def _take_parser(commands: Any) -> None:
     p = commands.add_parser(
         "take", help="take services into this process, serve them, and publish them again"
     )
@@ -355,13 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_take)
 
-    p = commands.add_parser(
-        "check", help="dry run: could each service move now? (nothing is paused or moved)"
-    )
-    _control_arguments(p)
-    _service_arguments(p, "check", "one JSON object per service")
-    p.set_defaults(run=_check)
 
+def _run_parser(commands: Any) -> None:
     p = commands.add_parser(
         "run",
         help="supervise a server from a process whose PID never changes (systemd, containers)",
@@ -379,8 +374,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command that takes over on SIGHUP (one shell-quoted string; default: "
         "`takeover take CONTROL` under this interpreter)",
     )
+    _log_format_argument(p)
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     p.set_defaults(run=None, sync=_run_anchor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="takeover",
+        description="Move live network services between running Python processes.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="show the services a migration server publishes")
+    _control_arguments(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per service")
+    p.set_defaults(run=_list)
+
+    _take_parser(commands)
+
+    p = commands.add_parser(
+        "check", help="dry run: could each service move now? (nothing is paused or moved)"
+    )
+    _control_arguments(p)
+    _service_arguments(p, "check", "one JSON object per service")
+    p.set_defaults(run=_check)
+
+    _run_parser(commands)
 
     p = commands.add_parser(
         "demo",
@@ -405,7 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status is not None:
             return status
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="takeover[%(process)d] %(name)s: %(message)s")
+    log_format = getattr(args, "log_format", "text")
+    # In text, `take` reports what it took (stdout) or why it could not
+    # (its one error line) itself: its own move lines would say it twice.
+    quiet = ("took", "not-taken") if log_format == "text" and args.command == "take" else ()
+    logs.configure(log_format, level, without=quiet)
     try:
         if args.run is None:
             return int(args.sync(args))

@@ -84,8 +84,20 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
         help="where to publish services for migration: a socket path, or tcp:HOST:PORT",
     )
     add_pid_file_option(parser)
+    add_log_format_option(parser)
     add_security_options(parser)
     add_limit_options(parser)
+
+
+def add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--log-format text|json``."""
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="how to log (to stderr): text lines, or one JSON object per line; every move "
+        "is logged on both sides",
+    )
 
 
 def add_pid_file_option(parser: argparse.ArgumentParser) -> None:
@@ -117,10 +129,12 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def control_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``control``, ``secret``, ``tls``, ``limits`` and ``pid_file`` for ``serve_until_moved``."""
+    """``control``, ``secret``, ``tls``, ``limits``, ``pid_file`` and
+    ``log_format`` for ``serve_until_moved``."""
     return {
         "control": args.control,
         "limits": limits(args),
         "pid_file": getattr(args, "pid_file", None),
+        "log_format": getattr(args, "log_format", None),
         **security_options(args),
     }

@@ -59,6 +59,7 @@ from .errors import (
 )
 from .fds import SCM_MAX_FD, batches
 from .graphpath import check_graph
+from .logs import MOVES, move_event
 from .pickling import Dumped, dumps, gc_paused
 from .protocol import Conversation, Kind, Limits, Message, Role
 from .registry import Registry, Service
@@ -228,6 +229,9 @@ class _Move:
         self.committed = False
         # Why this side rolled back, if it did of its own accord (a late call).
         self.late: str | None = None
+        # Why the move did not happen (for the one line that logs it).
+        self.reason: str | None = None
+        self.pause_ms: float | None = None
 
     async def run(self) -> None:
         try:
@@ -241,13 +245,14 @@ class _Move:
             if await self._send_ahead(service) and await self._send_graph(service):
                 await self._await_decision()
         except TakeoverError as exc:
-            log.warning("move of %r rolled back: %s", self.name, self.late or exc)
+            self.reason = self.reason or str(exc)
             raise
         finally:
             self._settle(service)
 
     async def _refuse(self, code: str, text: str) -> bool:
         """Tell the recipient this move will not happen; False, for the caller to return."""
+        self.reason = text
         await self.session.send(protocol.error(code, text))
         return False
 
@@ -418,11 +423,12 @@ class _Move:
             reason = str(reply.body.get("reason", "no reason given"))
             if self.committed:
                 log.error("the recipient refused %r after committing it: released here", name)
-            elif self.late is None:
-                log.warning("the recipient refused %r, rolling back: %s", name, reason)
             else:
-                log.warning("move of %r rolled back: %s", name, self.late)
-        elif not self.committed:
+                self.reason = self.late or f"the recipient refused it: {reason}"
+        elif reply is not None and reply.kind is Kind.COMMITTED:
+            pause = reply.body.get("pause_ms")
+            self.pause_ms = round(pause, 3) if isinstance(pause, (int, float)) else None
+        if not self.committed and (reply is None or reply.kind is not Kind.REFUSED):
             raise ProtocolError(
                 f"the recipient answered COMMITTED for {name!r} without recording it "
                 "in the move's arbiter; rolled back"
@@ -433,6 +439,7 @@ class _Move:
     def _settle(self, service: Service) -> None:
         """Release the service (committed) or resume it (rolled back), and close the arbiter."""
         registry, name = self.session.registry, self.name
+        connections = int(service.describe().get("connections", 0) or 0)
         arbiter = self.arbiter
         if arbiter is not None:
             if not self.committed:
@@ -444,13 +451,36 @@ class _Move:
             service.release()
             registry.successor_pid = self.session.peer_pid
             registry.withdraw(name)
-            log.info("service %r committed to the recipient and released here", name)
         elif self.quiesced:
             service.resume()
             registry.end_transit(name)
-            log.info("service %r resumed here", name)
         else:
             registry.end_transit(name)
+        self._log(connections)
+
+    def _log(self, connections: int) -> None:
+        """The move's one line."""
+        name, peer = self.name, self.session.peer_pid
+        if self.committed:
+            pause = f", paused {self.pause_ms:.2f} ms" if self.pause_ms is not None else ""
+            facts = move_event(
+                "moved", name, peer_pid=peer, connections=connections, pause_ms=self.pause_ms
+            )
+            MOVES.info(
+                "moved %r to pid %s: %d connections%s",
+                name,
+                peer,
+                connections,
+                pause,
+                extra={"move": facts},
+            )
+            return
+        where = "it goes on here" if self.quiesced else "nothing was paused"
+        reason = self.late or self.reason or "the move was abandoned"
+        facts = move_event("not-moved", name, peer_pid=peer, connections=connections, reason=reason)
+        MOVES.warning(
+            "did not move %r to pid %s (%s): %s", name, peer, where, reason, extra={"move": facts}
+        )
 
 
 def _caller() -> str:

@@ -40,6 +40,7 @@ from .errors import (
     error_from_code,
 )
 from .fds import close_all
+from .logs import MOVES, move_event
 from .pickling import gc_paused, loads
 from .policy import TRUST_WARNING, UnpicklePolicy
 from .protocol import Conversation, Kind, Limits, Message, Role
@@ -306,6 +307,29 @@ class RecipientSession:
                 outside the service changed one of its connections after the
                 graph was pickled. The message says which.
         """
+        origin = self.originator.get("pid")
+        try:
+            taken = await self._take(name, runtime)
+        except TakeoverError as exc:
+            facts = move_event("not-taken", name, peer_pid=origin, reason=str(exc))
+            MOVES.warning(
+                "could not take %r from pid %s: %s", name, origin, exc, extra={"move": facts}
+            )
+            raise
+        summary = {key: value for key, value in taken.summary().items() if key != "service"}
+        facts = move_event("took", name, peer_pid=origin, **summary)
+        MOVES.info(
+            "took %r from pid %s: %d connections, paused %.2f ms, %d fds",
+            name,
+            origin,
+            taken.connections,
+            taken.pause_ms,
+            taken.fds,
+            extra={"move": facts},
+        )
+        return taken
+
+    async def _take(self, name: str, runtime: Any) -> Taken:
         if self._fd_transport is not None:
             # Over TCP: connect the local descriptor socket first (same host only).
             await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)
@@ -436,12 +460,14 @@ class RecipientSession:
             # exception end the process and every connection with it.
             log.exception("service %r failed to start completely after commit", name)
         started_at = time.monotonic()
+        quiesced_at = arrival.meta.get("quiesced_at")
+        pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
         faults.checkpoint("recipient.started")
         # Only now tell the originator, so that its wake-up (which may take
         # this CPU) falls after the pause: the arbiter already holds the
         # decision, and the originator keeps its copies quiet until it reads it.
         try:
-            await self._send(Message(Kind.COMMITTED, {"service": name}))
+            await self._send(Message(Kind.COMMITTED, {"service": name, "pause_ms": pause}))
         except ChannelClosedError:
             # The originator learns it from the arbiter, or it is gone: either
             # way the service is ours.
@@ -450,8 +476,6 @@ class RecipientSession:
             log.warning("could not answer COMMITTED for %r (%s); serving it anyway", name, exc)
         faults.checkpoint("recipient.committed-sent")
         meta = arrival.meta
-        quiesced_at = meta.get("quiesced_at")
-        pause = (started_at - quiesced_at) * 1000 if isinstance(quiesced_at, float) else -1.0
         return Taken(
             name=name,
             service=service,

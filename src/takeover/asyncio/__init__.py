@@ -40,6 +40,7 @@ from .._core.errors import (
     NoSuchServiceError,
     TakeoverError,
 )
+from .._core.logs import ensure_move_log
 from .._core.options import add_control_options, control_options
 from .._core.policy import UnpicklePolicy
 from .._core.protocol import Limits
@@ -258,6 +259,7 @@ async def serve_until_moved(
     ready: Callable[[MigrationServer], object] | None = None,
     retire: bool = True,
     pid_file: str | None = None,
+    log_format: str | None = None,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
@@ -282,6 +284,9 @@ async def serve_until_moved(
         pid_file: keep this PID file naming the process that serves: this
             one once published, its successor once everything has moved
             (replaced atomically; the successor carries it on).
+        log_format: "text" or "json": configure logging to stderr that way.
+            By default logging is left as the application configured it;
+            if it configured none, every move is logged to stderr in text.
 
     Under a supervisor that set ``$NOTIFY_SOCKET`` (systemd's ``Type=notify``,
     or ``takeover run``), this process sends ``READY=1`` and a ``STATUS=``
@@ -289,6 +294,7 @@ async def serve_until_moved(
     successor's pid, waiting until the supervisor has read it before
     returning (see ``takeover._core.supervision``).
     """
+    ensure_move_log(log_format)
     supervisor = Supervisor(pid_file)
     async with MigrationServer(
         control, limits=limits, replace=replace, secret=secret, tls=tls
@@ -369,6 +375,7 @@ async def take_and_serve(
         TakeoverError: the conversation failed before any service moved.
     """
     runtime = runtime if runtime is not None else asyncio.get_running_loop()
+    ensure_move_log()
     session = await connect(control, **options)
     result = Succession()
     supervisor = Supervisor(pid_file)
@@ -378,18 +385,9 @@ async def take_and_serve(
             supervisor = Supervisor(session.supervision["pid_file"])
         if not listed:
             raise NoSuchServiceError(f"the migration server at {control} publishes no services")
-        for name in select(listed, services):
-            try:
-                taken = await session.take(name, runtime)
-            except TakeoverError as exc:
-                result.failed.append((name, exc))
-                supervisor.failed(f"{name}: {exc}")
-                if on_failed is not None:
-                    on_failed(name, exc)
-                continue
-            result.taken.append(taken)
-            if on_taken is not None:
-                on_taken(taken)
+        await _take_each(
+            session, select(listed, services), runtime, result, supervisor, on_taken, on_failed
+        )
         if not result.taken:
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
@@ -411,6 +409,30 @@ async def take_and_serve(
         on_serving(migration)
     result.moved_away = await hold(migration, supervisor)
     return result
+
+
+async def _take_each(
+    session: RecipientSession,
+    names: Sequence[str],
+    runtime: Any,
+    result: Succession,
+    supervisor: Supervisor,
+    on_taken: Callable[[Taken], object] | None,
+    on_failed: Callable[[str, TakeoverError], object] | None,
+) -> None:
+    """Take each of ``names`` in turn; one that fails stays with the originator."""
+    for name in names:
+        try:
+            taken = await session.take(name, runtime)
+        except TakeoverError as exc:
+            result.failed.append((name, exc))
+            supervisor.failed(f"{name}: {exc}")
+            if on_failed is not None:
+                on_failed(name, exc)
+            continue
+        result.taken.append(taken)
+        if on_taken is not None:
+            on_taken(taken)
 
 
 def _counts(registry: Registry) -> tuple[int, int]:
