@@ -2,7 +2,7 @@
 
     takeover list CONTROL [--json]
     takeover take CONTROL [--service NAME]... [--json] [--allow MODULE]... [--trust]
-                  [--runtime asyncio|twisted]
+                  [--runtime asyncio|twisted] [--admit-user USER]... [--admit-group GROUP]...
     takeover demo [serve [--port N] [--control PATH] [--user NAME:PASSWORD]...]
     takeover check CONTROL [--service NAME]... [--json]
     takeover run --control PATH [--successor COMMAND] -- COMMAND...
@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 from ._core import logs
 from ._core.errors import TakeoverError
 from ._core.options import (
+    add_admission_options,
     add_limit_options,
     add_pid_file_option,
     add_security_options,
+    admission_options,
     limits,
     security_options,
 )
@@ -66,14 +68,18 @@ def _describe_connect_error(control: str, exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"no migration server is listening at {control} (a stale socket file?)"
     if isinstance(exc, PermissionError):
-        return f"permission denied opening {control}: run as the user that owns it"
+        return (
+            f"permission denied opening {control}: run as the user that owns it, or have "
+            "its migration server admit this user (--admit-user or --admit-group), with a "
+            "directory this user may enter"
+        )
     return f"cannot connect to {control}: {exc}"
 
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
-    """``secret``, ``tls`` and ``limits`` from the control options."""
+    """``secret``, ``tls``, ``limits`` and the admissions from the control options."""
     try:
-        return {**security_options(args), "limits": limits(args)}
+        return {**security_options(args), **admission_options(args), "limits": limits(args)}
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     except OSError as exc:
@@ -294,6 +300,7 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
         help="the migration server: a socket path, or tcp:HOST:PORT",
     )
     add_security_options(parser)
+    add_admission_options(parser)
     add_limit_options(parser)
     _log_format_argument(parser)
 

@@ -4,7 +4,7 @@ by applications that publish services.
 An application adds them to its own parser and passes the result on::
 
     parser = argparse.ArgumentParser()
-    takeover.add_control_options(parser)   # --control, --secret-file, --tls-*, limits
+    takeover.add_control_options(parser)   # --control, --secret-file, --tls-*, --admit-*, limits
     args = parser.parse_args()
     ...
     await takeover.asyncio.serve_until_moved(server, **takeover.control_options(args))
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .auth import TLSConfig, load_secret
+from .auth import TLSConfig, load_secret, resolve_group, resolve_user
 from .protocol import Limits
 
 if TYPE_CHECKING:  # argparse is the application's: not imported for a type
@@ -31,6 +31,53 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="PEM", help="this side's certificate (TCP only)")
     parser.add_argument("--tls-key", metavar="PEM", help="its private key")
     parser.add_argument("--tls-ca", metavar="PEM", help="the CA that signed the peer's certificate")
+
+
+def _admitted(resolve: Any) -> Any:
+    """An argparse ``type``: a name resolved at startup, or a clear usage error."""
+
+    def convert(value: str) -> int:
+        import argparse  # the application's parser is running: already imported
+
+        try:
+            return int(resolve(value))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = resolve.__name__
+    return convert
+
+
+def add_admission_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--admit-user`` and ``--admit-group`` (repeatable)."""
+    parser.add_argument(
+        "--admit-user",
+        action="append",
+        default=[],
+        type=_admitted(resolve_user),
+        metavar="USER",
+        help="also accept peers running as USER (a name or a uid; repeatable): recipients "
+        "that take services from here, and originators to take from. The control socket "
+        "file becomes mode 0666 and SO_PEERCRED is the gate",
+    )
+    parser.add_argument(
+        "--admit-group",
+        action="append",
+        default=[],
+        type=_admitted(resolve_group),
+        metavar="GROUP",
+        help="also accept peers whose primary or supplementary group is GROUP (a name or a "
+        "gid; repeatable). With one group and no --admit-user the control socket file "
+        "belongs to GROUP, mode 0660",
+    )
+
+
+def admission_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"admit_users": ..., "admit_groups": ...}`` from parsed admission options."""
+    return {
+        "admit_users": tuple(getattr(args, "admit_user", None) or ()),
+        "admit_groups": tuple(getattr(args, "admit_group", None) or ()),
+    }
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +123,8 @@ def limits(args: argparse.Namespace) -> Limits:
 
 def add_control_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """Add ``--control`` (a socket path or ``tcp:HOST:PORT``), ``--pid-file``,
-    the security options and the limit options."""
+    ``--log-format``, the security options, the admission options and the
+    limit options."""
     parser.add_argument(
         "--control",
         required=required,
@@ -86,6 +134,7 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
     add_pid_file_option(parser)
     add_log_format_option(parser)
     add_security_options(parser)
+    add_admission_options(parser)
     add_limit_options(parser)
 
 
@@ -129,12 +178,13 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def control_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``control``, ``secret``, ``tls``, ``limits``, ``pid_file`` and
-    ``log_format`` for ``serve_until_moved``."""
+    """``control``, ``secret``, ``tls``, ``limits``, ``pid_file``,
+    ``log_format``, ``admit_users`` and ``admit_groups`` for ``serve_until_moved``."""
     return {
         "control": args.control,
         "limits": limits(args),
         "pid_file": getattr(args, "pid_file", None),
         "log_format": getattr(args, "log_format", None),
         **security_options(args),
+        **admission_options(args),
     }

@@ -46,7 +46,7 @@ from typing import Any
 from . import faults, protocol
 from .ahead import SocketsAhead
 from .arbiter import COMMITTED, ROLLED_BACK, Arbiter
-from .auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
+from .auth import AUTH_SCHEME, Admission, check_nonce, check_peer, check_proof, new_nonce, proof
 from .channel import Channel
 from .errors import (
     AuthenticationError,
@@ -95,6 +95,7 @@ async def serve_channel(
     *,
     limits: Limits = Limits(),
     secret: bytes | None = None,
+    admission: Admission = Admission(),
 ) -> None:
     """Hold the conversation with one recipient until it says BYE or leaves.
 
@@ -107,11 +108,13 @@ async def serve_channel(
         limits: frame size, descriptor count and step timeout limits.
         secret: the shared secret a recipient must prove it knows (mutual
             HMAC challenge-response); None for peer credentials only.
+        admission: the users and groups accepted besides this process's
+            own user and root (AF_UNIX channels).
     """
     session = _Session(channel, Conversation(Role.ORIGINATOR, limits), registry, limits)
     faults.checkpoint("originator.connected")
     try:
-        peer = await _handshake(session, secret)
+        peer = await _handshake(session, secret, admission)
     except AuthenticationError as exc:
         log.warning("refused a recipient: %s", exc)
         if session.conversation.state != "closed":
@@ -147,7 +150,9 @@ async def serve_channel(
             await _check(session, message.body["service"])
 
 
-async def _handshake(session: _Session, secret: bytes | None) -> dict[str, Any]:
+async def _handshake(
+    session: _Session, secret: bytes | None, admission: Admission
+) -> dict[str, Any]:
     """Check the recipient's credentials, exchange HELLOs and, with a secret,
     run the mutual challenge-response. Returns the recipient's HELLO body.
 
@@ -157,7 +162,7 @@ async def _handshake(session: _Session, secret: bytes | None) -> dict[str, Any]:
     """
     channel, timeout = session.channel, session.limits.step_timeout
     if channel.local:
-        check_peer(channel.peer, role="recipient")
+        check_peer(channel.peer, role="recipient", admission=admission)
     elif secret is None and not channel.encrypted:
         raise AuthenticationError(
             "a control channel over TCP needs a shared secret or TLS; refusing the recipient"

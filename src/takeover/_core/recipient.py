@@ -27,7 +27,7 @@ from typing import Any
 from . import faults, protocol
 from .ahead import AheadPoller, Twins, build_sockets
 from .arbiter import COMMITTED, Arbiter
-from .auth import AUTH_SCHEME, check_nonce, check_peer, check_proof, new_nonce, proof
+from .auth import AUTH_SCHEME, Admission, check_nonce, check_peer, check_proof, new_nonce, proof
 from .channel import Channel
 from .errors import (
     AuthenticationError,
@@ -173,8 +173,11 @@ class RecipientSession:
         limits: Limits = Limits(),
         secret: bytes | None = None,
         policy: UnpicklePolicy | None = None,
+        admission: Admission = Admission(),
     ) -> None:
         self.channel = channel
+        # Originators of other users this side accepts (root and its own user always).
+        self.admission = admission
         self.limits = limits
         self.secret = secret
         # Which globals an originator's graph may name (see _policy).
@@ -210,12 +213,13 @@ class RecipientSession:
         """Authenticate the originator and exchange HELLOs; return its HELLO.
 
         Raises:
-            AuthenticationError: the originator runs as another user, fails
-                the shared-secret challenge, or does not authenticate while
-                this side has a secret (or the reverse).
+            AuthenticationError: the originator runs as another user that
+                this side does not admit, fails the shared-secret challenge,
+                or does not authenticate while this side has a secret (or
+                the reverse).
         """
         if self.channel.local:
-            check_peer(self.channel.peer, role="originator")
+            check_peer(self.channel.peer, role="originator", admission=self.admission)
         elif self.secret is None and not self.channel.encrypted:
             raise AuthenticationError(
                 "a control channel over TCP needs a shared secret (--secret-file) or TLS"

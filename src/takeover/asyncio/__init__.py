@@ -27,12 +27,12 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._core import runtimes
-from .._core.auth import TLSConfig, load_secret
+from .._core.auth import Admission, TLSConfig, load_secret
 from .._core.channel import Channel
 from .._core.errors import (
     AuthenticationError,
@@ -49,7 +49,7 @@ from .._core.registry import Registry, Service
 from .._core.retire import retire
 from .._core.supervision import Supervisor
 from ._channel import AsyncioChannel, StreamChannel, parse_control
-from ._migration import MigrationServer
+from ._migration import MigrationServer, check_publishable
 from ._server import MigratableServer, ProtocolFactory
 from ._transport import MigratableTransport, new_twins, twin_claimed
 
@@ -143,6 +143,8 @@ async def connect(
     tls: TLSConfig | None = None,
     allow: Sequence[str] = (),
     trust: bool = False,
+    admit_users: Iterable[int | str] = (),
+    admit_groups: Iterable[int | str] = (),
 ) -> RecipientSession:
     """Open a control connection to the migration server at ``control``.
 
@@ -157,42 +159,24 @@ async def connect(
             originator's script and takeover (see ``takeover._core.policy``).
         trust: turn the unpickling policy off: the originator may run any
             code in this process.
+        admit_users, admit_groups: originators running as another user
+            that this side accepts (names or ids; see
+            :class:`MigrationServer`); its own user and root always are.
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
     Raises:
         FileNotFoundError, ConnectionRefusedError: nothing serves ``control``.
-        AuthenticationError: the originator runs as another user, or the
-            secrets differ, or only one side has one.
+        AuthenticationError: the originator runs as another user that is
+            not admitted, or the secrets differ, or only one side has one.
+        ValueError: a user or group name that this system does not know.
     """
-    kind, address = parse_control(control)
     policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
-    channel: Channel
-    if kind == "tcp":
-        context = tls.context(server=False) if tls is not None else None
-        if context is None and secret is None:
-            raise AuthenticationError(
-                f"a TCP control channel ({control}) needs a shared secret or TLS"
-            )
-        try:
-            reader, writer = await asyncio.open_connection(*address, ssl=context)
-        except ssl.SSLError as exc:
-            raise AuthenticationError(
-                f"TLS handshake with {control} failed: {exc.reason or exc}; check --tls-ca "
-                "against the certificate the originator presents"
-            ) from exc
-        channel = StreamChannel(reader, writer, limits=limits)
-    else:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
-        channel = AsyncioChannel(sock, loop, limits=limits)
-    session = RecipientSession(channel, limits=limits, secret=secret, policy=policy)
+    admission = Admission.of(admit_users, admit_groups)
+    channel = await _open_channel(control, limits, secret, tls, admission)
+    session = RecipientSession(
+        channel, limits=limits, secret=secret, policy=policy, admission=admission
+    )
     try:
         await session.open()
     except ChannelClosedError as exc:
@@ -211,6 +195,40 @@ async def connect(
     return session
 
 
+async def _open_channel(
+    control: str,
+    limits: Limits,
+    secret: bytes | None,
+    tls: TLSConfig | None,
+    admission: Admission,
+) -> Channel:
+    """The connected control channel to ``control`` (a socket path or TCP)."""
+    kind, address = parse_control(control)
+    if kind == "tcp":
+        context = tls.context(server=False) if tls is not None else None
+        if context is None and secret is None:
+            raise AuthenticationError(
+                f"a TCP control channel ({control}) needs a shared secret or TLS"
+            )
+        try:
+            reader, writer = await asyncio.open_connection(*address, ssl=context)
+        except ssl.SSLError as exc:
+            raise AuthenticationError(
+                f"TLS handshake with {control} failed: {exc.reason or exc}; check --tls-ca "
+                "against the certificate the originator presents"
+            ) from exc
+        return StreamChannel(reader, writer, limits=limits, admission=admission)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return AsyncioChannel(sock, loop, limits=limits)
+
+
 async def take(
     control: str,
     services: Sequence[str] = (),
@@ -221,6 +239,8 @@ async def take(
     tls: TLSConfig | None = None,
     allow: Sequence[str] = (),
     trust: bool = False,
+    admit_users: Iterable[int | str] = (),
+    admit_groups: Iterable[int | str] = (),
 ) -> list[Taken]:
     """Move services from the migration server at ``control`` into this process.
 
@@ -228,7 +248,8 @@ async def take(
         control: the originator's control socket path, or ``tcp:HOST:PORT``.
         services: names to take; every published service when empty.
         runtime: what the services adopt (default: the running event loop).
-        limits, secret, tls, allow, trust: as for :func:`connect`.
+        limits, secret, tls, allow, trust, admit_users, admit_groups: as for
+            :func:`connect`.
 
     Returns:
         One :class:`~takeover.Taken` per service, each running in this
@@ -240,7 +261,14 @@ async def take(
     """
     runtime = runtime if runtime is not None else asyncio.get_running_loop()
     session = await connect(
-        control, limits=limits, secret=secret, tls=tls, allow=allow, trust=trust
+        control,
+        limits=limits,
+        secret=secret,
+        tls=tls,
+        allow=allow,
+        trust=trust,
+        admit_users=admit_users,
+        admit_groups=admit_groups,
     )
     try:
         names = select(await session.list(), services)
@@ -260,6 +288,8 @@ async def serve_until_moved(
     retire: bool = True,
     pid_file: str | None = None,
     log_format: str | None = None,
+    admit_users: Iterable[int | str] = (),
+    admit_groups: Iterable[int | str] = (),
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
@@ -293,11 +323,19 @@ async def serve_until_moved(
     line once published, and, once everything has moved, ``MAINPID=`` its
     successor's pid, waiting until the supervisor has read it before
     returning (see ``takeover._core.supervision``).
+        admit_users, admit_groups: other users and groups whose processes
+            may take the services (see :class:`MigrationServer`).
     """
     ensure_move_log(log_format)
     supervisor = Supervisor(pid_file)
     async with MigrationServer(
-        control, limits=limits, replace=replace, secret=secret, tls=tls
+        control,
+        limits=limits,
+        replace=replace,
+        secret=secret,
+        tls=tls,
+        admit_users=admit_users,
+        admit_groups=admit_groups,
     ) as migration:
         for service in services:
             migration.publish(service)
@@ -366,8 +404,10 @@ async def take_and_serve(
             kept one); see :func:`serve_until_moved`, whose supervisor
             notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
-            ``allow``, ``trust``); ``limits``, ``secret`` and ``tls`` apply
-            to the migration server published here too.
+            ``allow``, ``trust``, ``admit_users``, ``admit_groups``);
+            ``limits``, ``secret``, ``tls`` and the admissions apply to the
+            migration server published here too: it admits whom this
+            process admits, not whom the originator did.
 
     Raises:
         NoSuchServiceError: the originator publishes nothing, or not a
@@ -376,6 +416,8 @@ async def take_and_serve(
     """
     runtime = runtime if runtime is not None else asyncio.get_running_loop()
     ensure_move_log()
+    # Used twice (by connect() and by the server published here): no iterator.
+    options.update({k: tuple(options[k]) for k in ("admit_users", "admit_groups") if k in options})
     session = await connect(control, **options)
     result = Succession()
     supervisor = Supervisor(pid_file)
@@ -383,11 +425,8 @@ async def take_and_serve(
         listed = await session.list()
         if pid_file is None and "pid_file" in session.supervision:
             supervisor = Supervisor(session.supervision["pid_file"])
-        if not listed:
-            raise NoSuchServiceError(f"the migration server at {control} publishes no services")
-        await _take_each(
-            session, select(listed, services), runtime, result, supervisor, on_taken, on_failed
-        )
+        names = _to_take(control, listed, services)
+        await _take_each(session, names, runtime, result, supervisor, on_taken, on_failed)
         if not result.taken:
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
@@ -441,6 +480,21 @@ def _counts(registry: Registry) -> tuple[int, int]:
     return len(listed), sum(int(s.get("connections", 0) or 0) for s in listed)
 
 
+def _to_take(control: str, listed: Sequence[dict[str, Any]], services: Sequence[str]) -> list[str]:
+    """The names of the services to take, once sure they could be published again here.
+
+    Raises:
+        NoSuchServiceError: nothing is published, or not a service asked for.
+        TakeoverError: this process could not publish them again
+            (:func:`check_publishable`).
+    """
+    if not listed:
+        raise NoSuchServiceError(f"the migration server at {control} publishes no services")
+    names = select(listed, services)
+    check_publishable(control, replace=set(names) == {str(s.get("name")) for s in listed})
+    return names
+
+
 def _republish(
     control: str, everything: bool, taken: Sequence[Taken], options: dict[str, Any]
 ) -> MigrationServer:
@@ -456,7 +510,8 @@ def _republish(
         where = control.rpartition(":")[0] + ":0"
     else:
         where = f"{control}.{os.getpid()}"
-    security = {key: options[key] for key in ("limits", "secret", "tls") if key in options}
+    keys = ("limits", "secret", "tls", "admit_users", "admit_groups")
+    security = {key: options[key] for key in keys if key in options}
     migration = MigrationServer(where, replace=everything, **security)
     for result in taken:
         migration.publish(result.service)

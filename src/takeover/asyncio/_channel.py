@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._core import fds as _fds
-from .._core.auth import PeerCredentials, check_peer, peer_credentials
+from .._core.auth import Admission, PeerCredentials, check_peer, peer_credentials
 from .._core.errors import (
     AuthenticationError,
     ChannelClosedError,
@@ -233,6 +233,8 @@ class StreamChannel:
     Args:
         reader, writer: the asyncio stream pair of the connection.
         limits: frame size limit.
+        admission: the other users and groups accepted at the other end of
+            the descriptor transport (its SO_PEERCRED check).
     """
 
     local = False
@@ -243,7 +245,9 @@ class StreamChannel:
         writer: asyncio.StreamWriter,
         *,
         limits: Limits = Limits(),
+        admission: Admission = Admission(),
     ) -> None:
+        self._admission = admission
         self._reader = reader
         self._writer = writer
         self._loop = asyncio.get_running_loop()
@@ -338,7 +342,7 @@ class StreamChannel:
                     await _wait_fd(self._loop, listener, writable=False)
             fd = _FdSocket(conn, self._loop)
             try:
-                check_peer(peer_credentials(conn), role="recipient")
+                check_peer(peer_credentials(conn), role="recipient", admission=self._admission)
                 token = b""
                 while len(token) < _TOKEN_BYTES:
                     chunk = await fd.read()
@@ -373,7 +377,7 @@ class StreamChannel:
                     "runs on another host (or network namespace); services move only between "
                     "processes on one host"
                 ) from exc
-            check_peer(peer_credentials(sock), role="originator")
+            check_peer(peer_credentials(sock), role="originator", admission=self._admission)
             fd = _FdSocket(sock, self._loop)
             await fd.send(bytes.fromhex(token), ())
         except BaseException:

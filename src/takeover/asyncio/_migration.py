@@ -17,11 +17,11 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
-from .._core.auth import TLSConfig
+from .._core.auth import Admission, TLSConfig, group_name, user_name
 from .._core.channel import Channel
 from .._core.errors import AuthenticationError, ChannelClosedError, TakeoverError
 from .._core.originator import serve_channel
@@ -32,8 +32,13 @@ from ._channel import AsyncioChannel, StreamChannel, parse_control
 log = logging.getLogger("takeover.asyncio")
 
 
-def _bind_control(path: str, backlog: int = 64) -> socket.socket:
-    """A listening AF_UNIX socket at ``path``, mode 0600 from the start."""
+def _bind_control(path: str, admission: Admission, backlog: int = 64) -> socket.socket:
+    """A listening AF_UNIX socket at ``path``, mode 0600 from the start.
+
+    With ``admission``, the file's group and mode are set (see
+    :meth:`Admission.socket_mode`) before the socket listens: until then a
+    connect() is refused, so no one connects through a mode about to change.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -43,7 +48,25 @@ def _bind_control(path: str, backlog: int = 64) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
-    sock.listen(backlog)
+    try:
+        mode, group = admission.socket_mode()
+        if group is not None:
+            try:
+                os.chown(path, -1, group)
+            except PermissionError as exc:
+                raise PermissionError(
+                    exc.errno,
+                    f"cannot give the control socket {path} to group {group_name(group)} "
+                    "(--admit-group): only root or a member of the group can",
+                ) from None
+        if mode != 0o600:
+            os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     sock.setblocking(False)
     return sock
 
@@ -91,15 +114,60 @@ def _remove_stale(path: str) -> None:
     )
 
 
+def check_publishable(control: str, *, replace: bool) -> None:
+    """Refuse to take services that this process could not publish again.
+
+    A recipient publishes what it took next to ``control``: renamed over it
+    when it took everything (``replace``), else at a path of its own in the
+    same directory. A recipient of another user than the originator's may
+    lack the right to, and would then hold services nobody can take from it
+    again; this says so before anything moves.
+
+    Raises:
+        TakeoverError: the directory does not let this user create (or lock)
+            files, or, sticky like /tmp, does not let it rename over a
+            control socket of another user.
+    """
+    kind, _ = parse_control(control)
+    if kind != "unix":
+        return
+    path = os.path.abspath(control)
+    directory = os.path.dirname(path)
+    uid = os.geteuid()
+    who = f"uid {uid} ({user_name(uid)})"
+    effective = os.access in os.supports_effective_ids
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK, effective_ids=effective):
+        raise TakeoverError(
+            f"this process ({who}) could not publish the services again at {path}: it may "
+            f"not create files in {directory}; nothing was taken. The control socket's "
+            "directory must let the recipient's user read and create files in it "
+            f"(e.g. `install -d -o {user_name(uid)} -m 0755 {directory}`)"
+        )
+    info = os.stat(directory)
+    if replace and info.st_mode & stat.S_ISVTX and uid not in (0, info.st_uid):
+        try:
+            owner = os.lstat(path).st_uid
+        except FileNotFoundError:
+            return
+        if owner != uid:
+            raise TakeoverError(
+                f"this process ({who}) could not publish the services again at {path}: "
+                f"{directory} is sticky (like /tmp) and the socket there belongs to uid "
+                f"{owner} ({user_name(owner)}), so this user may not rename over it; "
+                "nothing was taken. Use a control directory that the recipient's user owns "
+                "or may write to, without the sticky bit"
+            )
+
+
 class MigrationServer:
     """Publishes services for migration on a control socket.
 
     Args:
         control: an AF_UNIX socket path, or ``tcp:HOST:PORT``. A path is
-            created with mode 0600 and every peer is checked with
-            SO_PEERCRED (same user, or root). Over TCP a ``secret`` or
-            ``tls`` is mandatory, and descriptors still only move to a
-            process on this host.
+            created with mode 0600 (see ``admit_users`` for other users) and
+            every peer is checked with SO_PEERCRED (same user, or root, or
+            admitted). Over TCP a ``secret`` or ``tls`` is mandatory, and
+            descriptors still only move to a process on this host.
         limits: frame size, descriptor count and step timeout limits.
         replace: for a path, bind a temporary path and ``rename`` it over
             ``control`` (how a recipient takes over the control path of the
@@ -110,6 +178,17 @@ class MigrationServer:
             (mutual HMAC-SHA256 challenge-response); see :func:`load_secret`.
         tls: certificates for TLS over TCP; recipients must present one
             signed by ``tls.ca``.
+        admit_users: other users (names or uids) whose processes may take
+            services from here: their SO_PEERCRED uid is accepted. The
+            control socket file is then mode 0666; the peer check is the
+            gate (the directory's mode may narrow who reaches it).
+        admit_groups: groups (names or gids): a peer whose primary or
+            supplementary group is one of them is accepted. With exactly one
+            group and no user, the socket file goes to that group, mode
+            0660. Either way nothing of a service is sent before the check.
+
+    Raises:
+        ValueError: a user or group name that this system does not know.
     """
 
     def __init__(
@@ -120,7 +199,10 @@ class MigrationServer:
         replace: bool = False,
         secret: bytes | None = None,
         tls: TLSConfig | None = None,
+        admit_users: Iterable[int | str] = (),
+        admit_groups: Iterable[int | str] = (),
     ) -> None:
+        self.admission = Admission.of(admit_users, admit_groups)
         self._kind, address = parse_control(control)
         if self._kind == "tcp" and secret is None and tls is None:
             raise AuthenticationError(
@@ -163,13 +245,13 @@ class MigrationServer:
             temporary = f"{self.path}.{os.getpid()}.tmp"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-            self._sock = _bind_control(temporary)
+            self._sock = _bind_control(temporary, self.admission)
             with _path_lock(self.path):
                 os.rename(temporary, self.path)
         else:
             with _path_lock(self.path):
                 _remove_stale(self.path)
-                self._sock = _bind_control(self.path)
+                self._sock = _bind_control(self.path, self.admission)
         self._inode = os.stat(self.path).st_ino
         self._loop.add_reader(self._sock.fileno(), self._accept_ready)
         log.info("migration server listening on %s", self.path)
@@ -227,7 +309,7 @@ class MigrationServer:
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        channel = StreamChannel(reader, writer, limits=self.limits)
+        channel = StreamChannel(reader, writer, limits=self.limits, admission=self.admission)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -242,7 +324,13 @@ class MigrationServer:
 
     async def _converse(self, channel: Channel) -> None:
         try:
-            await serve_channel(channel, self.registry, limits=self.limits, secret=self.secret)
+            await serve_channel(
+                channel,
+                self.registry,
+                limits=self.limits,
+                secret=self.secret,
+                admission=self.admission,
+            )
         except ChannelClosedError:
             pass
         except TakeoverError as exc:
