@@ -317,14 +317,14 @@ async def serve_until_moved(
         log_format: "text" or "json": configure logging to stderr that way.
             By default logging is left as the application configured it;
             if it configured none, every move is logged to stderr in text.
+        admit_users, admit_groups: other users and groups whose processes
+            may take the services (see :class:`MigrationServer`).
 
     Under a supervisor that set ``$NOTIFY_SOCKET`` (systemd's ``Type=notify``,
     or ``takeover run``), this process sends ``READY=1`` and a ``STATUS=``
     line once published, and, once everything has moved, ``MAINPID=`` its
     successor's pid, waiting until the supervisor has read it before
     returning (see ``takeover._core.supervision``).
-        admit_users, admit_groups: other users and groups whose processes
-            may take the services (see :class:`MigrationServer`).
     """
     ensure_move_log(log_format)
     supervisor = Supervisor(pid_file)
