@@ -12,4 +12,6 @@ that needs it put the repository's root on ``sys.path``::
   thread or from an event loop.
 * :mod:`harness.echo`: the line echo protocol that the test apps and the
   benchmarks serve, and the client side of it.
+* :mod:`harness.systemd`: a real systemd as PID 1 of private namespaces, for
+  tests that run services under it (units, ``systemctl``, ``MainPID``).
 """

@@ -15,7 +15,9 @@ import pytest
 # mitm.py, ...) are next to them in tests/, which pytest puts on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pythons
 from harness import procs as _procs
+from harness import systemd as _systemd
 from harness.procs import Proc, list_fds
 
 
@@ -48,6 +50,30 @@ def procs() -> Iterator[list[Proc]]:
     yield started
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def systemd_available() -> None:
+    """Skip where a systemd namespace cannot run (fail in CI): see harness/systemd.py."""
+    reason = _systemd.unavailable()
+    if reason is not None:
+        pythons.skip_or_fail(f"a systemd namespace cannot run here: {reason}")
+
+
+@pytest.fixture
+def systemd_ns(systemd_available: None, workdir: str) -> Iterator[_systemd.SystemdNamespace]:
+    """A real systemd as PID 1 of private namespaces, ``workdir`` shown inside at its path.
+
+    At teardown it prints systemd's log and the units' output (pytest shows
+    them when the test fails), then kills it all.
+    """
+    ns = _systemd.SystemdNamespace(binds=[workdir])
+    ns.start()
+    try:
+        yield ns
+    finally:
+        print(ns.diagnostics())
+        ns.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,10 @@
 
 The Makefile (the CPython 3.13 venv of the Twisted tests), ``noxfile.py``
 (the matrix) and the tests all find interpreters with that one script.
+
+What a machine lacks (an interpreter, a tool, a capability such as a systemd
+namespace) skips a test on a developer's machine and fails it in CI
+(:func:`skip_or_fail`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ def find(spec: str) -> str | None:
     return find_python.find(find_python.parse(spec))  # type: ignore[no-any-return]
 
 
-def missing(what: str, how: str) -> None:
-    """Skip on a developer's machine; fail in CI, where the Makefile provides ``what``."""
-    message = f"{what} is not installed: {how}"
+def skip_or_fail(message: str) -> None:
+    """Skip on a developer's machine; fail in CI, where the machine must provide everything."""
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def missing(what: str, how: str) -> None:
+    """Skip on a developer's machine; fail in CI, where the Makefile provides ``what``."""
+    skip_or_fail(f"{what} is not installed: {how}")
 
 
 def require(spec: str) -> str:
