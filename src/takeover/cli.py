@@ -144,8 +144,14 @@ def _report(taken: Taken, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"event": "taken", **taken.summary()}, sort_keys=True), flush=True)
     else:
+        draining = ""
+        if taken.draining:
+            draining = (
+                f" ({taken.draining} draining in the old process "
+                f"for up to {taken.drain_seconds:g} s)"
+            )
         print(
-            f"took {taken.name}: {taken.connections} connections, "
+            f"took {taken.name}: {taken.connections} connections{draining}, "
             f"paused {taken.pause_ms:.3f} ms, {taken.fds} fds, {taken.graph_bytes} bytes",
             flush=True,
         )
@@ -208,6 +214,7 @@ async def _take(args: argparse.Namespace) -> int:
             on_failed=on_failed,
             on_serving=on_serving,
             pid_file=args.pid_file,
+            drain=args.drain,
         )
     except TakeoverError:
         raise
@@ -347,6 +354,14 @@ def _take_parser(commands: Any) -> None:
         help="turn the unpickling policy off: the originator may run any code here",
     )
     add_pid_file_option(p)
+    p.add_argument(
+        "--drain",
+        type=float,
+        metavar="SECONDS",
+        help="a partial move: connections that cannot move (a coroutine serves them, TLS, "
+        "an unpicklable protocol) stay and drain in the old process for up to SECONDS; "
+        "the listener and the others move",
+    )
     p.add_argument(
         "--detach",
         action="store_true",

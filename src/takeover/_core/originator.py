@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import socket
 import sys
 import time
@@ -58,7 +59,7 @@ from .errors import (
     TakeoverError,
 )
 from .fds import SCM_MAX_FD, batches
-from .graphpath import check_graph
+from .graphpath import Unpicklable, check_graph
 from .logs import MOVES, move_event
 from .pickling import Dumped, dumps, gc_paused
 from .protocol import Conversation, Kind, Limits, Message, Role
@@ -145,7 +146,10 @@ async def serve_channel(
             await session.send(Message(Kind.SERVICES, listing))
             faults.checkpoint("originator.listed")
         elif message.kind is Kind.TAKE:
-            await _Move(session, message.body["service"]).run()
+            drain = message.body.get("drain")
+            if not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0:
+                drain = None
+            await _Move(session, message.body["service"], drain).run()
         elif message.kind is Kind.CHECK:
             await _check(session, message.body["service"])
 
@@ -225,9 +229,12 @@ class _Move:
     service released (committed) or resumed and AVAILABLE (rolled back).
     """
 
-    def __init__(self, session: _Session, name: str) -> None:
+    def __init__(self, session: _Session, name: str, drain: float | None = None) -> None:
         self.session = session
         self.name = name
+        # A partial move: how long what cannot move may drain here (None: all or nothing).
+        self.drain = drain
+        self.left = 0
         self.arbiter: Arbiter | None = None
         self.ahead = SocketsAhead(())
         self.quiesced = False
@@ -272,10 +279,16 @@ class _Move:
         await session.channel.accept_fd_transport(session.limits.step_timeout)
         # The dry run: nothing is paused until the graph is known to pickle.
         found: list[socket.socket] = []
-        problem = check_graph(service, name, session.pickle_protocol, found)
+        problem = self._dry_run(service, found)
         if problem is not None:
             log.warning("cannot move %r, left running: %s", name, problem)
-            return await self._refuse(SerializationError.code, problem.explain(name))
+            text = problem.explain(name)
+            if self.drain is None and _connection_index(problem.path, name) is not None:
+                text += (
+                    "; or take with --drain SECONDS: the connections that can move do, "
+                    "the others drain here"
+                )
+            return await self._refuse(SerializationError.code, text)
         twins = getattr(service, "takeover_twins", None)
         twin_kind = getattr(service, "takeover_twin_kind", None)
         self.ahead = ahead = SocketsAhead(found, twins() if twins is not None else None, twin_kind)
@@ -299,6 +312,30 @@ class _Move:
             raise ChannelClosedError(f"the recipient ended the conversation while taking {name!r}")
         faults.checkpoint("originator.ahead-ready-received")
         return True
+
+    def _dry_run(self, service: Service, found: list[socket.socket]) -> Unpicklable | None:
+        """Pickle the service as the move would; a partial move first leaves
+        behind each connection in the way (by its kind, then as the dry run
+        finds them), until the rest pickles."""
+        name, protocol = self.name, self.session.pickle_protocol
+        drain = self.drain
+        if drain is None:
+            drain = getattr(service, "takeover_drain_default", None)
+        begin = getattr(service, "takeover_begin_drain", None)
+        if drain is None or begin is None:
+            return check_graph(service, name, protocol, found)
+        self.drain = drain
+        begin(drain)
+        while True:
+            problem = check_graph(service, name, protocol, found)
+            index = None if problem is None else _connection_index(problem.path, name)
+            if index is None or problem is None:
+                break
+            if not service.takeover_leave(index, problem.error):  # type: ignore[attr-defined]
+                break
+            del found[:]
+        self.left = service.takeover_left()  # type: ignore[attr-defined]
+        return problem
 
     async def _send_graph(self, service: Service) -> bool:
         """Quiesce the service, pickle it, send the graph and the descriptors
@@ -349,6 +386,8 @@ class _Move:
                 "quiesced_at": quiesced_at,
                 "pickle_protocol": session.pickle_protocol,
                 "originator_pid": os.getpid(),
+                "draining": self.left,
+                "drain_seconds": self.drain if self.left else None,
             }
             await session.send(Message(Kind.GRAPH, meta, dumped.blob))
             faults.checkpoint("originator.graph-sent")
@@ -444,7 +483,7 @@ class _Move:
     def _settle(self, service: Service) -> None:
         """Release the service (committed) or resume it (rolled back), and close the arbiter."""
         registry, name = self.session.registry, self.name
-        connections = int(service.describe().get("connections", 0) or 0)
+        connections = int(service.describe().get("connections", 0) or 0) - self.left
         arbiter = self.arbiter
         if arbiter is not None:
             if not self.committed:
@@ -452,6 +491,11 @@ class _Move:
                 decision = arbiter.decide(ROLLED_BACK, "the originator gave up on the move")
                 self.committed = decision == COMMITTED
             arbiter.close()
+        if not self.committed:
+            # A partial move that did not happen leaves nothing behind.
+            keep_all = getattr(service, "takeover_keep_all", None)
+            if keep_all is not None:
+                keep_all()
         if self.committed:
             service.release()
             registry.successor_pid = self.session.peer_pid
@@ -468,8 +512,15 @@ class _Move:
         name, peer = self.name, self.session.peer_pid
         if self.committed:
             pause = f", paused {self.pause_ms:.2f} ms" if self.pause_ms is not None else ""
+            if self.left:
+                pause = f" ({self.left} draining here for up to {self.drain:g} s){pause}"
             facts = move_event(
-                "moved", name, peer_pid=peer, connections=connections, pause_ms=self.pause_ms
+                "moved",
+                name,
+                peer_pid=peer,
+                connections=connections,
+                pause_ms=self.pause_ms,
+                draining=self.left,
             )
             MOVES.info(
                 "moved %r to pid %s: %d connections%s",
@@ -499,3 +550,9 @@ def _caller() -> str:
             return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back  # type: ignore[assignment]
     return ""
+
+
+def _connection_index(path: str, service: str) -> int | None:
+    """The index of the connection a dry-run ``path`` leads into (None: not in one)."""
+    found = re.match(rf"{re.escape(service)}\.(?:connections|_protocols)\[(\d+)\]", path)
+    return int(found[1]) if found else None

@@ -63,6 +63,9 @@ class Taken:
             on one host).
         graph_bytes: size of the pickled graph.
         fds: descriptors that moved.
+        draining: connections that could not move and drain in the
+            originator (a partial move, ``drain=``); 0 otherwise.
+        drain_seconds: how long they may drain there.
     """
 
     name: str
@@ -71,15 +74,21 @@ class Taken:
     pause_ms: float
     graph_bytes: int
     fds: int
+    draining: int = 0
+    drain_seconds: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary: dict[str, Any] = {
             "service": self.name,
             "connections": self.connections,
             "pause_ms": round(self.pause_ms, 3),
             "graph_bytes": self.graph_bytes,
             "fds": self.fds,
         }
+        if self.draining:
+            summary["draining"] = self.draining
+            summary["drain_seconds"] = self.drain_seconds
+        return summary
 
 
 @dataclass
@@ -291,13 +300,18 @@ class RecipientSession:
         faults.checkpoint("recipient.listed")
         return services
 
-    async def take(self, name: str, runtime: Any) -> Taken:
+    async def take(self, name: str, runtime: Any, drain: float | None = None) -> Taken:
         """Move service ``name`` into this process and start it.
 
         Args:
             name: the service to take.
             runtime: what the service's ``adopt`` needs (the asyncio loop,
                 the Twisted reactor).
+            drain: a partial move: connections that cannot move (a coroutine
+                serves them, TLS, an unpicklable protocol) stay in the
+                originator, which serves them for up to ``drain`` seconds;
+                the listener and the others move. None: all or nothing
+                (unless the service has a default).
 
         Raises:
             NoSuchServiceError, ServiceBusyError: the originator said so.
@@ -313,7 +327,7 @@ class RecipientSession:
         """
         origin = self.originator.get("pid")
         try:
-            taken = await self._take(name, runtime)
+            taken = await self._take(name, runtime, drain)
         except TakeoverError as exc:
             facts = move_event("not-taken", name, peer_pid=origin, reason=str(exc))
             MOVES.warning(
@@ -333,7 +347,7 @@ class RecipientSession:
         )
         return taken
 
-    async def _take(self, name: str, runtime: Any) -> Taken:
+    async def _take(self, name: str, runtime: Any, drain: float | None) -> Taken:
         if self._fd_transport is not None:
             # Over TCP: connect the local descriptor socket first (same host only).
             await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)
@@ -341,7 +355,10 @@ class RecipientSession:
         if self._main is not None:
             # Load the originator's script now rather than inside the pause.
             preload_main(self._main, self.policy)
-        await self._send(Message(Kind.TAKE, {"service": name}))
+        body: dict[str, Any] = {"service": name}
+        if drain is not None:
+            body["drain"] = drain
+        await self._send(Message(Kind.TAKE, body))
         faults.checkpoint("recipient.take-sent")
         arrival = _Arrival()
         try:
@@ -487,6 +504,8 @@ class RecipientSession:
             pause_ms=pause,
             graph_bytes=len(arrival.blob),
             fds=len(arrival.ahead) + int(meta.get("fds", 0)),
+            draining=_count_or_zero(meta.get("draining")),
+            drain_seconds=_seconds(meta.get("drain_seconds")),
         )
 
     async def check(self, name: str) -> CheckResult:
@@ -535,3 +554,13 @@ def select(services: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[st
             f"(published: {', '.join(names) or 'none'})"
         )
     return list(wanted)
+
+
+def _count_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None

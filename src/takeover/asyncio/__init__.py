@@ -50,7 +50,7 @@ from .._core.retire import retire
 from .._core.supervision import Supervisor
 from ._channel import AsyncioChannel, StreamChannel, parse_control
 from ._migration import MigrationServer, check_publishable
-from ._server import MigratableServer, ProtocolFactory
+from ._server import MigratableServer, ProtocolFactory, StreamsFactory
 from ._transport import MigratableTransport, new_twins, twin_claimed
 
 __all__ = [
@@ -83,18 +83,28 @@ runtimes.register_runtime(
 
 
 async def start_server(
-    protocol_factory: ProtocolFactory,
+    protocol_factory: ProtocolFactory | Callable[..., Any],
     host: str | None,
     port: int,
     *,
     name: str,
     backlog: int = 1024,
     reuse_address: bool = True,
+    drain: float | None = None,
+    limit: int = 2**16,
 ) -> MigratableServer:
     """Listen on TCP ``host:port`` and serve it as migratable service ``name``.
 
     The counterpart of ``loop.create_server``: ``protocol_factory`` is called
-    for each accepted connection and the result must pickle.
+    for each accepted connection and the result must pickle. Or, as with
+    ``asyncio.start_server``, a ``client_connected_cb(reader, writer)``
+    coroutine function (``limit``: the readers' buffer limit): its
+    connections cannot move (a coroutine serves each), so a move takes the
+    listener and the other connections, and these drain here.
+
+    ``drain``: how long connections that cannot move may drain here when a
+    recipient does not say (``takeover take --drain``); None refuses such a
+    move, except for a ``client_connected_cb`` server (30 s).
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -104,7 +114,18 @@ async def start_server(
     sock = socket.socket(family, kind, proto)
     if reuse_address:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    return _serve(sock, address, backlog, protocol_factory, name, loop)
+    factory: Any = protocol_factory
+    if asyncio.iscoroutinefunction(protocol_factory):
+        factory = StreamsFactory(protocol_factory, limit)
+        drain = STREAMS_DRAIN if drain is None else drain
+    server = _serve(sock, address, backlog, factory, name, loop)
+    if drain is not None:
+        server.takeover_drain_default = drain
+    return server
+
+
+STREAMS_DRAIN = 30.0
+"""Seconds the connections of a ``client_connected_cb`` server drain by default."""
 
 
 async def start_unix_server(
@@ -345,6 +366,7 @@ async def serve_until_moved(
             ready(migration)
         await migration.wait_empty()
         supervisor.moved_away(migration.registry.successor_pid)
+    await _drained(services)
     if retire:
         _retire()
 
@@ -378,6 +400,7 @@ async def take_and_serve(
     on_failed: Callable[[str, TakeoverError], object] | None = None,
     on_serving: Callable[[MigrationServer], object] | None = None,
     pid_file: str | None = None,
+    drain: float | None = None,
     **options: Any,
 ) -> Succession:
     """Take services from ``control``, publish them again, and serve them until they move on.
@@ -400,6 +423,8 @@ async def take_and_serve(
         on_failed: called with the name and the error of each service that
             could not be taken.
         on_serving: called once the services are published again.
+        drain: a partial move (see :meth:`RecipientSession.take`): what
+            cannot move drains in the originator for up to this many seconds.
         pid_file: the PID file to keep (default: the originator's, if it
             kept one); see :func:`serve_until_moved`, whose supervisor
             notifications this sends too.
@@ -426,7 +451,7 @@ async def take_and_serve(
         if pid_file is None and "pid_file" in session.supervision:
             supervisor = Supervisor(session.supervision["pid_file"])
         names = _to_take(control, listed, services)
-        await _take_each(session, names, runtime, result, supervisor, on_taken, on_failed)
+        await _take_each(session, names, (runtime, drain), result, supervisor, on_taken, on_failed)
         if not result.taken:
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
@@ -453,7 +478,7 @@ async def take_and_serve(
 async def _take_each(
     session: RecipientSession,
     names: Sequence[str],
-    runtime: Any,
+    how: tuple[Any, float | None],
     result: Succession,
     supervisor: Supervisor,
     on_taken: Callable[[Taken], object] | None,
@@ -462,7 +487,7 @@ async def _take_each(
     """Take each of ``names`` in turn; one that fails stays with the originator."""
     for name in names:
         try:
-            taken = await session.take(name, runtime)
+            taken = await session.take(name, *how)
         except TakeoverError as exc:
             result.failed.append((name, exc))
             supervisor.failed(f"{name}: {exc}")
@@ -472,6 +497,14 @@ async def _take_each(
         result.taken.append(taken)
         if on_taken is not None:
             on_taken(taken)
+
+
+async def _drained(services: Sequence[Any]) -> None:
+    """Wait until the connections that partial moves left here have closed."""
+    for service in services:
+        drained = getattr(service, "drained", None)
+        if drained is not None:
+            await drained()
 
 
 def _counts(registry: Registry) -> tuple[int, int]:
@@ -523,6 +556,7 @@ async def hold(migration: MigrationServer, supervisor: Supervisor | None = None)
     SIGINT/SIGTERM (False); then close what is left, and retire if it moved
     (after telling ``supervisor`` who the successor is)."""
     loop = asyncio.get_running_loop()
+    services = [migration.registry.get(name) for name in migration.registry.names()]
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -548,6 +582,7 @@ async def hold(migration: MigrationServer, supervisor: Supervisor | None = None)
     if moved_away and supervisor is not None:
         supervisor.moved_away(migration.registry.successor_pid)
     if moved_away:
+        await _drained(services)
         # The successor serves on this machine: leave without taking its CPU.
         retire()
     return moved_away

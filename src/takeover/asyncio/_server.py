@@ -164,6 +164,24 @@ class _Poller:
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
+class StreamsFactory:
+    """The protocol factory of an asyncio streams server: a
+    ``StreamReaderProtocol`` calling ``client_connected_cb(reader, writer)``.
+
+    It pickles (the callback by reference), so the listener can move; the
+    connections it makes drain (see ``MigratableTransport._cannot_move``).
+    """
+
+    def __init__(self, client_connected_cb: Callable[..., Any], limit: int) -> None:
+        self.client_connected_cb = client_connected_cb
+        self.limit = limit
+
+    def __call__(self) -> asyncio.StreamReaderProtocol:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.limit, loop=loop)
+        return asyncio.StreamReaderProtocol(reader, self.client_connected_cb, loop=loop)
+
+
 class MigratableServer:
     """A listening socket, its protocol factory and every connection it accepted.
 
@@ -185,6 +203,13 @@ class MigratableServer:
 
     # The move's late_call while a move's graph is pickled (see takeover_seal).
     _seal: Callable[[str], bool] | None = None
+    # A partial move (see takeover_begin_drain): the connections left behind,
+    # with why, and how long they may drain here after the commit.
+    _leaving: dict[MigratableTransport, str] | None = None
+    _drain_seconds = 0.0
+    _drained: asyncio.Event | None = None
+    # How long to drain what cannot move, when the recipient does not say (None: refuse).
+    takeover_drain_default: float | None = None
 
     def __init__(
         self,
@@ -211,8 +236,9 @@ class MigratableServer:
         state = self.__dict__.copy()
         state["_loop"] = None
         state["_poller"] = None
-        state.pop("_seal", None)
-        transports = list(self._transports)
+        for local in ("_seal", "_leaving", "_drain_seconds", "_drained"):
+            state.pop(local, None)
+        transports = self._moving()
         state["_transports"] = transports
         state["_protocols"] = [t._protocol for t in transports]
         state["_state_version"] = self._STATE_VERSION
@@ -255,7 +281,55 @@ class MigratableServer:
     def takeover_unfit(self) -> list[MigratableTransport]:
         """The connections that now carry more than their socket and protocol
         (output to send, a flag set, addresses read): they travel in full."""
-        return unfit_twins(self._transports)
+        return unfit_twins(self._moving())
+
+    # -- partial moves (see takeover._core.registry.Service) ----------------------
+
+    def _moving(self) -> list[MigratableTransport]:
+        """The connections that a move takes (all but those left behind)."""
+        leaving = self._leaving
+        if not leaving:
+            return list(self._transports)
+        return [t for t in self._transports if t not in leaving]
+
+    def takeover_begin_drain(self, seconds: float) -> int:
+        """A partial move: leave behind, to drain for ``seconds`` after the
+        commit, every connection that cannot move by its kind (a stream, a
+        TLS or other buffered protocol); return how many."""
+        self._drain_seconds = seconds
+        self._leaving = {}
+        for transport in self._transports:
+            reason = transport._cannot_move()
+            if reason is not None:
+                self._leaving[transport] = reason
+        return len(self._leaving)
+
+    def takeover_leave(self, index: int, reason: str) -> bool:
+        """Leave behind the ``index``-th connection that would move (the dry run
+        found it in the way); False if there is no such connection."""
+        moving = self._moving()
+        if self._leaving is None or not 0 <= index < len(moving):
+            return False
+        self._leaving[moving[index]] = reason
+        return True
+
+    def takeover_keep_all(self) -> None:
+        """The move is off: nothing is left behind."""
+        self._leaving = None
+
+    def takeover_left(self) -> int:
+        """How many connections this move leaves behind."""
+        return len(self._leaving or ())
+
+    @property
+    def draining(self) -> list[MigratableTransport]:
+        """Connections left behind by a partial move, still being served here."""
+        return list(self._transports) if self._sock is None and self._drained else []
+
+    async def drained(self) -> None:
+        """Return once every connection left behind by a partial move has closed."""
+        if self._drained is not None:
+            await self._drained.wait()
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -318,6 +392,7 @@ class MigratableServer:
     def _detach(self, transport: MigratableTransport) -> None:
         self._transports.pop(transport, None)
         self._close_poller_when_done()
+        self._check_drained()
 
     def _close_poller_when_done(self) -> None:
         # A closed server whose last connection has gone needs no poller.
@@ -367,6 +442,7 @@ class MigratableServer:
 
     def resume(self) -> None:
         self._seal = None
+        self._leaving = None
         run_service_hooks(
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_resume"
         )
@@ -374,6 +450,9 @@ class MigratableServer:
 
     def release(self) -> None:
         self.quiesce()
+        if self._leaving:
+            self._release_and_drain()
+            return
         if self._poller is not None:
             # Closing the epoll instance drops every registration at once; the
             # recipient's copies of the sockets are not watched here any more.
@@ -385,6 +464,55 @@ class MigratableServer:
         self._seal = None
         if self._sock is not None:
             self._sock.close()
+
+    def _release_and_drain(self) -> None:
+        """Commit of a partial move: release what moved, serve what was left
+        behind until it closes or the deadline passes (then close it politely)."""
+        assert self._leaving is not None and self._loop is not None
+        leaving, self._leaving = self._leaving, None
+        for transport in [t for t in self._transports if t not in leaving]:
+            if self._poller is not None:
+                self._poller.forget(transport)
+            transport._release()
+            del self._transports[transport]
+        self._seal = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._drained = asyncio.Event()
+        log.info(
+            "service %r: %d connection(s) drain here for up to %g s",
+            self.service_name,
+            len(self._transports),
+            self._drain_seconds,
+        )
+        self._loop.call_later(self._drain_seconds, self._drain_deadline)
+        self._run()
+        self._check_drained()
+
+    def _drain_deadline(self) -> None:
+        """The drain deadline: each connection still here is asked to close politely."""
+        for transport in list(self._transports):
+            protocol: Any = transport._protocol
+            closing: Any = transport
+            if type(protocol).__module__ == "asyncio.sslproto":
+                # TLS: the application's protocol, and its TLS transport (whose
+                # close() ends the session with close_notify).
+                closing = getattr(protocol, "_app_transport", None) or transport
+                protocol = getattr(protocol, "_app_protocol", protocol)
+            hook = getattr(protocol, "takeover_drain_close", None)
+            try:
+                if hook is not None:
+                    hook()
+                else:
+                    closing.close()
+            except Exception:
+                log.exception("closing %r at the drain deadline failed", transport)
+                transport.close()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._transports:
+            self._drained.set()
 
     def adopt(self, runtime: Any, ahead: AheadPoller | None = None) -> None:
         loop = runtime if runtime is not None else asyncio.get_running_loop()

@@ -119,7 +119,11 @@ class MigratableTransport(asyncio.Transport):
     _quiesced = True
     _lost_pending = False
     _moved = False
+    _buffered = False  # the protocol is an asyncio.BufferedProtocol (reads with recv_into)
     _info: dict[str, Any] | None = None
+    # loop.start_tls() may wrap this transport (the connection then cannot
+    # move: TLS state does not pickle; a partial move leaves it to drain).
+    _start_tls_compatible = True
 
     def __init__(
         self,
@@ -134,6 +138,8 @@ class MigratableTransport(asyncio.Transport):
         self._protocol = protocol
         self._server = server
         self._buffer = bytearray()
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            self._buffered = True
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop | None:
@@ -169,6 +175,9 @@ class MigratableTransport(asyncio.Transport):
         if self._quiesced and not self._may_change("set_protocol()"):
             return
         self._protocol = protocol
+        buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        if buffered != self._buffered:
+            self._buffered = buffered
 
     def is_reading(self) -> bool:
         return not self._reading_paused and not self._closing
@@ -262,6 +271,9 @@ class MigratableTransport(asyncio.Transport):
     # -- I/O ------------------------------------------------------------------
 
     def _read_ready(self) -> None:
+        if self._buffered:
+            self._read_into()
+            return
         try:
             data = self._sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -277,6 +289,43 @@ class MigratableTransport(asyncio.Transport):
         keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
             self.close()
+
+    def _read_into(self) -> None:
+        """``_read_ready`` for an asyncio.BufferedProtocol (TLS, for one)."""
+        protocol: Any = self._protocol
+        try:
+            buffer = protocol.get_buffer(-1)
+            if not len(buffer):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except Exception as exc:
+            self._fatal_error(exc)
+            return
+        try:
+            count = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal_error(exc)
+            return
+        if count:
+            protocol.buffer_updated(count)
+            return
+        self._eof_received = True
+        self._sync()
+        keep_open = protocol.eof_received()
+        if not keep_open:
+            self.close()
+
+    def _cannot_move(self) -> str | None:
+        """Why this connection cannot move, by the kind of its protocol (None: it may)."""
+        protocol = self._protocol
+        if isinstance(protocol, asyncio.StreamReaderProtocol):
+            return "an asyncio stream (a coroutine serves it)"
+        if type(protocol).__module__ == "asyncio.sslproto":
+            return "a TLS session"
+        if self._buffered:
+            return "a buffered protocol"
+        return None
 
     def _write_ready(self) -> None:
         try:
@@ -409,8 +458,11 @@ class MigratableTransport(asyncio.Transport):
         """
         if self._moved:
             return False
-        seal = self._server._seal
-        if seal is None or seal(f"{call} on {self._describe()}"):
+        server = self._server
+        seal = server._seal
+        if seal is None or (server._leaving and self in server._leaving):
+            return True  # not in a move, or left behind by it: it stays here
+        if seal(f"{call} on {self._describe()}"):
             return True
         self._closing = True
         self._moved = True

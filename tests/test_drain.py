@@ -1,0 +1,195 @@
+"""Partial moves: what can move moves, what cannot drains in the old process.
+
+Real processes and clients: a service with one TLS connection among plain
+ones (tests/apps/mixed.py), an asyncio streams server (tests/apps/streams.py,
+whose connections a coroutine serves), and a partial move that rolls back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from harness.procs import APPS, PYTHON, Proc, list_fds, takeover
+from harness.waiting import wait_until
+from services import holders, listener_inode
+from streaming import streaming
+
+DRAIN = 3.0
+
+
+def certificate(workdir: str) -> tuple[str, str]:
+    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+class LineClient:
+    """A blocking line client (plain, or TLS after ``starttls``)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            ("127.0.0.1", port), timeout=10
+        )
+        self.buffer = b""
+
+    def ask(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\n")
+        return self.line()
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise EOFError(f"closed; had {self.buffer!r}")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def starttls(self, cert: str) -> None:
+        assert self.ask(b"starttls") == b"ok"
+        context = ssl.create_default_context(cafile=cert)
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_mixed(workdir: str, control: str, port: int, procs: list[Proc]) -> tuple[Proc, str]:
+    cert, key = certificate(workdir)
+    argv = [PYTHON, os.path.join(APPS, "mixed.py"), "--port", str(port), "--control", control]
+    origin = Proc([*argv, "--cert", cert, "--key", key])
+    procs.append(origin)
+    origin.expect("control")
+    return origin, cert
+
+
+def test_tls_connection_drains_while_the_plain_ones_move(workdir, control, free_port, procs):
+    """50 plain streams move; the TLS one stays, is served, then told bye at the deadline."""
+    origin, cert = start_mixed(workdir, control, free_port, procs)
+    with streaming(free_port, 50) as clients:
+        tls = LineClient(free_port)
+        tls.starttls(cert)
+        assert tls.ask(b"pid") == f"pid {origin.pid}".encode()
+        clients.wait_all_echoing()
+        inode = listener_inode(free_port)
+        recipient = takeover("take", "--drain", str(DRAIN), control)
+        procs.append(recipient)
+        took = recipient.expect(r"^took mixed: ")
+        assert re.match(
+            r"took mixed: 50 connections \(1 draining in the old process for up to 3 s\), ",
+            took.string,
+        ), took.string
+        moved_at = time.monotonic()
+        # The listener and the 50 streams are the recipient's; the TLS session the old one's.
+        wait_until(lambda: holders(inode, origin, recipient) == [recipient], what="the listener")
+        clients.wait_progress()
+        assert tls.ask(b"pid") == f"pid {origin.pid}".encode()
+        assert tls.ask(b"still here") == b"still here"
+        fresh = LineClient(free_port)
+        assert fresh.ask(b"pid") == f"pid {recipient.pid}".encode()
+        fresh.close()
+        # The deadline: a polite goodbye over TLS, then a clean close (no reset).
+        assert tls.line() == b"bye"
+        with pytest.raises(EOFError):
+            tls.line()
+        tls.close()
+        assert origin.wait(DRAIN + 5) == 0, origin.output()
+        assert time.monotonic() - moved_at < DRAIN + 1 + 1  # the deadline, plus 1 s, plus slack
+        assert "takeover.moves: moved 'mixed' to pid" in origin.output()
+        assert "(1 draining here for up to 3 s)" in origin.output()
+        outcome = clients.finish()
+    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
+    recipient.signal(signal.SIGTERM)
+    assert recipient.wait() == 0
+
+
+def test_without_drain_the_move_is_refused_with_advice(workdir, control, free_port, procs):
+    origin, cert = start_mixed(workdir, control, free_port, procs)
+    tls = LineClient(free_port)
+    tls.starttls(cert)
+    before = list_fds(origin.pid)
+    refused = takeover("take", control)
+    procs.append(refused)
+    assert refused.wait() == 1
+    assert "or take with --drain SECONDS" in refused.output(), refused.output()
+    assert tls.ask(b"after") == b"after"
+    assert list_fds(origin.pid) == before
+    tls.close()
+
+
+def test_a_partial_move_that_rolls_back_keeps_everything(workdir, control, free_port, procs):
+    """The recipient dies before committing: the listener and every connection stay."""
+    origin, cert = start_mixed(workdir, control, free_port, procs)
+    with streaming(free_port, 10) as clients:
+        tls = LineClient(free_port)
+        tls.starttls(cert)
+        clients.wait_all_echoing()
+        inode = listener_inode(free_port)
+        dying = takeover(
+            "take", "--drain", "30", control, env={"TAKEOVER_FAULTS": "recipient.adopted=kill"}
+        )
+        procs.append(dying)
+        assert dying.wait() == -signal.SIGKILL
+        wait_until(lambda: "did not move 'mixed'" in origin.output(), what="the rollback")
+        assert holders(inode, origin) == [origin]
+        clients.wait_progress()
+        assert tls.ask(b"pid") == f"pid {origin.pid}".encode()
+        fresh = LineClient(free_port)
+        assert fresh.ask(b"pid") == f"pid {origin.pid}".encode()
+        fresh.close()
+        # A later partial move works, and leaves the TLS session behind again.
+        recipient = takeover("take", "--drain", "30", control)
+        procs.append(recipient)
+        recipient.expect(r"^took mixed: 10 connections \(1 draining")
+        clients.wait_progress()
+        outcome = clients.finish()
+        tls.close()  # the old process drains its last connection, and exits
+        assert origin.wait(10) == 0
+    assert outcome.errors == {} and outcome.corrupted == {} and outcome.incomplete == []
+    recipient.signal(signal.SIGTERM)
+    assert recipient.wait() == 0
+
+
+def test_a_streams_server_moves_its_listener_and_drains_its_connections(control, free_port, procs):
+    """client_connected_cb: the listener moves at once; old connections end in the old process."""
+    argv = [PYTHON, os.path.join(APPS, "streams.py"), "--port", str(free_port)]
+    origin = Proc([*argv, "--control", control, "--drain", "10"])
+    procs.append(origin)
+    origin.expect("control")
+    old = [LineClient(free_port) for _ in range(5)]
+    for client in old:
+        assert client.ask(b"a") == f"1 {origin.pid} a".encode()
+    recipient = takeover("take", control)
+    procs.append(recipient)
+    recipient.expect(
+        r"^took streams: 0 connections \(5 draining in the old process for up to 10 s\)"
+    )
+    new = LineClient(free_port)
+    assert new.ask(b"b") == f"1 {recipient.pid} b".encode()
+    for client in old:
+        assert client.ask(b"c") == f"2 {origin.pid} c".encode()
+        client.close()
+    # Its last connection closed: the old process exits long before the deadline.
+    origin.expect(rf"pid {origin.pid} drained", timeout=5)
+    assert origin.wait(5) == 0
+    assert new.ask(b"d") == f"2 {recipient.pid} d".encode()
+    new.close()
+    # The successor drains by default too: the next move works the same.
+    successor = takeover("take", control)
+    procs.append(successor)
+    successor.expect(r"^took streams: 0 connections")
+    assert recipient.wait(5) == 0
+    successor.signal(signal.SIGTERM)
+    assert successor.wait() == 0
