@@ -97,16 +97,27 @@ def test_tls_connection_drains_while_the_plain_ones_move(workdir, control, free_
         clients.wait_progress()
         assert tls.ask(b"pid") == f"pid {origin.pid}".encode()
         assert tls.ask(b"still here") == b"still here"
+        # `list` (the recipient answers) says where the rest drains.
+        listing = takeover("list", control)
+        procs.append(listing)
+        assert listing.wait() == 0
+        assert re.search(
+            rf"^mixed\s+available\s+50\s+asyncio\s+127\.0\.0\.1:{free_port}\s+"
+            rf"1 in pid {origin.pid}, \d s left$",
+            listing.output(),
+            re.M,
+        ), listing.output()
         fresh = LineClient(free_port)
         assert fresh.ask(b"pid") == f"pid {recipient.pid}".encode()
         fresh.close()
         # The deadline: a polite goodbye over TLS, then a clean close (no reset).
         assert tls.line() == b"bye"
+        # Not before the deadline (after it, only the machine's load decides).
+        assert time.monotonic() - moved_at >= DRAIN - 0.5
         with pytest.raises(EOFError):
             tls.line()
         tls.close()
-        assert origin.wait(DRAIN + 5) == 0, origin.output()
-        assert time.monotonic() - moved_at < DRAIN + 1 + 1  # the deadline, plus 1 s, plus slack
+        assert origin.wait(DRAIN + 10) == 0, origin.output()
         assert "takeover.moves: moved 'mixed' to pid" in origin.output()
         assert "(1 draining here for up to 3 s)" in origin.output()
         outcome = clients.finish()

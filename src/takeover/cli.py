@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,7 @@ async def _list(args: argparse.Namespace) -> int:
     if not services:
         print(f"no services published at {args.control}")
         return 0
-    rows = [("SERVICE", "STATE", "CONNECTIONS", "KIND", "ADDRESS")]
+    rows = [("SERVICE", "STATE", "CONNECTIONS", "KIND", "ADDRESS", "DRAINING")]
     rows += [
         (
             str(s.get("name")),
@@ -131,6 +132,7 @@ async def _list(args: argparse.Namespace) -> int:
             str(s.get("connections", "")),
             str(s.get("kind", "")),
             str(s.get("address", "")),
+            _draining(s.get("draining")),
         )
         for s in services
     ]
@@ -138,6 +140,15 @@ async def _list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _draining(draining: Any) -> str:
+    """What ``list`` says of connections a partial move left in the old process."""
+    if not isinstance(draining, dict):
+        return ""
+    until = draining.get("until")
+    left = f", {max(0, int(until - time.time()))} s left" if isinstance(until, float) else ""
+    return f"{draining.get('connections')} in pid {draining.get('pid')}{left}"
 
 
 def _report(taken: Taken, as_json: bool) -> None:

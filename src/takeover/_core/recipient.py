@@ -473,6 +473,11 @@ class RecipientSession:
             raise error
         # Count what moved before start() accepts what queued meanwhile.
         described = service.describe()
+        draining = _count_or_zero(arrival.meta.get("draining"))
+        seconds = _seconds(arrival.meta.get("drain_seconds"))
+        note = getattr(service, "takeover_draining_elsewhere", None)
+        if draining and seconds is not None and note is not None:
+            note(self.originator.get("pid"), draining, seconds)
         try:
             service.start()
         except Exception:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import select
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -208,6 +209,8 @@ class MigratableServer:
     _leaving: dict[MigratableTransport, str] | None = None
     _drain_seconds = 0.0
     _drained: asyncio.Event | None = None
+    # What a partial move that brought this service here left in the old process.
+    _draining_elsewhere: tuple[int | None, int, float] | None = None
     # How long to drain what cannot move, when the recipient does not say (None: refuse).
     takeover_drain_default: float | None = None
 
@@ -236,7 +239,7 @@ class MigratableServer:
         state = self.__dict__.copy()
         state["_loop"] = None
         state["_poller"] = None
-        for local in ("_seal", "_leaving", "_drain_seconds", "_drained"):
+        for local in ("_seal", "_leaving", "_drain_seconds", "_drained", "_draining_elsewhere"):
             state.pop(local, None)
         transports = self._moving()
         state["_transports"] = transports
@@ -350,7 +353,21 @@ class MigratableServer:
                 pass
         if isinstance(address, tuple):
             address = f"{address[0]}:{address[1]}"
-        return {"kind": "asyncio", "address": address, "connections": len(self._transports)}
+        described: dict[str, Any] = {
+            "kind": "asyncio",
+            "address": address,
+            "connections": len(self._transports),
+        }
+        elsewhere = self._draining_elsewhere
+        if elsewhere is not None and time.time() < elsewhere[2]:
+            pid, count, until = elsewhere
+            described["draining"] = {"pid": pid, "connections": count, "until": until}
+        return described
+
+    def takeover_draining_elsewhere(self, pid: int | None, count: int, seconds: float) -> None:
+        """A partial move brought this service here: ``count`` of its connections
+        drain in process ``pid`` for up to ``seconds`` (``describe`` says so)."""
+        self._draining_elsewhere = (pid, count, time.time() + seconds)
 
     # -- serving ---------------------------------------------------------------
 
