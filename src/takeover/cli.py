@@ -136,6 +136,8 @@ async def _list(args: argparse.Namespace) -> int:
         )
         for s in services
     ]
+    if not any(row[5] for row in rows[1:]):
+        rows = [row[:5] for row in rows]  # no partial move: no DRAINING column
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
