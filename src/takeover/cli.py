@@ -124,7 +124,9 @@ async def _list(args: argparse.Namespace) -> int:
     if not services:
         print(f"no services published at {args.control}")
         return 0
-    rows = [("SERVICE", "STATE", "CONNECTIONS", "KIND", "ADDRESS", "DRAINING")]
+    rows: list[tuple[str, ...]] = [
+        ("SERVICE", "STATE", "CONNECTIONS", "KIND", "ADDRESS", "DRAINING")
+    ]
     rows += [
         (
             str(s.get("name")),
