@@ -10,69 +10,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import ssl
-import subprocess
 import time
 
 import pytest
 
+from drainclients import LineClient, start_mixed
+from drainfaults import DRAIN_CELLS, run_drain_cell
 from harness.procs import APPS, PYTHON, Proc, list_fds, takeover
 from harness.waiting import wait_until
 from services import holders, listener_inode
 from streaming import streaming
 
 DRAIN = 3.0
-
-
-def certificate(workdir: str) -> tuple[str, str]:
-    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
-class LineClient:
-    """A blocking line client (plain, or TLS after ``starttls``)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            ("127.0.0.1", port), timeout=10
-        )
-        self.buffer = b""
-
-    def ask(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\n")
-        return self.line()
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise EOFError(f"closed; had {self.buffer!r}")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line
-
-    def starttls(self, cert: str) -> None:
-        assert self.ask(b"starttls") == b"ok"
-        context = ssl.create_default_context(cafile=cert)
-        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def start_mixed(workdir: str, control: str, port: int, procs: list[Proc]) -> tuple[Proc, str]:
-    cert, key = certificate(workdir)
-    argv = [PYTHON, os.path.join(APPS, "mixed.py"), "--port", str(port), "--control", control]
-    origin = Proc([*argv, "--cert", cert, "--key", key])
-    procs.append(origin)
-    origin.expect("control")
-    return origin, cert
 
 
 def test_tls_connection_drains_while_the_plain_ones_move(workdir, control, free_port, procs):
@@ -204,3 +153,13 @@ def test_a_streams_server_moves_its_listener_and_drains_its_connections(control,
     assert recipient.wait(5) == 0
     successor.signal(signal.SIGTERM)
     assert successor.wait() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "cell", DRAIN_CELLS, ids=lambda c: f"{c.name.replace(' ', '-')}:{c.victim}"
+)
+def test_partial_move_fault_matrix(cell, workdir, control, free_port, procs):
+    """A process killed mid-move during a partial move: the listener, the streams and the
+    TLS session end up where docs/faults.md says."""
+    run_drain_cell(cell, workdir, control, free_port, procs)

@@ -26,6 +26,9 @@ import socket
 
 import pytest
 
+from drainfaults import CLIENTS as DRAIN_CLIENTS
+from drainfaults import DRAIN as DRAIN_SECONDS
+from drainfaults import DRAIN_CELLS
 from faultmatrix import (
     FAULTS,
     FULL,
@@ -193,6 +196,36 @@ def render() -> str:
         "  already true, so the writer wrote nothing. Every cell asserts that the clients'",
         "  lines are numbered without a gap or a repeat and that each process's count of",
         "  lines its writer believes it wrote equals the count the clients got from it.",
+    ]
+    lines += [
+        "",
+        "## Partial moves (`takeover take --drain`)",
+        "",
+        f"`tests/apps/mixed.py` with {DRAIN_CLIENTS} checksummed plain streams and one TLS",
+        f"session; the recipient takes it with `--drain {DRAIN_SECONDS:g}`, so the listener",
+        "and the streams move and the TLS session stays to drain. The process named is",
+        "SIGKILLed where it stops itself at the point (`tests/test_drain.py`).",
+        "",
+        "| step | killed | point | listener and streams | TLS session |",
+        "|---|---|---|---|---|",
+    ]
+    tls = {
+        "served": "served by the originator",
+        "bye": "served by the originator, then `bye` at the deadline",
+        "cut": "cut (it died with the originator)",
+    }
+    for cell in DRAIN_CELLS:
+        errors = DRAIN_CLIENTS if cell.server == "none" else 0
+        lines.append(
+            f"| {cell.name} | {cell.victim} | `{cell.point}` | **{cell.server}**, "
+            f"{errors}/{DRAIN_CLIENTS} | {tls[cell.tls]} |"
+        )
+    lines += [
+        "",
+        "A partial move that rolls back keeps everything in the originator, the",
+        "listener included; one that commits leaves the TLS session to the originator,",
+        "which serves it until it closes or the deadline passes, then says `bye` and",
+        "closes it with close_notify: never a reset.",
     ]
     lines += ["", "Known gaps:", ""]
     for (name, fault), reason in KNOWN_GAPS.items():
