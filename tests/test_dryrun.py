@@ -20,6 +20,7 @@ from harness.procs import APPS, PYTHON, Proc, list_fds, process_state, takeover
 from harness.waiting import wait_until, wait_until_async
 from takeover import NoSuchServiceError, ProtocolError, SerializationError, ServiceState
 from takeover._core.graphpath import ADVICE, Unpicklable, check_graph, find_unpicklable
+from takeover._core.originator import DRAIN_HINT
 from takeover._core.protocol import Conversation, FrameDecoder, Kind, Message, Role, error, hello
 from takeover.asyncio import (
     MigratableServer,
@@ -629,7 +630,9 @@ def test_take_fails_naming_the_path_and_nothing_pauses(
     assert ask(clients[0], command) == f"ok {command}"
     status, lines = run_cli("take", control)
     assert status == 1
-    assert lines == [f"{ERROR_PREFIX} service 'fragile' cannot move: {path}: {error}; {ADVICE}"]
+    assert lines == [
+        f"{ERROR_PREFIX} service 'fragile' cannot move: {path}: {error}; {ADVICE}; {DRAIN_HINT}"
+    ]
     for client in clients:
         assert ask(client, "still here") == "still here"
     assert_available(control)

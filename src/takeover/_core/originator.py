@@ -68,6 +68,9 @@ from .script import main_reference
 
 log = logging.getLogger("takeover.originator")
 
+DRAIN_HINT = "or take with --drain SECONDS: the connections that can move do, the others drain here"
+"""Added to a refusal whose cause lies in a connection: a partial move would go on."""
+
 
 @dataclass
 class _Session:
@@ -284,10 +287,7 @@ class _Move:
             log.warning("cannot move %r, left running: %s", name, problem)
             text = problem.explain(name)
             if self.drain is None and _connection_index(problem.path, name) is not None:
-                text += (
-                    "; or take with --drain SECONDS: the connections that can move do, "
-                    "the others drain here"
-                )
+                text += f"; {DRAIN_HINT}"
             return await self._refuse(SerializationError.code, text)
         twins = getattr(service, "takeover_twins", None)
         twin_kind = getattr(service, "takeover_twin_kind", None)

@@ -410,9 +410,8 @@ async def take_and_serve(
     services taken are published again, at ``control`` itself (renamed over
     it before the conversation ends) if they are all the originator had,
     else at a path of this process's own; then this process serves them
-    until they have all moved on to a successor (and then retires, see
-    :func:`takeover.retire`) or until SIGINT or SIGTERM (and then closes
-    them).
+    until they have all moved on to a successor (then it retires, see
+    :func:`takeover.retire`) or until SIGINT or SIGTERM (then it closes them).
 
     Args:
         control: the originator's control socket path, or ``tcp:HOST:PORT``.
@@ -420,14 +419,12 @@ async def take_and_serve(
         runtime: what the services adopt (default: the running event loop;
             the Twisted runtime passes its reactor).
         on_taken: called with each service taken, as soon as it serves here.
-        on_failed: called with the name and the error of each service that
-            could not be taken.
+        on_failed: called with the name and error of each service not taken.
         on_serving: called once the services are published again.
-        drain: a partial move (see :meth:`RecipientSession.take`): what
-            cannot move drains in the originator for up to this many seconds.
-        pid_file: the PID file to keep (default: the originator's, if it
-            kept one); see :func:`serve_until_moved`, whose supervisor
-            notifications this sends too.
+        drain: a partial move: what cannot move drains in the originator
+            for up to this many seconds (see :meth:`RecipientSession.take`).
+        pid_file: the PID file to keep (default: the originator's); see
+            :func:`serve_until_moved`, whose notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
             ``allow``, ``trust``, ``admit_users``, ``admit_groups``);
             ``limits``, ``secret``, ``tls`` and the admissions apply to the
