@@ -359,6 +359,14 @@ def run_cell(
                 wait_until(lambda: list_fds(origin.pid) == before, what="the fd table")
             with socket.create_connection(("127.0.0.1", port), timeout=10) as fresh:
                 assert echo(fresh, b"fresh\n") == b"fresh\n"
+        else:
+            # Every stream notices the death before it is told to finish: on a
+            # loaded machine the driver may lag, and a stream with nothing in
+            # flight would otherwise shut down cleanly and read a plain EOF.
+            wait_until(
+                lambda: all(s.error is not None or s.eof for s in clients.streams),
+                what="every stream to see the service die",
+            )
         outcome = clients.finish()
 
     # Never a byte lost, duplicated or altered on a stream, even one that was cut.
