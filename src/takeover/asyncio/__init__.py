@@ -366,9 +366,9 @@ async def serve_until_moved(
             ready(migration)
         await migration.wait_empty()
         supervisor.moved_away(migration.registry.successor_pid)
-    await _drained(services)
+    drained = await _drained(services)
     if retire:
-        _retire()
+        _retire_after(drained)
 
 
 @dataclass
@@ -496,12 +496,24 @@ async def _take_each(
             on_taken(taken)
 
 
-async def _drained(services: Sequence[Any]) -> None:
-    """Wait until the connections that partial moves left here have closed."""
+async def _drained(services: Sequence[Any]) -> bool:
+    """Wait until the connections that partial moves left here have closed;
+    whether there were any (then the move is long over: see :func:`_retire_after`)."""
+    waited = False
     for service in services:
+        if getattr(service, "draining", None):
+            waited = True
         drained = getattr(service, "drained", None)
         if drained is not None:
             await drained()
+    return waited
+
+
+def _retire_after(drained: bool) -> None:
+    """Retire; at idle priority only right after a move, when the successor
+    may still be busy with it (after a drain, the exit must not wait for an
+    idle CPU: supervisors expect the old process gone soon after its deadline)."""
+    _retire(idle_priority=not drained)
 
 
 def _counts(registry: Registry) -> tuple[int, int]:
@@ -579,7 +591,6 @@ async def hold(migration: MigrationServer, supervisor: Supervisor | None = None)
     if moved_away and supervisor is not None:
         supervisor.moved_away(migration.registry.successor_pid)
     if moved_away:
-        await _drained(services)
         # The successor serves on this machine: leave without taking its CPU.
-        retire()
+        _retire_after(await _drained(services))
     return moved_away
