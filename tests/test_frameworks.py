@@ -438,6 +438,23 @@ def test_takeover_list_and_check_see_the_listener_and_take_refuses_it(control, f
     assert "moved to pid" not in server.output()
 
 
+def test_listen_takes_nothing_but_its_own_listener(control, free_port, procs):
+    """A process at CONTROL that publishes something else: listen() takes nothing, says
+    why, and the process goes on serving its own services."""
+    from services import run_app
+
+    other = run_app(procs, free_port, control)
+    argv = [PYTHON, os.path.join(EXAMPLES, "streams_echo.py"), "--port", str(free_port)]
+    refused = Proc([*argv, "--control", control])
+    procs.append(refused)
+    assert refused.wait() == 1
+    assert (
+        f"takeover: error: the process at {control} publishes no listener named 'echo' "
+        "(it publishes: a)"
+    ) in refused.output()
+    assert "moved 'a'" not in other.output() and other.popen.poll() is None
+
+
 @pytest.mark.slow
 def test_a_failed_upgrade_leaves_the_old_process_accepting(control, free_port, procs):
     """A successor that dies before it commits: the move rolls back, and the old process
