@@ -2,11 +2,11 @@
 
 One session per interpreter, ``tests-3.9`` to ``tests-3.13`` and
 ``tests-pypy3``, found by ``scripts/find-python`` (pyenv's versions and
-``PATH``; nothing is downloaded). Each installs takeover with its test and
-twisted extras, editable, into a venv of its own under ``.nox/`` and runs
-pytest there. An interpreter the machine does not have is skipped with the
-reason printed, or fails the run where ``CI`` is set, as nox does for a missing
-interpreter.
+``PATH``; nothing is downloaded). Each installs takeover with its test,
+twisted and framework (aiohttp, uvicorn, websockets) extras, editable, into a
+venv of its own under ``.nox/`` and runs pytest there. An interpreter the
+machine does not have is skipped with the reason printed, or fails the run
+where ``CI`` is set, as nox does for a missing interpreter.
 
 ``make matrix`` runs every session but the one of ``.venv``'s interpreter,
 whose whole suite ``make test`` runs. The sessions at both ends of the range
@@ -54,7 +54,7 @@ def _tests(session: nox.Session) -> None:
         "import sys, platform; print(platform.python_implementation(), "
         "platform.python_version(), sys.executable)",
     )
-    session.install("--quiet", "-e", ".[test,twisted]")
+    session.install("--quiet", "-e", ".[test,twisted,aiohttp,uvicorn,websockets]")
     # As `make bytecode` does for .venv: compiled once, not by every process.
     session.run("python", "-m", "compileall", "-q", "src/takeover", "examples", "benchmarks")
     args = list(session.posargs)

@@ -59,6 +59,9 @@ LINGER = 5.0
 """Seconds the anchor waits, once no server is left, for the rest (old servers
 still retiring) to exit, before it exits itself."""
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Linux's values, for interpreters whose socket module lacks the names (PyPy).
+SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 
 
 def become_subreaper() -> bool:
@@ -123,7 +126,7 @@ class Anchor:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         name = f"takeover-anchor-{os.getpid()}-{os.urandom(6).hex()}"
         self._notify.bind("\0" + name)
-        self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._notify.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
         self._notify.setblocking(False)
         self._selector.register(self._notify, selectors.EVENT_READ, self._notified)
         return "@" + name
@@ -249,7 +252,7 @@ class Anchor:
                 return
             sender = None
             for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                if level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS:
                     sender, uid, _gid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])
                     if uid not in (os.geteuid(), 0):
                         sender = None

@@ -13,6 +13,10 @@ and ``takeover take /run/echo.sock`` (or :func:`take_and_serve` in another
 program) moves the listener, every connection and the protocols' state to a
 new process.
 
+Frameworks built on coroutines (aiohttp, uvicorn, websockets, asyncio
+streams) move their listening socket alone, with :func:`listen`: the
+application started again takes it from its predecessor, which drains.
+
 This package is the asyncio runtime of the sans-IO core (``takeover._core``):
 its transport and server (``_transport``, ``_server``), its control channels
 (``_channel``) and the migration server (``_migration``). On import it
@@ -49,12 +53,16 @@ from .._core.registry import Registry, Service
 from .._core.retire import retire
 from .._core.supervision import Supervisor
 from ._channel import AsyncioChannel, StreamChannel, parse_control
+from ._listen import Listener, listen
+from ._listener import ListenerService
 from ._migration import MigrationServer, check_publishable
 from ._server import MigratableServer, ProtocolFactory, StreamsFactory
 from ._transport import MigratableTransport, new_twins, twin_claimed
 
 __all__ = [
     "AsyncioChannel",
+    "Listener",
+    "ListenerService",
     "MigratableServer",
     "MigratableTransport",
     "MigrationServer",
@@ -65,6 +73,7 @@ __all__ = [
     "connect",
     "control_options",
     "hold",
+    "listen",
     "load_secret",
     "retire",
     "serve_until_moved",
@@ -77,7 +86,11 @@ __all__ = [
 _retire = retire  # serve_until_moved's argument ``retire`` hides the function
 
 runtimes.register_runtime(
-    graph_modules=("takeover.asyncio._transport", "takeover.asyncio._server"),
+    graph_modules=(
+        "takeover.asyncio._transport",
+        "takeover.asyncio._server",
+        "takeover.asyncio._listener",
+    ),
     twins=runtimes.TwinKind("asyncio", new_twins, twin_claimed),
 )
 
