@@ -490,8 +490,6 @@ def test_takeover_run_upgrades_with_the_example_as_successor(workdir, control, f
     same command, which takes the listener and says READY; the old one hands MAINPID
     on, drains and exits; the anchor's PID stays."""
     require("aiohttp")
-    if not hasattr(socket, "SO_PASSCRED"):
-        pytest.skip("the anchor needs SO_PASSCRED, which this interpreter's socket module lacks")
     from test_anchor import Upstream, serving_pid
 
     upstream = Upstream(os.path.join(workdir, "notify.sock"))

@@ -152,7 +152,7 @@ class Anchor:
             pass
 
     def _spawn(self, argv: Sequence[str]) -> int:
-        pid = os.posix_spawnp(argv[0], list(argv), self._env)
+        pid = _spawn(list(argv), self._env)
         self.state.started.add(pid)
         return pid
 
@@ -308,6 +308,20 @@ class Anchor:
         """Tell the supervisor ``fields`` and the current STATUS line."""
         if self.upstream is not None:
             self.upstream.send({**fields, "STATUS": self.state.line()})
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> int:
+    """Start ``argv`` (searched in PATH) with ``env``; its pid."""
+    spawn = getattr(os, "posix_spawnp", None)
+    if spawn is not None:
+        return int(spawn(argv[0], argv, env))
+    pid = os.fork()  # PyPy has no posix_spawnp
+    if pid == 0:
+        try:
+            os.execvpe(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    return pid
 
 
 def _reap_the_rest(timeout: float) -> None:
