@@ -93,8 +93,11 @@ bench: $(BENCH_STAMP) bytecode
 		--name load --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 5 \
 		--name sidebyside --command "make bench"
+	$(BIN)/python benchmarks/sidebyside.py --server streams --repeats 5 \
+		--name sidebyside-streams --command "make bench"
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
-		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json
+		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json \
+		--sidebyside $(RESULTS)/sidebyside-streams.json
 
 bench-quick: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
@@ -103,8 +106,12 @@ bench-quick: $(BENCH_STAMP) bytecode
 		--name load-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
 		--quiet-wait 1 --name sidebyside-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/sidebyside.py --server streams --repeats 2 --drain 0.5 \
+		--warmup 0.5 --cooldown 1 --quiet-wait 1 --name sidebyside-streams-quick \
+		--command "make bench-quick"
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
-		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json
+		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json \
+		--sidebyside $(RESULTS)/sidebyside-streams-quick.json
 
 LINTED := src tests examples benchmarks harness noxfile.py scripts/find-python
 

@@ -28,7 +28,8 @@ moves every connection each time, however late its last move ends.
 Without ``--reconnect`` any connection error is an error. With it (the side
 by side), a connection the server closes or resets is counted as broken and
 reopened (refused attempts are retried every 10 ms) and its unanswered request
-is sent again; its latency runs from its first send. With ``--interval`` the
+is sent again; its latency runs from its first send. Each break is reported
+(``breaks``: when, and how: ``eof`` for a close, else the exception's name). With ``--interval`` the
 latency of every request runs from when it was due, so that a request that
 could not be sent while the connection was being reopened counts the wait.
 
@@ -59,6 +60,7 @@ STALL = 0.05
 """A turn of the client loop took this much longer than its wait: this process was
 not running (or was busy), which the latency of that turn's answers includes."""
 FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789" * 8
+MAX_BREAKS = 10000
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -111,6 +113,7 @@ class Clients:
         self.errors: dict[str, int] = {}
         self.first_errors: list[str] = []
         self.broken = 0
+        self.breaks: list[list[Any]] = []
         self.reconnects = 0
         self.refused = 0
         self.completed = 0
@@ -169,6 +172,8 @@ class Clients:
             return
         pending = c.state == "waiting"
         self.broken += 1
+        if len(self.breaks) < MAX_BREAKS:
+            self.breaks.append([time.monotonic(), kind])
         self.kill(c)
         c.buf.clear()
         c.state = "retry"
@@ -395,6 +400,7 @@ class Clients:
             "error_kinds": self.errors,
             "first_errors": self.first_errors,
             "broken": self.broken,
+            "breaks": self.breaks,
             "reconnects": self.reconnects,
             "refused": self.refused,
             "bytes_sent": sent,

@@ -1,6 +1,11 @@
 """The benchmark's originator: the line echo (harness/echo.py, as examples/echo.py), instrumented.
 
-    python benchmarks/_echo_app.py --control PATH [--port 0]
+    python benchmarks/_echo_app.py --control PATH [--port 0] [--streams [--drain SECONDS]]
+
+With ``--streams`` it serves the same echo as an asyncio streams
+``client_connected_cb`` (``harness/echo.py``'s ``serve_lines``): a move takes
+the listener, and the connections drain here for up to ``--drain`` seconds
+(``start_server(..., drain=SECONDS)``), then are closed, then it exits.
 
 Prints ``{"event": "ready", "port": P}`` once it serves, and on exit (after
 its service moved away) ``{"event": "exit", "marks": {...}, "memory": {...}}``:
@@ -31,6 +36,11 @@ from harness import echo
 
 class Echo(echo.Echo):
     """The line echo (harness/echo.py), as a class of this script: a recipient allows it."""
+
+
+async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The streams echo (``--streams``), as a function of this script: a recipient allows it."""
+    await echo.serve_lines(reader, writer)
 
 
 def instrument(marks: dict[str, float]) -> None:
@@ -88,7 +98,12 @@ def instrument(marks: dict[str, float]) -> None:
 async def main(args: argparse.Namespace) -> None:
     marks: dict[str, float] = {}
     instrument(marks)
-    server = await takeover.start_server(Echo, args.host, args.port, name="echo", backlog=4096)
+    if args.streams:
+        server = await takeover.start_server(
+            serve_lines, args.host, args.port, name="echo", backlog=4096, drain=args.drain
+        )
+    else:
+        server = await takeover.start_server(Echo, args.host, args.port, name="echo", backlog=4096)
     port = server.sockets[0].getsockname()[1]
     await takeover.serve_until_moved(
         server,
@@ -104,4 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--control", required=True)
+    parser.add_argument("--streams", action="store_true", help="a client_connected_cb server")
+    parser.add_argument(
+        "--drain", type=float, default=None, help="with --streams: seconds (default 30)"
+    )
     asyncio.run(main(parser.parse_args()))

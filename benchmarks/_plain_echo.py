@@ -1,11 +1,15 @@
 """The baselines of the side by side: a plain asyncio line echo, no takeover.
 
     python benchmarks/_plain_echo.py --port P [--reuseport] [--handoff PATH] [--drain S]
-    python benchmarks/_plain_echo.py --fd-from PATH [--handoff PATH2] [--drain S]
+        [--streams]
+    python benchmarks/_plain_echo.py --fd-from PATH [--handoff PATH2] [--drain S] [--streams]
 
 The protocol is ``harness/echo.py``'s ``Echo``, which ``_echo_app.py`` serves
-too and which imports nothing of takeover. Prints ``{"event": "ready", "port": P, "pid": ...}``
-once it accepts, ``{"event": "exit", ...}`` when it leaves.
+too and which imports nothing of takeover; with ``--streams``, the same echo
+as an ``asyncio.start_server`` coroutine (``harness/echo.py``'s
+``serve_lines``), as ``_echo_app.py --streams`` serves it. Prints
+``{"event": "ready", "port": P, "pid": ...}`` once it accepts,
+``{"event": "exit", ...}`` when it leaves.
 
 * SIGTERM: close the listener and every connection at once, exit
   (stop-and-restart; with ``--reuseport``, the old half of an overlapped restart).
@@ -47,15 +51,29 @@ class Echo(echo.Echo):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        OPEN.add(self)
+        OPEN.add(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        OPEN.discard(self)
-        if not OPEN and EMPTY is not None:
-            EMPTY.set()
+        gone(self.transport)
 
 
-OPEN: set[Echo] = set()
+async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The streams echo (``--streams``), keeping count of the open connections."""
+    OPEN.add(writer.transport)
+    try:
+        await echo.serve_lines(reader, writer)
+    finally:
+        gone(writer.transport)
+
+
+def gone(transport: asyncio.BaseTransport | None) -> None:
+    OPEN.discard(transport)  # type: ignore[arg-type]
+    if not OPEN and EMPTY is not None:
+        EMPTY.set()
+
+
+OPEN: set[asyncio.BaseTransport] = set()
+"""The open connections: closing one's transport ends its conversation."""
 EMPTY: asyncio.Event | None = None
 
 
@@ -85,9 +103,8 @@ async def close_all() -> None:
     first), or a second at most for a client that does not read."""
     assert EMPTY is not None
     EMPTY.clear()
-    for protocol in list(OPEN):
-        if protocol.transport is not None:
-            protocol.transport.close()
+    for transport in list(OPEN):
+        transport.close()
     if OPEN:
         try:
             await asyncio.wait_for(EMPTY.wait(), 1.0)
@@ -102,7 +119,11 @@ async def main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     sock = listener(args)
-    server = await loop.create_server(Echo, sock=sock, backlog=4096)
+    server: asyncio.AbstractServer
+    if args.streams:
+        server = await asyncio.start_server(serve_lines, sock=sock, backlog=4096)
+    else:
+        server = await loop.create_server(Echo, sock=sock, backlog=4096)
     port = sock.getsockname()[1]
     handoff: socket.socket | None = None
     if args.handoff:
@@ -159,4 +180,7 @@ if __name__ == "__main__":
     parser.add_argument("--handoff", help="AF_UNIX path to pass the listener on")
     parser.add_argument("--fd-from", help="AF_UNIX path to receive the listener from")
     parser.add_argument("--drain", type=float, default=2.0, help="seconds")
+    parser.add_argument(
+        "--streams", action="store_true", help="serve with asyncio.start_server (a coroutine)"
+    )
     asyncio.run(main(parser.parse_args()))

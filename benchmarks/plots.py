@@ -1,7 +1,7 @@
 """PNG plots of the benchmark results (matplotlib: ``pip install -e '.[bench]'``).
 
     python benchmarks/plots.py [--scale results/scale.json] [--load results/load.json]
-        [--sidebyside results/sidebyside.json]
+        [--sidebyside results/sidebyside.json]...
 
 * ``NAME-pause.png`` from scale.py's results: pause (and take, and the floor)
   against the number of connections, median with min..max bars, log-log.
@@ -9,9 +9,10 @@
   moves, per app: the worst and the median latency of the requests sent in
   each 20 ms, the moving run against the steady and the moving + starts runs
   of the same repeat, each move's pause shaded.
-* ``NAME-latency.png`` from sidebyside.py's results: the worst latency of the
-  long-lived connections per 20 ms around the replacement, per strategy, and
-  the new connections that failed.
+* ``NAME-latency.png`` from sidebyside.py's results (``--sidebyside`` may be
+  given once per scenario): the worst latency of the long-lived connections
+  per 20 ms around the replacement, per strategy, and the new connections
+  that failed.
 
 Each plot is written next to its JSON, which gets a ``plots`` entry, and the
 JSON's markdown report is written again with the plot in it.
@@ -182,6 +183,11 @@ def plot_sidebyside(data: dict[str, Any], path: str) -> None:
     axes[-1, 0].set_xlabel(
         "seconds from the start of the replacement (long-lived latency per 20 ms, first repeat)"
     )
+    if data.get("server") == "streams":
+        fig.suptitle(
+            f"a coroutine (asyncio streams) server; drain deadline {data['drain']:g} s",
+            fontsize=11,
+        )
     fig.text(0.01, 0.005, f"{data['command']} · {data['date']}", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=100)
@@ -215,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="scale.py's JSON")
     parser.add_argument("--load", help="load.py's JSON")
-    parser.add_argument("--sidebyside", help="sidebyside.py's JSON")
+    parser.add_argument(
+        "--sidebyside", action="append", default=[], help="sidebyside.py's JSON (repeatable)"
+    )
     args = parser.parse_args(argv)
     for path, suffix, draw in (
         (args.scale, "pause", plot_scale),
         (args.load, "latency", plot_load),
-        (args.sidebyside, "latency", plot_sidebyside),
+        *((path, "latency", plot_sidebyside) for path in args.sidebyside),
     ):
         if path:
             print(f"wrote {_with_plot(path, suffix, draw)}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """takeover side by side with what is done today to replace a running server.
 
-    python benchmarks/sidebyside.py [--repeats 3] [--connections 50] [--drain 2]
-        [--warmup 1] [--cooldown 2] [--out DIR] [--name sidebyside]
+    python benchmarks/sidebyside.py [--server protocol|streams] [--repeats 3]
+        [--connections 50] [--drain 2] [--warmup 1] [--cooldown 2] [--churn-clients 1]
+        [--strategies restart,reuseport,handoff,takeover] [--out DIR] [--name sidebyside]
 
 The same workload, in the same run, against four ways of replacing a line-echo
 server process with a new one:
@@ -16,12 +17,24 @@ server process with a new one:
   passed, then closes them and exits.
 * ``takeover``: ``python -m takeover take --json CONTROL``.
 
-The baselines are ``_plain_echo.py`` (plain asyncio, the same ``Echo``); the
-takeover server is ``_echo_app.py``. The workload (``_client.py``): N
+Two servers (``--server``):
+
+* ``protocol`` (the default): an ``asyncio.Protocol``, ``Echo``. takeover
+  moves the listener and every connection.
+* ``streams``: the same echo as an ``asyncio.start_server`` coroutine
+  (``client_connected_cb``). Its connections cannot move, so takeover's move
+  is partial: the listener (with its accept queue) moves, and the old process
+  serves its connections until ``--drain`` seconds have passed (the server's
+  ``start_server(..., drain=...)``), then closes them and exits.
+
+The baselines are ``_plain_echo.py`` (plain asyncio, the same ``Echo``, or
+with ``--streams`` the same coroutine); the takeover server is
+``_echo_app.py`` (``--streams`` likewise). The workload (``_client.py``): N
 long-lived connections each sending a line every ``--interval`` ms and waiting
 for its echo (a connection the server closes is reopened, refused attempts
 retried every 10 ms, and its unanswered line sent again), plus one client
-opening a new connection for one line every 2 ms. The replacement starts
+opening a new connection for one line every 2 ms (``--churn-clients``
+processes). The replacement starts
 ``--warmup`` s into the run; the run lasts warmup + drain + cooldown for
 every strategy.
 
@@ -60,6 +73,7 @@ TIMEOUT = 60.0
 PIN: dict[str, list[int]] = {"server": [], "client": []}
 """CPUs for the servers and for the clients (``--no-pin``: none)."""
 STRATEGIES = ("restart", "reuseport", "handoff", "takeover")
+SERVERS = ("protocol", "streams")
 LABELS = {
     "restart": "stop and restart",
     "reuseport": "overlapped restart (SO_REUSEPORT)",
@@ -88,13 +102,20 @@ class Exit:
         return self.at
 
 
-def start_old(strategy: str, port: int, workdir: str, drain: float) -> Proc:
+def plain(server: str, *argv: str) -> list[str]:
+    """A baseline server's command line."""
+    return [PYTHON, PLAIN, *argv, *(["--streams"] if server == "streams" else [])]
+
+
+def start_old(strategy: str, port: int, workdir: str, drain: float, server: str) -> Proc:
     if strategy == "takeover":
         control = os.path.join(workdir, "c.sock")
         argv = [PYTHON, os.path.join(_common.HERE, "_echo_app.py")]
         argv += ["--port", str(port), "--control", control]
+        if server == "streams":
+            argv += ["--streams", "--drain", str(drain)]
     else:
-        argv = [PYTHON, PLAIN, "--port", str(port), "--drain", str(drain)]
+        argv = plain(server, "--port", str(port), "--drain", str(drain))
         if strategy == "reuseport":
             argv.append("--reuseport")
         if strategy == "handoff":
@@ -105,7 +126,7 @@ def start_old(strategy: str, port: int, workdir: str, drain: float) -> Proc:
 
 
 def upgrade(
-    strategy: str, old: Proc, port: int, workdir: str, drain: float
+    strategy: str, old: Proc, port: int, workdir: str, drain: float, server: str
 ) -> tuple[Proc, dict[str, Any]]:
     """Replace ``old``; return the new process and the timings from the start."""
     gone = Exit(old)
@@ -114,18 +135,17 @@ def upgrade(
     if strategy == "restart":
         old.popen.send_signal(signal.SIGTERM)
         gone.join(TIMEOUT)
-        new = Proc([PYTHON, PLAIN, "--port", str(port)], cpus=PIN["server"])
+        new = Proc(plain(server, "--port", str(port)), cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     elif strategy == "reuseport":
-        argv = [PYTHON, PLAIN, "--port", str(port), "--reuseport"]
-        new = Proc(argv, cpus=PIN["server"])
+        new = Proc(plain(server, "--port", str(port), "--reuseport"), cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
         old.popen.send_signal(signal.SIGTERM)
     elif strategy == "handoff":
-        argv = [PYTHON, PLAIN, "--fd-from", os.path.join(workdir, "h0.sock")]
-        new = Proc([*argv, "--drain", str(drain)], cpus=PIN["server"])
+        argv = plain(server, "--fd-from", os.path.join(workdir, "h0.sock"), "--drain", str(drain))
+        new = Proc(argv, cpus=PIN["server"])
         new.event("ready", TIMEOUT)
         serving = time.monotonic()
     else:
@@ -135,6 +155,7 @@ def upgrade(
         taken = new.event("taken", TIMEOUT)
         info["pause_ms"] = taken["pause_ms"]
         info["moved"] = taken["connections"]
+        info["draining"] = taken.get("draining", 0)
         new.event("serving", TIMEOUT)
         serving = time.monotonic()
     info["old_gone_ms"] = (gone.join(drain + TIMEOUT) - t0) * 1000
@@ -149,7 +170,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     duration = args.warmup + args.drain + args.cooldown
     try:
         port = free_port()
-        old = start_old(strategy, port, workdir, args.drain)
+        old = start_old(strategy, port, workdir, args.drain, args.server)
         procs.append(old)
         common = [PYTHON, CLIENT, "--port", str(port), "--duration", str(duration)]
         long_lived = Proc(
@@ -167,28 +188,37 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
             cpus=PIN["client"],
         )
         procs.append(long_lived)
-        churn = Proc(
-            [*common, "--churn", "--samples", os.path.join(workdir, "churn.bin")],
-            stdin=True,
-            cpus=PIN["client"],
-        )
-        procs.append(churn)
+        churns = [
+            Proc(
+                [*common, "--churn", "--samples", os.path.join(workdir, f"churn{i}.bin")],
+                stdin=True,
+                cpus=PIN["client"],
+            )
+            for i in range(args.churn_clients)
+        ]
+        procs += churns
         long_lived.event("connected", TIMEOUT)
-        churn.event("connected", TIMEOUT)
+        for churn in churns:
+            churn.event("connected", TIMEOUT)
         load_before = os.getloadavg()
         long_lived.send_line("go")
-        churn.send_line("go")
+        for churn in churns:
+            churn.send_line("go")
         t0 = float(long_lived.event("started", TIMEOUT)["t0"])
         # The replacement starts --warmup s into the run: the schedule, not a wait.
         time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
-        new, info = upgrade(strategy, old, port, workdir, args.drain)
+        new, info = upgrade(strategy, old, port, workdir, args.drain, args.server)
         procs.append(new)
         long_done = long_lived.event("done", duration + TIMEOUT)
-        churn_done = churn.event("done", duration + TIMEOUT)
+        churn_dones = [churn.event("done", duration + TIMEOUT) for churn in churns]
         new.popen.send_signal(signal.SIGTERM)
         new.wait(TIMEOUT)
         long_samples = read_samples(os.path.join(workdir, "long.bin"))
-        churn_samples = read_samples(os.path.join(workdir, "churn.bin"))
+        churn_samples = [
+            sample
+            for i in range(args.churn_clients)
+            for sample in read_samples(os.path.join(workdir, f"churn{i}.bin"))
+        ]
     finally:
         for proc in procs:
             proc.kill()
@@ -201,14 +231,17 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     inside = [lat for sent, lat in long_samples if sent <= until and sent + lat >= start]
     outside = [lat for sent, lat in long_samples if not (sent <= until and sent + lat >= start)]
     churn_lat = sorted(lat for _sent, lat in churn_samples)
-    failures = churn_done["failures"]
-    counts = churn_done["counts"]
+    failures = sorted(f for done in churn_dones for f in done["failures"])
+    counts = {k: sum(done["counts"][k] for done in churn_dones) for k in churn_dones[0]["counts"]}
     return {
         "strategy": strategy,
         **{k: v for k, v in info.items() if k != "start"},
         "upgrade_at": start - t0,
         "long_completed": long_done["completed"],
         "long_broken": long_done["broken"],
+        # When (s from the start of the replacement) and how each long-lived
+        # connection was closed: "eof" (a FIN), else the error (a reset).
+        "long_breaks": [[round(at - start, 5), kind] for at, kind in long_done["breaks"]],
         "long_refused_reconnects": long_done["refused"],
         "long_errors": long_done["errors"],
         "long_first_errors": long_done["first_errors"],
@@ -218,7 +251,7 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         "long_max_ms": (long_lat[-1] if long_lat else float("nan")) * 1000,
         "long_max_during_ms": max(inside, default=float("nan")) * 1000,
         "long_max_outside_ms": max(outside, default=float("nan")) * 1000,
-        "new_attempts": churn_done["attempts"],
+        "new_attempts": sum(done["attempts"] for done in churn_dones),
         "new_ok": counts["ok"],
         "new_refused": counts["refused"],
         "new_reset": counts["reset"],
@@ -273,10 +306,115 @@ def loadavg(data: dict[str, Any]) -> str:
     return cell(values, 2) + " (median, (min..max))" if values else "n/a"
 
 
+def _servers(data: dict[str, Any]) -> dict[str, list[str]]:
+    """What the report says of the server: the title's tail, the takeover strategy,
+    the servers' files."""
+    if data.get("server", "protocol") == "protocol":
+        return {
+            "title": [],
+            "takeover": [
+                "- **takeover**: `python -m takeover take --json CONTROL` takes the listener and",
+                "  every connection; the old process exits once the move is committed.",
+            ],
+            "files": [
+                "Baselines: `benchmarks/_plain_echo.py` (plain asyncio, `harness/echo.py`'s",
+                "`Echo`, the line echo of `examples/echo.py`); takeover: `benchmarks/_echo_app.py`",
+                "(the same `Echo`).",
+            ],
+        }
+    drain = f"{data['drain']:g}"
+    return {
+        "title": [": a coroutine (asyncio streams) server"],
+        "takeover": [
+            "- **takeover**: `python -m takeover take --json CONTROL` takes the listener, with its",
+            "  accept queue. The connections cannot move (a coroutine serves each), so the move",
+            "  is partial: they stay in the old process, which serves them until they close or",
+            f"  the drain deadline ({drain} s, the server's `start_server(..., drain={drain})`)",
+            "  passes, then closes them (`transport.close()`) and exits.",
+        ],
+        "files": [
+            "The server is the line echo as an `asyncio.start_server`-style",
+            "`client_connected_cb(reader, writer)` coroutine, `harness/echo.py`'s `serve_lines`,",
+            "one per connection. Baselines: `benchmarks/_plain_echo.py --streams` (plain",
+            "`asyncio.start_server`); takeover: `benchmarks/_echo_app.py --streams`",
+            "(`takeover.asyncio.start_server` with the same coroutine).",
+        ],
+    }
+
+
+def _migrate_req(data: dict[str, Any]) -> list[str]:
+    value = data.get("tcp_migrate_req")
+    if value is None:
+        return []
+    what = (
+        "a closing SO_REUSEPORT listener resets the connections queued on it, not yet accepted"
+        if value == "0"
+        else "a closing SO_REUSEPORT listener passes its queued connections to another"
+    )
+    return [f"- net.ipv4.tcp_migrate_req: {value} ({what})"]
+
+
+def _closes(data: dict[str, Any]) -> list[str]:
+    """How and when the long-lived connections were closed, per strategy."""
+    if not any("long_breaks" in r for r in data["runs"]):
+        return []
+    rows = []
+    for strategy in STRATEGIES:
+        runs = [r for r in data["runs"] if r["strategy"] == strategy and "long_breaks" in r]
+        if not runs:
+            continue
+
+        def times(run: dict[str, Any]) -> list[float]:
+            return [at * 1000 for at, _kind in run["long_breaks"]]
+
+        rows.append(
+            [
+                LABELS[strategy],
+                cell([sum(k == "eof" for _at, k in r["long_breaks"]) for r in runs], 0),
+                cell([sum(k != "eof" for _at, k in r["long_breaks"]) for r in runs], 0),
+                cell([min(times(r), default=None) for r in runs], 0),
+                cell([max(times(r), default=None) for r in runs], 0),
+                cell([r["long_refused_reconnects"] for r in runs], 0),
+            ]
+        )
+    return [
+        "",
+        "## Long-lived connections closed by the server",
+        "",
+        *_table(
+            [
+                "strategy",
+                "closed (FIN)",
+                "reset",
+                "first close, ms after the start",
+                "last close, ms after the start",
+                "reconnect attempts refused",
+            ],
+            rows,
+        ),
+        "",
+        "Each close is one long-lived connection broken; the client reopens it at once and",
+        "sends its unanswered line again. *Reset*: the client read ECONNRESET (a server that",
+        "closes a socket with unread input sends a reset).",
+    ]
+
+
+def _churn_text(clients: int) -> list[str]:
+    if clients == 1:
+        return [
+            "one client opening a new connection for one line every 2 ms (after a failure, 5 ms)."
+        ]
+    return [
+        f"{clients} client processes, each opening a new connection for one line every 2 ms",
+        "(after a failure, 5 ms).",
+    ]
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
+    server = _servers(data)
     out = [
-        "# takeover side by side with restarts and listener hand-off",
+        "# takeover side by side with restarts and listener hand-off" + "".join(server["title"]),
         "",
         f"Produced by `{data['command']}` on {data['date']} (commit {m.get('commit') or '?'}"
         f"{', src/ modified' if m.get('src_dirty') else ''}), {data['repeats']} repeat(s) of"
@@ -289,6 +427,7 @@ def render(data: dict[str, Any]) -> str:
         f"- Runnable processes besides the benchmark at the start of each run: {runnable(data)}"
         f" (each run waited up to {data.get('quiet_wait', 0):g} s for fewer than the CPUs)",
         f"- Processes {data.get('pinning', 'not pinned')}",
+        *_migrate_req(data),
         "",
         "The same line-echo server replaced by a new process while clients use it, four ways:",
         "",
@@ -301,18 +440,16 @@ def render(data: dict[str, Any]) -> str:
         "  receives the listening socket from the old one over SCM_RIGHTS and accepts on it;",
         "  the old one stops accepting and keeps serving its connections until they close or",
         f"  the drain timeout ({data['drain']:g} s) passes, then closes them and exits.",
-        "- **takeover**: `python -m takeover take --json CONTROL` takes the listener and every",
-        "  connection; the old process exits once the move is committed.",
+        *server["takeover"],
         "",
-        "Baselines: `benchmarks/_plain_echo.py` (plain asyncio, `harness/echo.py`'s `Echo`, the",
-        "line echo of `examples/echo.py`); takeover: `benchmarks/_echo_app.py` (the same `Echo`).",
+        *server["files"],
         "Every new process is a fresh Python process started at the replacement.",
         "",
         f"Workload (`benchmarks/_client.py`): {data['connections']} long-lived connections, each",
         f"sending a line every {data['interval']:g} ms and waiting for its echo; a connection the",
         "server closes counts as broken and is reopened at once (refused attempts retried every",
         "10 ms), its unanswered line sent again, its latency counted from the first send. Plus",
-        "one client opening a new connection for one line every 2 ms (after a failure, 5 ms).",
+        *_churn_text(data.get("churn_clients", 1)),
         f"The replacement starts {data['warmup']:g} s into a run of "
         f"{data['warmup'] + data['drain'] + data['cooldown']:g} s.",
         "",
@@ -402,8 +539,14 @@ def render(data: dict[str, Any]) -> str:
             + cell([r.get("pause_ms") for r in runs], 3)
             + " ms, connections moved "
             + cell([r.get("moved") for r in runs], 0)
+            + (
+                ", left draining in the old process " + cell([r.get("draining") for r in runs], 0)
+                if any(r.get("draining") for r in runs)
+                else ""
+            )
             + ".",
         ]
+    out += _closes(data)
     errors = [e for r in data["runs"] for e in r["long_first_errors"]]
     if errors:
         out += ["", "Wrong answers (first ones):", ""] + [f"- `{e[:300]}`" for e in errors[:10]]
@@ -443,6 +586,14 @@ def write(data: dict[str, Any], directory: str, name: str) -> tuple[str, str]:
     return json_path, md_path
 
 
+def _tcp_migrate_req() -> str | None:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -452,6 +603,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds")
     parser.add_argument("--cooldown", type=float, default=2.0, help="seconds")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--churn-clients",
+        type=int,
+        default=1,
+        help="processes opening a new connection every 2 ms each (default 1)",
+    )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="protocol",
+        help="an asyncio.Protocol (everything moves) or a streams coroutine (connections drain)",
+    )
     _common.add_run_options(parser, "sidebyside")
     args = parser.parse_args(argv)
     if args.render:
@@ -465,9 +628,12 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "interval": args.interval,
         "drain": args.drain,
+        "churn_clients": args.churn_clients,
         "warmup": args.warmup,
         "cooldown": args.cooldown,
         "strategies": strategies,
+        "server": args.server,
+        "tcp_migrate_req": _tcp_migrate_req(),
         "pinning": _common.describe_pinning(PIN["server"], PIN["client"]),
         "runs": [],
     }
@@ -479,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             run["quiet"] = quiet
             data["runs"].append(run)
             print(
-                f"{strategy} {repeat + 1}/{args.repeats}: new refused {run['new_refused']} "
+                f"{args.server} {strategy} {repeat + 1}/{args.repeats}: "
+                f"new refused {run['new_refused']} "
                 f"reset {run['new_reset']} timeout {run['new_timeout']}, "
                 f"broken {run['long_broken']}, errors {run['long_errors']}, "
                 f"worst {run['long_max_ms']:.1f} ms, old gone {run['old_gone_ms']:.1f} ms",

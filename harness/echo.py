@@ -1,8 +1,11 @@
 """The line echo: the protocol the test apps and the benchmarks serve, and its client side.
 
 :class:`Echo` echoes each complete line; a partial line waits (and moves with
-the service) until its end. It imports nothing of takeover, so that the
-benchmarks' plain-asyncio baseline serves the very same protocol.
+the service) until its end. :func:`serve_lines` is the same echo as an
+asyncio streams ``client_connected_cb(reader, writer)``: a coroutine serves
+each connection, so its connections cannot move (they drain). Both import
+nothing of takeover, so that the benchmarks' plain-asyncio baselines serve
+the very same code.
 
 A script that serves it defines a subclass of its own, ``class
 Echo(echo.Echo)``: a graph names the class of each protocol, and a recipient
@@ -32,6 +35,21 @@ class Echo(asyncio.Protocol):
         *lines, self.pending = (self.pending + data).split(b"\n")
         if lines and self.transport is not None:
             self.transport.write(b"\n".join(lines) + b"\n")
+
+
+async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The line echo as a streams coroutine: each complete line back, until EOF."""
+    try:
+        while True:
+            line = await reader.readline()
+            if not line.endswith(b"\n"):
+                break  # EOF; a partial line is dropped, as a closing Echo drops it
+            writer.write(line)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:

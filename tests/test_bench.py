@@ -201,3 +201,48 @@ def test_sidebyside_quick_path(workdir: str) -> None:
     header, rows = _table(markdown, "Against takeover, same repeat")
     assert len(rows) == 3
     _plots(workdir, "--sidebyside", "sidebyside")
+
+
+@pytest.mark.slow
+def test_sidebyside_streams_quick_path(workdir: str) -> None:
+    """The coroutine (asyncio streams) scenario: takeover's move is partial."""
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    connections = 3
+    args = ["--server", "streams", "--connections", str(connections), "--drain", "0.3"]
+    args += ["--warmup", "0.3", "--cooldown", "0.4", "--quiet-wait", "0"]
+    _run("sidebyside.py", [*args, "--repeats", "1", "--out", workdir, "--name", "s"], tag)
+
+    with open(os.path.join(workdir, "s.md")) as f:
+        markdown = f.read()
+    assert "a coroutine (asyncio streams) server" in markdown.splitlines()[0]
+    header, rows = _table(markdown, "Results")
+    assert [row[0] for row in rows] == [
+        "stop and restart",
+        "overlapped restart (SO_REUSEPORT)",
+        "listener hand-off + drain",
+        "takeover",
+    ]
+    for row in rows:
+        assert len(row) == len(header)
+        assert row[header.index("wrong answers")] == "0"
+    # takeover's listener never closes: no new connection is refused or reset.
+    takeover_row = rows[3]
+    assert takeover_row[header.index("new connections refused")] == "0"
+    assert takeover_row[header.index("new connections reset")] == "0"
+    header, rows = _table(markdown, "Long-lived connections closed by the server")
+    assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
+
+    with open(os.path.join(workdir, "s.json")) as f:
+        data = json.load(f)
+    assert data["server"] == "streams"
+    for run in data["runs"]:
+        assert len(run["long_breaks"]) == run["long_broken"]
+        if run["strategy"] in ("restart", "reuseport"):
+            # The old process closes its connections at SIGTERM.
+            assert run["long_broken"] >= connections
+    (moved,) = [r for r in data["runs"] if r["strategy"] == "takeover"]
+    # Only the listener moved; every long-lived connection stayed to drain, and the
+    # old process exited on its own once they were closed.
+    assert moved["moved"] == 0 and moved["draining"] >= connections
+    assert moved["old_exit"] == 0
+    _plots(workdir, "--sidebyside", "s")

@@ -16,6 +16,7 @@ import pytest
 
 from drainclients import LineClient, start_mixed
 from drainfaults import DRAIN_CELLS, run_drain_cell
+from faultmatrix import wait_stopped
 from harness.procs import APPS, PYTHON, Proc, list_fds, takeover
 from harness.waiting import wait_until
 from services import holders, listener_inode
@@ -153,6 +154,38 @@ def test_a_streams_server_moves_its_listener_and_drains_its_connections(control,
     assert recipient.wait(5) == 0
     successor.signal(signal.SIGTERM)
     assert successor.wait() == 0
+
+
+def test_a_streams_connection_accepted_after_the_dry_run_drains_too(control, free_port, procs):
+    """The old process accepts until it pauses: a stream accepted between the dry
+    run and the pause cannot move either, and stays to drain with the others."""
+    argv = [PYTHON, os.path.join(APPS, "streams.py"), "--port", str(free_port)]
+    origin = Proc([*argv, "--control", control, "--drain", "10"])
+    procs.append(origin)
+    origin.expect("control")
+    early = LineClient(free_port)
+    assert early.ask(b"a") == f"1 {origin.pid} a".encode()
+    # The recipient stops once the sockets went ahead: the dry run is over and
+    # the service not yet paused.
+    recipient = takeover("take", control, env={"TAKEOVER_FAULTS": "recipient.ahead-received=stop"})
+    procs.append(recipient)
+    wait_stopped(recipient, "recipient.ahead-received")
+    late = LineClient(free_port)
+    assert late.ask(b"b") == f"1 {origin.pid} b".encode()
+    recipient.signal(signal.SIGCONT)
+    recipient.expect(
+        r"^took streams: 0 connections \(2 draining in the old process for up to 10 s\)"
+    )
+    new = LineClient(free_port)
+    assert new.ask(b"c") == f"1 {recipient.pid} c".encode()
+    for client, count in ((early, 2), (late, 2)):
+        assert client.ask(b"d") == f"{count} {origin.pid} d".encode()
+        client.close()
+    origin.expect(rf"pid {origin.pid} drained", timeout=5)
+    assert origin.wait(5) == 0
+    new.close()
+    recipient.signal(signal.SIGTERM)
+    assert recipient.wait() == 0
 
 
 @pytest.mark.slow

@@ -367,6 +367,11 @@ class _Move:
                 text = str(exc) if problem is None else problem.explain(name)
                 log.warning("cannot move %r after quiescing it: %s", name, text)
                 return await self._refuse(exc.code, text)
+            left = getattr(service, "takeover_left", None)
+            if left is not None:
+                # Quiescing left behind the connections accepted since the dry
+                # run that cannot move either.
+                self.left = left()
             # From here a change to a connection would not be carried: see late_call.
             seal = getattr(service, "takeover_seal", None)
             if seal is not None:

@@ -448,6 +448,15 @@ class MigratableServer:
                 self._loop.remove_reader(self._poller.fileno())
         for transport in self._transports:
             transport._quiesced = True
+        leaving = self._leaving
+        if leaving is not None:
+            # A partial move: a connection accepted since the dry run that
+            # cannot move by its kind (a stream, TLS) stays behind too.
+            for transport in self._transports:
+                if transport not in leaving:
+                    reason = transport._cannot_move()
+                    if reason is not None:
+                        leaving[transport] = reason
         run_service_hooks(
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_quiesce"
         )
