@@ -196,3 +196,28 @@ def test_partial_move_fault_matrix(cell, workdir, control, free_port, procs):
     """A process killed mid-move during a partial move: the listener, the streams and the
     TLS session end up where docs/faults.md says."""
     run_drain_cell(cell, workdir, control, free_port, procs)
+
+
+def test_at_the_deadline_a_stream_is_closed_with_a_fin_not_a_reset(control, free_port, procs):
+    """A client that keeps sending past the deadline: its echoes, then EOF; never a reset."""
+    argv = [PYTHON, os.path.join(APPS, "streams.py"), "--port", str(free_port)]
+    origin = Proc([*argv, "--control", control, "--drain", "1"])
+    procs.append(origin)
+    origin.expect("control")
+    client = LineClient(free_port)
+    assert client.ask(b"a") == f"1 {origin.pid} a".encode()
+    recipient = takeover("take", control)
+    procs.append(recipient)
+    recipient.expect(r"^took streams: 0 connections \(1 draining")
+    answered = 1
+    with pytest.raises(EOFError):
+        while True:  # ConnectionResetError here would fail the test
+            client.sock.sendall(b"more\n")
+            assert client.line().endswith(b" more")
+            answered += 1
+            time.sleep(0.01)
+    assert answered > 10
+    client.close()
+    assert origin.wait(10) == 0
+    recipient.signal(signal.SIGTERM)
+    assert recipient.wait() == 0

@@ -164,6 +164,21 @@ class _Poller:
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
+LINGER = 2.0
+"""Seconds a connection closed politely at a drain deadline waits for the
+client's own close (see ``MigratableServer._close_politely``)."""
+
+
+class _Discard(asyncio.Protocol):
+    """What is left of a connection closed politely: input is dropped, and the
+    client's close ends it."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
 
 class StreamsFactory:
     """The protocol factory of an asyncio streams server: a
@@ -530,11 +545,25 @@ class MigratableServer:
             try:
                 if hook is not None:
                     hook()
+                elif closing is transport:
+                    self._close_politely(transport)
                 else:
                     closing.close()
             except Exception:
                 log.exception("closing %r at the drain deadline failed", transport)
                 transport.close()
+
+    def _close_politely(self, transport: MigratableTransport) -> None:
+        """Close a connection without a reset: send what is queued and a FIN,
+        discard what the client still sends until it closes too (or
+        :data:`LINGER` seconds pass), then close. Closing a socket with unread
+        input makes the kernel answer with a reset instead."""
+        if transport.is_closing():
+            return
+        transport.write_eof()
+        transport.set_protocol(_Discard())
+        assert self._loop is not None
+        self._loop.call_later(LINGER, transport.close)
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._transports:
