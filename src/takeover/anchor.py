@@ -246,7 +246,7 @@ class Anchor:
         while True:
             try:
                 data, ancillary, _flags, _addr = self._notify.recvmsg(
-                    4096, socket.CMSG_SPACE(_CREDENTIALS.size)
+                    4096, socket.CMSG_SPACE(_CREDENTIALS.size) + socket.CMSG_SPACE(16 * 4)
                 )
             except BlockingIOError:
                 return
@@ -256,6 +256,12 @@ class Anchor:
                     sender, uid, _gid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])
                     if uid not in (os.geteuid(), 0):
                         sender = None
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    # BARRIER=1 comes with a descriptor: closing it says every
+                    # message before it has been read, as systemd does.
+                    usable = len(payload) - len(payload) % 4
+                    for fd in struct.unpack(f"{usable // 4}i", payload[:usable]):
+                        os.close(fd)
             if sender is None:
                 continue
             lines = data.decode(errors="replace").splitlines()
