@@ -89,6 +89,9 @@ def test_root_hands_port_80_to_nobody(netns, workdir, procs):
     origin = _serve_echo(sandbox, netns, procs, "--admit-user", "nobody")
     assert _mode(sandbox.control) == (0o666, 0, 0)
     with _connect(netns) as client:
+        # Accepted (not just queued: a queued one would move with the listener,
+        # and the count below would be 3).
+        assert echo(client, b"before\n") == b"before\n"
         clients = netns.run(lambda: StreamingClients(80, 3, WINDOW, 45.0))
         try:
             clients.wait_all_echoing()
