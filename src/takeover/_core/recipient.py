@@ -509,8 +509,8 @@ class RecipientSession:
             pause_ms=pause,
             graph_bytes=len(arrival.blob),
             fds=len(arrival.ahead) + int(meta.get("fds", 0)),
-            draining=_count_or_zero(meta.get("draining")),
-            drain_seconds=_seconds(meta.get("drain_seconds")),
+            draining=draining,
+            drain_seconds=seconds,
         )
 
     async def check(self, name: str) -> CheckResult:

@@ -316,11 +316,16 @@ class MigratableServer:
         TLS or other buffered protocol); return how many."""
         self._drain_seconds = seconds
         self._leaving = {}
-        for transport in self._transports:
-            reason = transport._cannot_move()
-            if reason is not None:
-                self._leaving[transport] = reason
+        self._leave_by_kind(self._leaving)
         return len(self._leaving)
+
+    def _leave_by_kind(self, leaving: dict[MigratableTransport, str]) -> None:
+        """Add to ``leaving`` each connection that cannot move by its kind."""
+        for transport in self._transports:
+            if transport not in leaving:
+                reason = transport._cannot_move()
+                if reason is not None:
+                    leaving[transport] = reason
 
     def takeover_leave(self, index: int, reason: str) -> bool:
         """Leave behind the ``index``-th connection that would move (the dry run
@@ -463,15 +468,10 @@ class MigratableServer:
                 self._loop.remove_reader(self._poller.fileno())
         for transport in self._transports:
             transport._quiesced = True
-        leaving = self._leaving
-        if leaving is not None:
+        if self._leaving is not None:
             # A partial move: a connection accepted since the dry run that
             # cannot move by its kind (a stream, TLS) stays behind too.
-            for transport in self._transports:
-                if transport not in leaving:
-                    reason = transport._cannot_move()
-                    if reason is not None:
-                        leaving[transport] = reason
+            self._leave_by_kind(self._leaving)
         run_service_hooks(
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_quiesce"
         )
