@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import pythons
 from handshake import recipient_hello
 from harness.echo import echo
 from harness.procs import EXAMPLES, PYTHON, Proc, run_example, takeover
@@ -302,7 +303,7 @@ def test_move_over_tls_and_stranger_refused(free_port, pki, procs):
 def netns() -> Iterator[tuple[str, str, str]]:
     """A network namespace joined to this one by a veth pair: (name, host addr, ns addr)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("creating a network namespace needs root and iproute2")
+        pythons.skip_or_fail("creating a network namespace needs root and iproute2")
     name = f"tk{os.getpid()}"
     host_if, ns_if = f"{name}a", f"{name}b"
     host_addr, ns_addr = "10.213.7.1", "10.213.7.2"

@@ -160,9 +160,9 @@ def test_take_busy_service(echo, control, free_port, procs):
 def setpriv_nobody() -> list[str]:
     """The command prefix that runs a peer as user nobody, and the interpreter it runs."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to run a peer as another user")
+        pythons.skip_or_fail("needs root to run a peer as another user")
     if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+        pythons.skip_or_fail("needs setpriv (util-linux)")
     prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     return [*prefix, python_for_nobody(tuple(prefix))]
 
