@@ -11,7 +11,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint,twisted,matrix,aiohttp,uvicorn,websockets]'
+	$(BIN)/pip install --quiet -e '.[test,lint,twisted,matrix,aiohttp,uvicorn,websockets,ws]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -61,7 +61,7 @@ $(STAMP313): pyproject.toml
 	if [ -n "$$py" ]; then \
 		echo "$(VENV313): $$py"; \
 		rm -rf $(VENV313) && "$$py" -m venv $(VENV313) && \
-		$(VENV313)/bin/pip install --quiet -e '.[twisted]' && touch $(STAMP313); \
+		$(VENV313)/bin/pip install --quiet -e '.[twisted,ws]' && touch $(STAMP313); \
 	else \
 		echo "warning: the manhole's move to CPython 3.13 cannot be tested" >&2; \
 	fi

@@ -87,6 +87,11 @@ _NO_IMPORT = frozenset(
 # either: its graphs carry code (functions as source, a console that runs what
 # it is given), so its recipients take it with --allow takeover.demo.
 _CORE_GRAPH_MODULES = frozenset({"takeover._core.errors", "takeover._core.registry"})
+# takeover's protocols whose connections travel in graphs (an optional extra:
+# imported when a graph names them, which fails with the extra's name if it is
+# not installed here). Their classes rebuild their state in __setstate__ from
+# builtins only.
+_PROTOCOL_GRAPH_MODULES = frozenset({"takeover.websocket._protocol", "takeover.websocket._deflate"})
 
 # Builtin methods are rebuilt only on these exact types (``self.lines.append``).
 _CONTAINERS = ("builtins.list", "builtins.dict", "builtins.set", "builtins.bytearray")
@@ -287,6 +292,7 @@ class UnpicklePolicy:
         """``module`` holds classes a graph may name: the runtime's, ``--allow``'s, the script's."""
         return (
             module in _CORE_GRAPH_MODULES
+            or module in _PROTOCOL_GRAPH_MODULES
             or runtimes.is_graph_module(module)
             or self.allowed(module, app)
         )
