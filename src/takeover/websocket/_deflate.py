@@ -129,7 +129,9 @@ class MovableDeflate(PerMessageDeflate):
         # takeover.websocket is the server: the client compresses with the client's bits.
         in_bits, out_bits = self.client_max_window_bits, self.server_max_window_bits
         decompressor: Optional[Any] = None
-        if self._in_window or self._in_message:
+        if self._in_window or self._in_message or self._inbound_compressed:
+            # (A compressed message whose header came, and none of its payload yet,
+            # needs its decompressor too: the header made it, and will not again.)
             decompressor = _decompressor(in_bits, self._in_window)
             # The message half received: the same input rebuilds the same state.
             decompressor.decompress(bytes(self._in_message))
