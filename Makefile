@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode
+.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode
 
 all: test
 
@@ -70,6 +70,19 @@ twisted-interpreters: $(STAMP313)
 
 demo: $(STAMP) interpreters
 	$(BIN)/python -m takeover demo
+
+# The WebSocket chat for the browser (examples/ws_chat.py, docs/websocket.md). The
+# recipient of a move may be any interpreter with takeover[ws]: .venv-3.13 has it.
+WEB_PORT ?= 8080
+WEB_CONTROL ?= /tmp/takeover-ws-chat.sock
+
+demo-web: $(STAMP) twisted-interpreters bytecode
+	@echo "open http://127.0.0.1:$(WEB_PORT)/ in a browser (or two) and talk; to move the room:"
+	@echo "  $(abspath $(BIN))/takeover take $(WEB_CONTROL)"
+	@if [ -x $(VENV313)/bin/takeover ]; then \
+		echo "or to CPython 3.13:"; \
+		echo "  $(abspath $(VENV313))/bin/takeover take $(WEB_CONTROL)"; fi
+	@exec $(BIN)/python examples/ws_chat.py --port $(WEB_PORT) --control $(WEB_CONTROL)
 
 test: $(STAMP) interpreters twisted-interpreters bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
