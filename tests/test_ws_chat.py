@@ -10,7 +10,7 @@ import re
 import socket
 from typing import Any
 
-from harness.procs import run_example, takeover
+from harness.procs import ROOT, Proc, run_example, takeover
 from wsclient import WsClient
 
 
@@ -75,3 +75,23 @@ def test_members_talk_and_see_the_server_change(control, free_port, procs):
         ann2.close()
         assert frames(ann, 1)[0] == {"type": "members", "names": ["ann"]}
     assert origin.wait(10) == 0
+
+
+def test_make_demo_web_prints_what_moves_it(control, free_port, procs):
+    """`make demo-web` starts the room and prints its URL and the commands that move it;
+    the first of them, run as printed, moves the room (and make then ends, status 0)."""
+    make = Proc(
+        ["make", "-s", "-C", ROOT, "demo-web", f"WEB_PORT={free_port}", f"WEB_CONTROL={control}"]
+    )
+    procs.append(make)
+    make.expect(rf"^open http://127\.0\.0\.1:{free_port}/ in a browser", timeout=120)
+    command = make.expect(r"^  (/\S+/takeover take \S+)$").group(1).split()
+    assert command[-1] == control
+    make.expect(r"^ws_chat on ")
+    with WsClient(free_port, "/ws?name=zoe") as zoe:
+        assert frames(zoe, 2)[1] == {"type": "members", "names": ["zoe"]}
+        recipient = Proc(command)
+        procs.append(recipient)
+        recipient.expect(r"^took ws_chat: 1 connections")
+        assert frames(zoe, 1)[0]["pid"] == recipient.pid
+        assert make.wait(10) == 0
