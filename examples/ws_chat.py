@@ -105,6 +105,8 @@ class Member(WebSocketProtocol):
     def http_request(self, request: Request) -> Response:
         if request.path == "/":
             return Response(200, PAGE.encode(), "text/html; charset=utf-8")
+        if request.path == "/favicon.ico":
+            return Response(200, ICON, "image/svg+xml")
         if request.path == "/server":
             return Response(200, json.dumps(server_facts()).encode(), "application/json")
         return Response(404, b"not found\n")
@@ -137,6 +139,12 @@ class RoomFactory:
     def takeover_adopted(self) -> None:
         self.room.adopted()
 
+
+# The browser asks for one (an SVG is fine): a 404 would be an error in its console.
+ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<circle cx="8" cy="8" r="7" fill="#2e8b57"/></svg>'
+)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
