@@ -303,3 +303,38 @@ def test_the_ws_extra_is_installed():
     assert h11.__version__ == "0.16.0"
     expected = "1.3.2" if sys.version_info >= (3, 10) else "1.2.0"
     assert re.sub(r"\+.*", "", wsproto.__version__) == expected
+
+
+def test_a_compressed_message_half_sent_is_refused_by_name_or_drains(
+    served, free_port, control, procs
+):
+    """The one state that cannot move: a compressed message the application left half
+    sent. Without a drain the move is refused saying why, and everything goes on; with
+    --drain that connection stays behind, the others move, and at the deadline it is
+    closed with 1001 (going away) so that its client reconnects."""
+    origin = served
+    with WsClient(free_port) as stuck, WsClient(free_port) as fine:
+        assert stuck.deflate
+        stuck.say("fragment")
+        event = stuck.next_event()
+        # (Its text may still be inside the compressor: deflate had no reason to flush.)
+        assert isinstance(event, TextMessage) and not event.message_finished
+        refused = takeover("take", control)
+        procs.append(refused)
+        assert refused.wait() == 1
+        output = refused.output()
+        assert "permessage-deflate message is half sent" in output, output
+        assert "--drain" in output, output
+        fine.say("after the refusal")
+        assert fine.message() == f"{origin.pid} 1 after the refusal"
+
+        recipient = takeover("take", "--drain", "1", control)
+        procs.append(recipient)
+        recipient.expect(r"^took ws: 1 connections \(1 draining in the old process for up to 1 s\)")
+        fine.say("moved")
+        assert fine.message() == f"{recipient.pid} 2 moved"
+        closing = stuck.closing()
+        assert (closing.code, closing.reason) == (1001, "the server moved; reconnect")
+        stuck.send(stuck.frame_bytes(closing.response()))
+        assert stuck.at_eof()
+        assert origin.wait(10) == 0

@@ -6,7 +6,8 @@ GET / answers ``pid PID``. On /ws each text message is answered
 ``PID N TEXT`` (N counts this connection's messages), except the commands:
 ``big N`` answers one text message of N bytes (``x`` after the header line),
 ``close`` begins the close handshake from the server (code 4000),
-``ping`` sends a ping whose payload is the pid. Binary messages come back as
+``ping`` sends a ping whose payload is the pid, ``fragment`` sends the
+first fragment of a message and never the rest. Binary messages come back as
 they are.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+
+from wsproto.events import TextMessage
 
 import takeover.asyncio as takeover
 from takeover.websocket import Request, Response, WebSocketProtocol
@@ -38,6 +41,13 @@ class Echo(WebSocketProtocol):
             self.send_text(head + "x" * (size - len(head)))
         elif text == "close":
             self.close_websocket(4000, f"closed by {os.getpid()}")
+        elif text == "fragment":
+            # The first fragment of a message, by wsproto directly: a compressed
+            # message half sent cannot move (its compressor is mid-block).
+            assert self._ws is not None
+            self._write(
+                self._ws.send(TextMessage(data=f"{os.getpid()} first", message_finished=False))
+            )
         elif text == "ping":
             self.ping(str(os.getpid()).encode())
         else:

@@ -175,6 +175,26 @@ class WebSocketProtocol(asyncio.Protocol):
         elif self._ws is None and self.transport is not None:
             self.transport.close()
 
+    # -- partial moves --------------------------------------------------------------------
+
+    #: Seconds a WebSocket left behind by a partial move waits for the client's
+    #: answer to the CLOSE sent at the drain deadline, before TCP is closed anyway.
+    drain_close_wait: float = 2.0
+
+    def takeover_drain_close(self) -> None:
+        """At a partial move's drain deadline (a connection that could not move,
+        see docs/websocket.md): close the WebSocket with 1001, going away, which
+        tells the client to reconnect (to the new process); HTTP: close."""
+        if self.open:
+            self.close_websocket(GOING_AWAY, "the server moved; reconnect")
+            asyncio.get_running_loop().call_later(self.drain_close_wait, self._close_transport)
+        else:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def __init__(self) -> None:
