@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode
+.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode browser
 
 all: test
 
@@ -48,8 +48,23 @@ interpreters:
 		echo "warning: could not install$$missing; the demo uses what it finds" >&2; \
 	fi
 
+# The browser tests (harness/browser.py) drive Debian's headless Chromium with
+# Selenium, through Debian's chromedriver: explicit paths, so that Selenium
+# Manager never downloads a browser or a driver.
+BROWSER_PACKAGES := chromium chromium-driver
+
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing $(BROWSER_PACKAGES) (Debian packages) for the browser tests"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null; } || \
+		echo "warning: could not install $(BROWSER_PACKAGES); the browser tests skip (fail in CI)" >&2; \
+	fi
+
 # The Twisted manhole test moves a live session to CPython 3.13: a venv there
-# with takeover and its twisted extra (the recipient runs a reactor). The
+# with takeover and its twisted and ws extras (the recipient runs a reactor; the
+# WebSocket tests move a chat there). The
 # interpreter is found by scripts/find-python (pyenv's versions, python3.13 on
 # PATH); PY313=/path/to/python overrides it.
 FIND_PYTHON := $(PYTHON) scripts/find-python
@@ -84,7 +99,7 @@ demo-web: $(STAMP) twisted-interpreters bytecode
 		echo "  $(abspath $(VENV313))/bin/takeover take $(WEB_CONTROL)"; fi
 	@exec $(BIN)/python examples/ws_chat.py --port $(WEB_PORT) --control $(WEB_CONTROL)
 
-test: $(STAMP) interpreters twisted-interpreters bytecode
+test: $(STAMP) interpreters twisted-interpreters browser bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The test suite on every other supported interpreter the machine has
@@ -93,7 +108,7 @@ test: $(STAMP) interpreters twisted-interpreters bytecode
 # default interpreter's. 3.10, 3.12 and PyPy leave out the tests marked slow
 # unless MATRIX=full. NOX_ARGS="-s tests-3.9" picks sessions; PYTEST_ARGS go
 # to pytest.
-matrix: $(STAMP) interpreters twisted-interpreters
+matrix: $(STAMP) interpreters twisted-interpreters browser
 	MATRIX="$(MATRIX)" $(BIN)/nox $(NOX_ARGS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.

@@ -14,4 +14,6 @@ that needs it put the repository's root on ``sys.path``::
   benchmarks serve, and the client side of it.
 * :mod:`harness.systemd`: a real systemd as PID 1 of private namespaces, for
   tests that run services under it (units, ``systemctl``, ``MainPID``).
+* :mod:`harness.browser`: Debian's headless Chromium driven by Selenium, its
+  console and screenshots, and nothing of it left behind.
 """

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pythons
+from harness import browser as _browser
 from harness import procs as _procs
 from harness import systemd as _systemd
 from harness.procs import Proc, list_fds
@@ -58,6 +59,14 @@ def systemd_available() -> None:
     reason = _systemd.unavailable()
     if reason is not None:
         pythons.skip_or_fail(f"a systemd namespace cannot run here: {reason}")
+
+
+@pytest.fixture
+def browser_available() -> None:
+    """Skip where headless Chromium cannot run (fail in CI): see harness/browser.py."""
+    reason = _browser.missing()
+    if reason is not None:
+        pythons.skip_or_fail(f"no browser for the browser tests: {reason}")
 
 
 @pytest.fixture
