@@ -133,8 +133,14 @@ class MovableDeflate(PerMessageDeflate):
             # (A compressed message whose header came, and none of its payload yet,
             # needs its decompressor too: the header made it, and will not again.)
             decompressor = _decompressor(in_bits, self._in_window)
-            # The message half received: the same input rebuilds the same state.
-            decompressor.decompress(bytes(self._in_message))
+            # The message half received: the same input rebuilds the same state
+            # (its output, delivered already, is dropped 64 KiB at a time).
+            pending = bytes(self._in_message)
+            while True:
+                out = decompressor.decompress(pending, 1 << 16)
+                pending = decompressor.unconsumed_tail
+                if not pending and len(out) < 1 << 16:
+                    break  # all input taken, and no output left inside
         self._decompressor = decompressor
         self._compressor = (
             zlib.compressobj(
