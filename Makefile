@@ -11,7 +11,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint,twisted,matrix,aiohttp,uvicorn,websockets,ws]'
+	$(BIN)/pip install --quiet -e '.[test,lint,twisted,matrix,aiohttp,uvicorn,websockets,ws,uvloop]'
 	touch $(STAMP)
 
 venv: $(STAMP)

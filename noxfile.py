@@ -54,7 +54,7 @@ def _tests(session: nox.Session) -> None:
         "import sys, platform; print(platform.python_implementation(), "
         "platform.python_version(), sys.executable)",
     )
-    session.install("--quiet", "-e", ".[test,twisted,aiohttp,uvicorn,websockets,ws]")
+    session.install("--quiet", "-e", ".[test,twisted,aiohttp,uvicorn,websockets,ws,uvloop]")
     # As `make bytecode` does for .venv: compiled once, not by every process.
     session.run("python", "-m", "compileall", "-q", "src/takeover", "examples", "benchmarks")
     args = list(session.posargs)

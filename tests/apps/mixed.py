@@ -50,8 +50,10 @@ class Mixed(asyncio.Protocol):
                 self.transport.write(line + b"\n")
 
     async def _start_tls(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.transport = await loop.start_tls(self.transport, self, CONTEXT[0], server_side=True)
+        # loop.start_tls() that works on uvloop too (uvloop's refuses takeover's transports).
+        self.transport = await takeover.start_tls(
+            self.transport, self, CONTEXT[0], server_side=True
+        )
 
     def takeover_drain_close(self) -> None:
         self.transport.write(b"bye\n")

@@ -3,6 +3,7 @@
     python tests/apps/multi_echo.py --port 8007 --control /tmp/c.sock
     python tests/apps/multi_echo.py --port 8007 --port-b 8008 --control /tmp/c.sock \
         --protocol-b some_module:SomeProtocol
+    python tests/apps/multi_echo.py --port 8007 --control /tmp/c.sock --loop uvloop
 
 Each service's protocol is this file's ``Echo`` unless ``--protocol`` (for
 "a") or ``--protocol-b`` names a class ``MODULE:CLASS`` to import instead, so
@@ -62,5 +63,17 @@ if __name__ == "__main__":
     parser.add_argument("--port-b", type=int, help="service b's port (no service b if absent)")
     parser.add_argument("--protocol", help="service a's protocol class, MODULE:CLASS")
     parser.add_argument("--protocol-b", help="service b's protocol class, MODULE:CLASS")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop to serve on",
+    )
     takeover.add_control_options(parser)
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    if arguments.loop == "uvloop":
+        import uvloop  # an application serves on uvloop by running its loop there
+
+        uvloop.run(main(arguments))
+    else:
+        asyncio.run(main(arguments))

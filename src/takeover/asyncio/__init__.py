@@ -57,7 +57,7 @@ from ._listen import Listener, listen
 from ._listener import ListenerService
 from ._migration import MigrationServer, check_publishable
 from ._server import MigratableServer, ProtocolFactory, StreamsFactory
-from ._transport import MigratableTransport, new_twins, twin_claimed
+from ._transport import MigratableTransport, new_twins, start_tls, twin_claimed
 
 __all__ = [
     "AsyncioChannel",
@@ -78,6 +78,7 @@ __all__ = [
     "retire",
     "serve_until_moved",
     "start_server",
+    "start_tls",
     "start_unix_server",
     "take",
     "take_and_serve",

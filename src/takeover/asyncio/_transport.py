@@ -38,8 +38,10 @@ that is a class is not called).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
@@ -496,3 +498,36 @@ class MigratableTransport(asyncio.Transport):
             else "open"
         )
         return f"<MigratableTransport fd={self._sock.fileno()} peer={peer} {state}>"
+
+
+async def start_tls(
+    transport: asyncio.BaseTransport,
+    protocol: asyncio.BaseProtocol,
+    sslcontext: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None,
+) -> asyncio.Transport:
+    """``loop.start_tls()`` on a takeover connection, whatever the event loop.
+
+    asyncio's own loops run it as is. uvloop's ``start_tls()`` accepts only
+    uvloop's transports and refuses a :class:`MigratableTransport`; asyncio's
+    implementation (``asyncio.sslproto`` over the transport's public methods
+    and the loop's ``call_soon``, ``call_later``, ``create_future``) runs on
+    uvloop's loop too, so that is what runs there. The TLS connection is the
+    same either way: it cannot move, and a partial move leaves it to drain.
+    """
+    loop: Any = asyncio.get_running_loop()
+    start = loop.start_tls
+    if not isinstance(loop, asyncio.BaseEventLoop):
+        start = functools.partial(asyncio.BaseEventLoop.start_tls, loop)
+    new: asyncio.Transport = await start(
+        transport,
+        protocol,
+        sslcontext,
+        server_side=server_side,
+        server_hostname=server_hostname,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+    )
+    return new
