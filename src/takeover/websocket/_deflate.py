@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
@@ -62,6 +62,7 @@ class MovableDeflate(PerMessageDeflate):
         self._in_output = bytearray()  # the last WINDOW bytes of its output so far
         self._out_window = bytearray()  # the last WINDOW bytes the client decompressed
         self._out_open = False  # a compressed message is half sent (fragments)
+        self._restore_in = self._restore_out = False  # zlib objects a move left to make
 
     def _no_context(self, proto: _Proto, inbound: bool) -> bool:
         if proto.client == inbound:
@@ -70,7 +71,14 @@ class MovableDeflate(PerMessageDeflate):
 
     # -- inbound -------------------------------------------------------------------
 
+    def frame_inbound_header(
+        self, proto: _Proto, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> Union[CloseReason, RsvBits]:
+        self._inflater()
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
     def frame_inbound_payload_data(self, proto: _Proto, data: bytes) -> Union[bytes, CloseReason]:
+        self._inflater()
         result = super().frame_inbound_payload_data(proto, data)
         if self._inbound_compressed and self._inbound_is_compressible:
             self._in_message += data
@@ -79,6 +87,7 @@ class MovableDeflate(PerMessageDeflate):
         return result
 
     def frame_inbound_complete(self, proto: _Proto, fin: bool) -> Union[bytes, CloseReason, None]:
+        self._inflater()
         compressed = bool(self._inbound_compressed and self._inbound_is_compressible)
         result = super().frame_inbound_complete(proto, fin)
         if compressed and fin:
@@ -97,6 +106,7 @@ class MovableDeflate(PerMessageDeflate):
     def frame_outbound(
         self, proto: _Proto, opcode: Opcode, rsv: RsvBits, data: bytes, fin: bool
     ) -> tuple[RsvBits, bytes]:
+        self._deflater()
         result = super().frame_outbound(proto, opcode, rsv, data, fin)
         if self._compressible_opcode(opcode):
             if self._no_context(proto, inbound=False):
@@ -116,38 +126,49 @@ class MovableDeflate(PerMessageDeflate):
                 "middle of a block and cannot move; send whole messages, or let such "
                 "connections drain (--drain)"
             )
-        state = dict(vars(self))
+        state = dict(vars(self))  # the windows pickle as they are (bytearray: no copy)
         state["_compressor"] = state["_decompressor"] = None
-        for name in ("_in_window", "_in_message", "_in_output", "_out_window"):
-            state[name] = bytes(state[name])
+        state.pop("_restore_in", None)
+        state.pop("_restore_out", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("_in_window", "_in_message", "_in_output", "_out_window"):
-            state[name] = bytearray(state[name])
         vars(self).update(state)
+        # The zlib objects are made when the connection next needs them, not here:
+        # a move of 1,000 connections would otherwise spend its pause making 2,000
+        # of them and hashing 64 MB of windows into their dictionaries.
+        self._restore_in = bool(self._in_window or self._in_message or self._inbound_compressed)
+        self._restore_out = bool(self._out_window)
+
+    def _inflater(self) -> None:
+        """Make the decompressor a move left to make (see __setstate__)."""
+        if not getattr(self, "_restore_in", False):
+            return
+        self._restore_in = False
         # takeover.websocket is the server: the client compresses with the client's bits.
-        in_bits, out_bits = self.client_max_window_bits, self.server_max_window_bits
-        decompressor: Optional[Any] = None
-        if self._in_window or self._in_message or self._inbound_compressed:
-            # (A compressed message whose header came, and none of its payload yet,
-            # needs its decompressor too: the header made it, and will not again.)
-            decompressor = _decompressor(in_bits, self._in_window)
-            # The message half received: the same input rebuilds the same state
-            # (its output, delivered already, is dropped 64 KiB at a time).
-            pending = bytes(self._in_message)
-            while True:
-                out = decompressor.decompress(pending, 1 << 16)
-                pending = decompressor.unconsumed_tail
-                if not pending and len(out) < 1 << 16:
-                    break  # all input taken, and no output left inside
+        decompressor = _decompressor(self.client_max_window_bits, self._in_window)
+        # A message half received: the same input rebuilds the same state (its
+        # output, delivered already, is dropped 64 KiB at a time). A compressed
+        # message whose header came, and none of its payload, needs the
+        # decompressor too: the header made it, and will not again.
+        pending = bytes(self._in_message)
+        while True:
+            out = decompressor.decompress(pending, 1 << 16)
+            pending = decompressor.unconsumed_tail
+            if not pending and len(out) < 1 << 16:
+                break  # all input taken, and no output left inside
         self._decompressor = decompressor
-        self._compressor = (
-            zlib.compressobj(
-                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -out_bits, zdict=bytes(self._out_window)
-            )
-            if self._out_window
-            else None
+
+    def _deflater(self) -> None:
+        """Make the compressor a move left to make (see __setstate__)."""
+        if not getattr(self, "_restore_out", False):
+            return
+        self._restore_out = False
+        self._compressor = zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION,
+            zlib.DEFLATED,
+            -self.server_max_window_bits,
+            zdict=bytes(self._out_window),
         )
 
 
