@@ -93,7 +93,10 @@ def test_scale_quick_path(workdir: str) -> None:
     for row in rows:
         assert len(row) == len(header)
         assert _number(row[header.index("worst probe ms")]) > 0  # every line takes some time
-        assert all(_number(cell) >= 0 for cell in row[1:])
+        # A column "before quiesce" is n/a when no probe line was answered in that
+        # short a time (a millisecond or less at small N, on a busy machine).
+        for name in ("pause ms", "originator stall ms", "dry run ms", "recipient stall ms"):
+            assert _number(row[header.index(name)]) >= 0
 
     header, rows = _table(markdown, "The floor")
     assert "take/floor" in header and "SCM_RIGHTS ms" in header
