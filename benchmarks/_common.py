@@ -219,3 +219,23 @@ def run_header(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "machine": scale.machine(),
         "repeats": args.repeats,
     }
+
+
+STALL_MIN = 0.001
+"""Heartbeat gaps at least this long (s) are recorded; shorter ones are the loop's normal turn."""
+
+
+async def heartbeat(gaps: list[list[float]], period: float = 0.0005) -> None:
+    """Measure the event loop's stalls: sleep ``period`` s over and over and append
+    ``[start, gap]`` (monotonic s) to ``gaps`` for every turn that took at least
+    :data:`STALL_MIN`. A stall of the loop is a gap; its start is when the loop last
+    ran this task, its end ``start + gap`` when it ran it again. Cancel to stop."""
+    import asyncio
+
+    clock = time.monotonic
+    while True:
+        start = clock()
+        await asyncio.sleep(period)
+        gap = clock() - start
+        if gap >= STALL_MIN:
+            gaps.append([start, gap])

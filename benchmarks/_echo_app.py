@@ -66,6 +66,7 @@ def instrument(marks: dict[str, float]) -> None:
     around(MigratableServer, "quiesce", "quiesce_start", "quiesce_end")
     around(originator, "dumps", None, "dumps_end")
     around(MigratableServer, "release", "release_start", "release_end")
+    around(originator._Move, "_dry_run", "dry_run_start", "dry_run_end")
 
     real_send = takeover.AsyncioChannel.send
     real_receive = takeover.AsyncioChannel.receive
@@ -98,6 +99,9 @@ def instrument(marks: dict[str, float]) -> None:
 async def main(args: argparse.Namespace) -> None:
     marks: dict[str, float] = {}
     instrument(marks)
+    # The loop's stalls (scale.py keeps those from TAKE to the release).
+    gaps: list[list[float]] = []
+    beat = asyncio.get_running_loop().create_task(_common.heartbeat(gaps))
     if args.streams:
         server = await takeover.start_server(
             serve_lines, args.host, args.port, name="echo", backlog=4096, drain=args.drain
@@ -110,7 +114,8 @@ async def main(args: argparse.Namespace) -> None:
         control=args.control,
         ready=lambda m: _common.emit("ready", port=port, nofile=list(limits)),
     )
-    _common.emit("exit", marks=marks, memory=_common.memory())
+    beat.cancel()
+    _common.emit("exit", marks=marks, memory=_common.memory(), gaps=gaps)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ async def main(control: str) -> None:
     marks: dict[str, float] = {}
     instrument(marks)
     before = _common.memory()
+    # The loop's stalls (scale.py keeps those from here until the service is started).
+    gaps: list[list[float]] = []
+    beat = loop.create_task(_common.heartbeat(gaps))
     t0 = time.monotonic()
     session = await takeover.connect(control)
     t1 = time.monotonic()
@@ -89,6 +92,7 @@ async def main(control: str) -> None:
         _common.save_profile(profiler, "recipient")
     finally:
         await session.close()
+    beat.cancel()
     for result in taken:
         _common.emit(
             "taken",
@@ -100,6 +104,7 @@ async def main(control: str) -> None:
             started=t0,
             marks=marks,
             memory_before=before,
+            gaps=gaps,
         )
     await loop.run_in_executor(None, sys.stdin.readline)
     _common.emit("exit", memory=_common.memory())

@@ -34,7 +34,7 @@ OUTSIDE: list[tuple[str, str, str, str, str]] = [
     ("COMMITTED sent (after start) -> received", "r", "start_end", "o", "committed_received"),
     ("release (originator, after commit)", "o", "release_start", "o", "release_end"),
 ]
-
+DRY_RUN = ("dry run", "o", "dry_run_start", "o", "dry_run_end")
 
 RECIPIENTS = {
     "library": "`benchmarks/_recipient.py`, the library API timed from inside",
@@ -86,6 +86,98 @@ def _phase(run: Row, phase: tuple[str, str, str, str, str]) -> float | None:
     if a is None or b is None:
         return None
     return (b - a) * 1000
+
+
+def gaps_near(gaps: Sequence[Sequence[float]], marks: Row) -> list[list[float]]:
+    """The heartbeat gaps (``[start, gap]``, s) of a process that end after 0.5 s
+    before TAKE and start before 0.5 s after the release (all if a mark is missing)."""
+    lo, hi = marks.get("take_received"), marks.get("release_end")
+    if lo is None or hi is None:
+        return [list(g) for g in gaps]
+    return [list(g) for g in gaps if g[0] + g[1] > lo - 0.5 and g[0] < hi + 0.5]
+
+
+def _worst_gap(gaps: Sequence[Sequence[float]], lo: float, hi: float) -> float:
+    """The longest gap (ms) that overlaps [lo, hi]; 0 if none (every turn was short)."""
+    return max((g[1] * 1000 for g in gaps if g[0] < hi and g[0] + g[1] > lo), default=0.0)
+
+
+def stalls(run: Row) -> dict[str, float | None]:
+    """The longest event-loop stalls (ms) of a run, from its heartbeat gaps:
+
+    - ``originator``: TAKE received to the release's end; ``originator_before``:
+      of those, the ones over before the quiesce started (the dry run...);
+    - ``recipient``: its start (connect) to the service started;
+      ``recipient_before``: over before the originator's quiesce started.
+
+    None where the run has no gaps recorded (results from before they were)."""
+    om, rm = run["originator_marks"], run.get("recipient_marks", {})
+    result: dict[str, float | None] = dict.fromkeys(
+        ("originator", "originator_before", "recipient", "recipient_before")
+    )
+    take, quiesce, release = (om.get(k) for k in ("take_received", "quiesce_start", "release_end"))
+    if "originator_gaps" in run and None not in (take, quiesce, release):
+        gaps = run["originator_gaps"]
+        result["originator"] = _worst_gap(gaps, take, release)
+        result["originator_before"] = _worst_gap(
+            [g for g in gaps if g[0] + g[1] <= quiesce], take, quiesce
+        )
+    started, serving = run.get("recipient_started"), rm.get("start_end")
+    if run.get("recipient_gaps") is not None and None not in (started, serving, quiesce):
+        gaps = run["recipient_gaps"]
+        result["recipient"] = _worst_gap(gaps, started, serving)
+        result["recipient_before"] = _worst_gap(
+            [g for g in gaps if g[0] + g[1] <= quiesce], started, quiesce
+        )
+    return result
+
+
+def probe_summary(samples: Sequence[Sequence[float]], marks: Row) -> Row:
+    """The probes' echo latencies (``[due, answered]`` pairs, s) summed up around the
+    move: the window is TAKE received to the release's end (originator's marks);
+    a line is in it if it was answered after the window opened and due before it
+    closed. Latencies in ms."""
+    lo, quiesce, hi = (marks.get(k) for k in ("take_received", "quiesce_start", "release_end"))
+    inside: list[tuple[float, float]] = []
+    outside: list[float] = []
+    for due, answered in samples:
+        latency = (answered - due) * 1000
+        if lo is not None and hi is not None and answered > lo and due < hi:
+            inside.append((due, latency))
+        else:
+            outside.append(latency)
+    before = [lat for due, lat in inside if quiesce is not None and due + lat / 1000 <= quiesce]
+    worst = sorted(inside, key=lambda s: -s[1])[:5]
+    return {
+        "lines": len(samples),
+        "lines_in_move": len(inside),
+        "worst_ms": max((lat for _due, lat in inside), default=None),
+        "worst_before_pause_ms": max(before, default=None),
+        "worst_outside_ms": max(outside, default=None),
+        "median_outside_ms": statistics.median(outside) if outside else None,
+        # The five worst lines of the move: when each was due, ms after the quiesce started.
+        "worst_lines": [
+            [round((due - quiesce) * 1000, 3) if quiesce is not None else None, round(lat, 3)]
+            for due, lat in worst
+        ],
+    }
+
+
+def stall_line(run: Row) -> str:
+    """One line of a run's stalls and worst probe latency, for the driver's progress."""
+    st = stalls(run)
+    probe = run.get("probe") or {}
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return (
+        f"stall originator {ms(st['originator'])} (before quiesce {ms(st['originator_before'])}), "
+        f"recipient {ms(st['recipient'])} (before {ms(st['recipient_before'])}) ms; "
+        f"worst probe {ms(probe.get('worst_ms'))} ms "
+        f"(before quiesce {ms(probe.get('worst_before_pause_ms'))}, "
+        f"outside the move {ms(probe.get('worst_outside_ms'))})"
+    )
 
 
 def _by_size(data: Row) -> list[tuple[int, list[Row], list[Row]]]:
@@ -200,6 +292,8 @@ def render(data: Row) -> str:
     for size, reason in data.get("skipped", {}).items():
         out += ["", f"N={size} was skipped: {reason}."]
 
+    if any("originator_gaps" in r for r in data["runs"]):
+        out += _felt(data)
     out += ["", "## The floor", ""]
     rows = []
     for size, runs, floors in _by_size(data):
@@ -292,6 +386,79 @@ def render(data: Row) -> str:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
     out.append("")
     return "\n".join(out)
+
+
+def _felt(data: Row) -> list[str]:
+    """The section on what a client feels: the loops' stalls and the probes' latency."""
+    probes = data.get("probes") or 0
+    out = [
+        "",
+        "## What a client feels",
+        "",
+        "The pause is not all a client waits for. Both processes run a heartbeat on their",
+        "event loop (`asyncio.sleep(0.0005)` over and over; a *stall* is the longest gap",
+        "between two turns): the **originator** from TAKE received to the end of its",
+        "release, the **recipient** from its start (connect) to the service started.",
+        "*Before quiesce*: the longest of those stalls that was over before the quiesce",
+        "started, the service still running (the originator's dry run; the recipient's",
+        "loading of the script and building of the sockets sent ahead, which slows no",
+        "client of the service, but shares the CPUs).",
+        *(
+            [
+                f"{probes} probe connections (`benchmarks/_probe.py`, another process, moved with",
+                "the N idle ones) each send a line every 1 ms and time its echo from when it was",
+                "due, one line in flight each: **worst probe** is the longest of the lines",
+                "answered after TAKE and due before the originator's release, *before quiesce*",
+                "those answered before the quiesce started, *outside* the longest of all the",
+                "others (before and after the move: the machine's own noise). Ratios are taken",
+                "within each run. **dry run** is the originator's `_dry_run` (phase marks).",
+            ]
+            if probes
+            else []
+        ),
+        "",
+    ]
+    rows = []
+    for size, runs, _floors in _by_size(data):
+        st = [stalls(r) for r in runs]
+        pauses = [r["pause_ms"] for r in runs]
+        probe = [r.get("probe") or {} for r in runs]
+        worst = [p.get("worst_ms") for p in probe]
+        ostall = [s["originator"] for s in st]
+        rows.append(
+            [
+                str(size),
+                cell(pauses),
+                cell(worst, 2),
+                cell(_ratios(worst, pauses), 1),
+                cell(ostall, 2),
+                cell(_ratios(ostall, pauses), 1),
+                cell([s["originator_before"] for s in st], 2),
+                cell(_column(runs, lambda r: _phase(r, DRY_RUN)), 2),
+                cell([s["recipient"] for s in st], 2),
+                cell([s["recipient_before"] for s in st], 2),
+                cell([p.get("worst_before_pause_ms") for p in probe], 2),
+                cell([p.get("worst_outside_ms") for p in probe], 2),
+            ]
+        )
+    out += _table(
+        [
+            "N",
+            "pause ms",
+            "worst probe ms",
+            "worst probe / pause",
+            "originator stall ms",
+            "originator stall / pause",
+            "originator stall before quiesce ms",
+            "dry run ms",
+            "recipient stall ms",
+            "recipient stall before quiesce ms",
+            "worst probe before quiesce ms",
+            "worst probe outside the move ms",
+        ],
+        rows,
+    )
+    return out
 
 
 def write(data: Row, directory: str, name: str = "scale") -> tuple[str, str]:

@@ -104,11 +104,13 @@ def check_echo(clients: list[socket.socket]) -> int:
     return len(sample)
 
 
-def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
+def run_move(count: int, recipient_kind: str = "library", probes: int = 0) -> dict[str, Any]:
     """One move of a service with ``count`` idle connections.
 
     ``recipient_kind``: ``library`` (``_recipient.py``, timed from inside) or
     ``cli`` (``python -m takeover take --json``: pause and graph only).
+    ``probes``: besides them, that many connections from ``_probe.py`` each
+    sending a line every millisecond and timing its echo, through the move.
     """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
@@ -122,7 +124,21 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
         port = int(originator.event("ready", TIMEOUT)["port"])
         setup = time.monotonic()
         clients = open_clients(port, count)
-        _common.wait_connections(control, count, TIMEOUT)
+        probe = None
+        if probes:
+            probe = Proc(
+                [
+                    PYTHON,
+                    os.path.join(_common.HERE, "_probe.py"),
+                    str(port),
+                    "--probes",
+                    str(probes),
+                ],
+                stdin=True,
+            )
+            procs.append(probe)
+            probe.event("ready", TIMEOUT)
+        _common.wait_connections(control, count + probes, TIMEOUT)
         setup_s = time.monotonic() - setup
         idle = _common.proc_memory(originator.pid)
         if recipient_kind == "cli":
@@ -132,11 +148,17 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
         recipient = Proc(argv, stdin=True)
         procs.append(recipient)
         taken = recipient.event("taken", TIMEOUT)
-        if taken["connections"] != count:
-            raise RuntimeError(f"{taken['connections']} connections moved, not {count}")
+        if taken["connections"] != count + probes:
+            raise RuntimeError(f"{taken['connections']} connections moved, not {count + probes}")
         checked = check_echo(clients)
         reset(clients)
         gone = originator.event("exit", TIMEOUT)
+        samples: list[list[float]] = []
+        if probe is not None:
+            time.sleep(0.05)  # the probes go on through the recipient for a while
+            probe.send_line("quit")
+            samples = probe.event("probes", TIMEOUT)["samples"]
+            probe.wait(TIMEOUT)
         originator.wait(TIMEOUT)
         if recipient_kind == "cli":
             recipient.event("serving", TIMEOUT)
@@ -151,8 +173,13 @@ def run_move(count: int, recipient_kind: str = "library") -> dict[str, Any]:
             proc.kill()
         reset(clients)
         shutil.rmtree(workdir, ignore_errors=True)
+    marks = gone["marks"]
     return {
         "connections": count,
+        "probes": probes,
+        "probe": report.probe_summary(samples, marks) if probe is not None else None,
+        "originator_gaps": report.gaps_near(gone.get("gaps", []), marks),
+        "recipient_gaps": report.gaps_near(taken.get("gaps", []), marks),
         "recipient": recipient_kind,
         "pause_ms": taken["pause_ms"],
         "take_ms": taken.get("take_ms"),
@@ -240,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="disable the cyclic GC in the originator and the recipient (an experiment)",
     )
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=8,
+        help="probe connections timing an echo every ms through the move (0: none)",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument(
         "--quiet-wait",
@@ -262,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "recipient": args.recipient,
         "gc_off": args.gc_off,
+        "probes": args.probes,
         "quiet_wait": args.quiet_wait,
         "sizes": sizes,
         "skipped": {},
@@ -277,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for repeat in range(args.repeats):
             quiet = _common.wait_quiet(args.quiet_wait)
-            move = run_move(count, args.recipient)
+            move = run_move(count, args.recipient, args.probes)
             move["quiet"] = quiet
             floor = run_floor(count)
             data["runs"].append(move)
@@ -287,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"N={count} run {repeat + 1}/{args.repeats}: pause {move['pause_ms']:.3f} ms, "
                 f"take {move['take_ms'] or 0:.3f} ms, graph {move['graph_bytes']} B, "
-                f"floor {graph_floor:.3f} ms (same graph), {app_floor:.3f} ms (app objects)",
+                f"floor {graph_floor:.3f} ms (same graph), {app_floor:.3f} ms (app objects); "
+                f"{report.stall_line(move)}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -87,6 +87,17 @@ def test_scale_quick_path(workdir: str) -> None:
             assert values[header.index(f"floor ms, {floor}") - 1] > 0
             assert values[header.index(f"pause/floor, {floor}") - 1] > 0
 
+    header, rows = _table(markdown, "What a client feels")
+    assert "worst probe ms" in header and "originator stall ms" in header
+    assert [int(row[0]) for row in rows] == list(SIZES)
+    for row in rows:
+        assert len(row) == len(header)
+        assert _number(row[header.index("worst probe ms")]) > 0  # every line takes some time
+        # A column "before quiesce" is n/a when no probe line was answered in that
+        # short a time (a millisecond or less at small N, on a busy machine).
+        for name in ("pause ms", "originator stall ms", "dry run ms", "recipient stall ms"):
+            assert _number(row[header.index(name)]) >= 0
+
     header, rows = _table(markdown, "The floor")
     assert "take/floor" in header and "SCM_RIGHTS ms" in header
     assert [int(row[0]) for row in rows] == list(SIZES)
@@ -97,6 +108,8 @@ def test_scale_quick_path(workdir: str) -> None:
         data = json.load(f)
     assert [run["connections"] for run in data["runs"]] == list(SIZES)
     assert all(run["echo_checked"] >= 1 for run in data["runs"])
+    # The probes were moved with the idle connections, and answered through the move.
+    assert all(run["probes"] == 8 and run["probe"]["lines_in_move"] > 0 for run in data["runs"])
 
 
 def _run(script: str, args: list[str], tag: str) -> None:
