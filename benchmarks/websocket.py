@@ -478,6 +478,8 @@ def render(data: dict[str, Any]) -> str:
     problems = [
         p for r in data["runs"] for p in r["failures"] + r["server_trouble"] + r["problems"]
     ]
+    if data.get("aborted"):
+        problems.insert(0, "the benchmark stopped: " + data["aborted"])
     if problems:
         out += ["", "First problems:", ""] + [f"- `{p[:300]}`" for p in problems[:15]]
 
@@ -704,28 +706,33 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     failed = 0
-    for repeat in range(args.repeats):
-        for compression in compressions:
-            for phase in PHASES:
-                quiet = _common.wait_quiet(args.quiet_wait)
-                run = run_phase(args, phase, compression)
-                run["repeat"] = repeat
-                run["quiet"] = quiet
-                data["runs"].append(run)
-                failed += bad_run(run)
-                lat = run["latency"]
-                pauses = ", ".join(f"{m['pause_ms']:.1f}" for m in run["moves"])
-                print(
-                    f"{compression} {phase} {repeat + 1}/{args.repeats}: "
-                    f"{run['measured']} messages, lost {run['lost']}, duplicated "
-                    f"{run['duplicates']}, closes {run['closes']}, p50 {lat['p50_ms']:.2f} "
-                    f"p99 {lat['p99_ms']:.2f} max {lat['max_ms']:.2f} ms"
-                    + (f"; pauses ms: {pauses}" if pauses else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                for problem in (run["failures"] + run["server_trouble"] + run["problems"])[:5]:
-                    print(f"  {problem[:500]}", file=sys.stderr, flush=True)
+    schedule = [(r, c, p) for r in range(args.repeats) for c in compressions for p in PHASES]
+    for repeat, compression, phase in schedule:
+        quiet = _common.wait_quiet(args.quiet_wait)
+        try:
+            run = run_phase(args, phase, compression)
+        except ExpectError as exc:  # a process that did not do its part: no figures
+            data["aborted"] = f"{compression} {phase} {repeat + 1}: {str(exc)[:3000]}"
+            print(f"ABORTED: {data['aborted']}", file=sys.stderr, flush=True)
+            failed += 1
+            break
+        run["repeat"] = repeat
+        run["quiet"] = quiet
+        data["runs"].append(run)
+        failed += bad_run(run)
+        lat = run["latency"]
+        pauses = ", ".join(f"{m['pause_ms']:.1f}" for m in run["moves"])
+        print(
+            f"{compression} {phase} {repeat + 1}/{args.repeats}: "
+            f"{run['measured']} messages, lost {run['lost']}, duplicated "
+            f"{run['duplicates']}, closes {run['closes']}, p50 {lat['p50_ms']:.2f} "
+            f"p99 {lat['p99_ms']:.2f} max {lat['max_ms']:.2f} ms"
+            + (f"; pauses ms: {pauses}" if pauses else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        for problem in (run["failures"] + run["server_trouble"] + run["problems"])[:5]:
+            print(f"  {problem[:500]}", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     json_path, md_path = write(data, args.out, args.name)
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
