@@ -9,6 +9,10 @@ a count that restarts or skips after a move shows a lost or repeated
 message, or a state that did not move). permessage-deflate is accepted when
 the client offers it (``--no-deflate``: refused).
 
+With $BENCH_WS_FAULT set (``drop:N``, ``dup:N``, ``close:N``; the
+benchmark's own test), every Nth message of a connection is not answered,
+answered twice, or closes it: what the benchmark must catch.
+
 Prints ``{"event": "ready", "port": P, ...}`` once it serves, and
 ``{"event": "exit", ...}`` after its service has moved away.
 """
@@ -50,8 +54,31 @@ class Deflateless(Echo):
     deflate = False
 
 
+FAULT = os.environ.get("BENCH_WS_FAULT", "")
+"""For the benchmark's own test: ``drop:N``, ``dup:N`` or ``close:N``."""
+
+
+class Faulty(Echo):
+    """The echo with a fault ($BENCH_WS_FAULT, read by every process the service
+    goes through): every Nth message of a connection is not answered (``drop``),
+    answered twice (``dup``), or ends the connection with 1011 (``close``)."""
+
+    def text_received(self, text: str) -> None:
+        kind, _, every = FAULT.partition(":")
+        if (self.count + 1) % int(every):
+            super().text_received(text)
+        elif kind == "drop":
+            self.count += 1
+        elif kind == "dup":
+            super().text_received(text)
+            self.send_text(f"{os.getpid()} {self.count} {text}")
+        else:
+            self.count += 1
+            self.close_websocket(1011, "fault")
+
+
 async def main(args: argparse.Namespace) -> None:
-    factory = Deflateless if args.no_deflate else Echo
+    factory = Faulty if FAULT else Deflateless if args.no_deflate else Echo
     server = await takeover.start_server(factory, args.host, args.port, name="ws", backlog=4096)
     port = server.sockets[0].getsockname()[1]
     await takeover.serve_until_moved(

@@ -118,10 +118,44 @@ def test_websocket_quick_path(workdir: str) -> None:
             moves = run["moves"]
             assert moves, "no move happened"
             assert [m["connections"] for m in moves] == [CONNECTIONS] * len(moves)
-            # Every connection was answered by every process the service went through.
-            assert run["pids_per_connection"][0] == len(moves) + 1
+            # Every connection was answered by every process the service went through,
+            # but the last, if that move ended too near the end for every connection
+            # to send again (on a busy machine).
+            early = sum(1 for m in moves if m["serving"] < data["duration"] - 0.15)
+            fewest, most = run["pids_per_connection"]
+            assert early + 1 <= fewest <= most <= len(moves) + 1, (early, fewest, most, moves)
         else:
             assert not run["moves"] and run["pids_per_connection"] == [1, 1]
     # The full windows move: a bigger graph than the same connections' fresh windows.
     graphs = {r["compression"]: r["moves"][0]["graph_bytes"] for r in data["runs"] if r["moves"]}
     assert graphs["deflate-full"] > graphs["deflate"] > graphs["none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "count"), [("drop:7", "lost"), ("dup:11", "duplicates"), ("close:5", "closes")]
+)
+def test_websocket_catches_faults(workdir: str, fault: str, count: str) -> None:
+    """A server that drops, repeats or closes (``_ws_app.py``'s $BENCH_WS_FAULT) fails
+    the benchmark: exit 1, the count in the report, still no process left."""
+    key, value = "TAKEOVER_BENCH_TEST", uuid.uuid4().hex
+    args = ["--connections", "4", "--clients", "2", "--duration", "0.6", "--warmup", "0.2"]
+    args += ["--move-every", "0.2", "--interval", "0.05", "--compression", "none"]
+    args += ["--repeats", "1", "--quiet-wait", "0", "--out", workdir, "--name", "ws"]
+    result = subprocess.run(
+        [sys.executable, BENCH, *args],
+        env={**os.environ, key: value, "BENCH_WS_FAULT": fault},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stderr
+    assert not _processes_tagged(f"{key}={value}"), "the benchmark left processes running"
+    with open(os.path.join(workdir, "ws.json")) as f:
+        data = json.load(f)
+    assert [r["phase"] for r in data["runs"]] == ["steady", "moving"]
+    assert all(r[count] > 0 for r in data["runs"]), [r[count] for r in data["runs"]]
+    with open(os.path.join(workdir, "ws.md")) as f:
+        assert "First problems:" in f.read()
