@@ -195,8 +195,10 @@ def run_phase(args: argparse.Namespace, phase: str, compression: str) -> dict[st
                     taken = proc.event("taken", TIMEOUT)
                     taken_at = time.monotonic()
                     proc.event("serving", TIMEOUT)
-                except ExpectError as exc:
+                except ExpectError as exc:  # the move failed: the service stays where it was
                     failures.append(str(exc)[:2000])
+                    holders.remove(proc)
+                    spares.append(proc)  # stopped with the recipients not used
                     break
                 if taken["connections"] != n:
                     failures.append(
