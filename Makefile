@@ -126,6 +126,9 @@ bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
 		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json \
 		--sidebyside $(RESULTS)/sidebyside-streams.json
+	$(BIN)/python benchmarks/websocket.py --connections 1000 --clients 4 --duration 10 --repeats 3 \
+		--compression deflate,deflate-full,none --name websocket --command "make bench" && \
+		$(BIN)/python benchmarks/plots.py --websocket $(RESULTS)/websocket.json
 
 bench-quick: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
@@ -140,6 +143,10 @@ bench-quick: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
 		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json \
 		--sidebyside $(RESULTS)/sidebyside-streams-quick.json
+	$(BIN)/python benchmarks/websocket.py --connections 200 --clients 2 --duration 3 --warmup 1 \
+		--move-every 1 --repeats 1 --quiet-wait 1 --compression deflate,deflate-full,none \
+		--name websocket-quick --command "make bench-quick" && \
+		$(BIN)/python benchmarks/plots.py --websocket $(RESULTS)/websocket-quick.json
 
 LINTED := src tests examples benchmarks harness noxfile.py scripts/find-python
 

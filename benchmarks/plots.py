@@ -1,7 +1,7 @@
 """PNG plots of the benchmark results (matplotlib: ``pip install -e '.[bench]'``).
 
     python benchmarks/plots.py [--scale results/scale.json] [--load results/load.json]
-        [--sidebyside results/sidebyside.json]...
+        [--sidebyside results/sidebyside.json]... [--websocket results/websocket.json]
 
 * ``NAME-pause.png`` from scale.py's results: pause (and take, and the floor)
   against the number of connections, median with min..max bars, log-log.
@@ -9,6 +9,9 @@
   moves, per app: the worst and the median latency of the requests sent in
   each 20 ms, the moving run against the steady and the moving + starts runs
   of the same repeat, each move's pause shaded.
+* ``NAME-latency.png`` from websocket.py's results (``--websocket``): the
+  same as load.py's, per compression setting: the moving run of the first
+  repeat against the steady run of that repeat.
 * ``NAME-latency.png`` from sidebyside.py's results (``--sidebyside`` may be
   given once per scenario): the worst latency of the long-lived connections
   per 20 ms around the replacement, per strategy, and the new connections
@@ -145,6 +148,48 @@ def plot_load(data: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def plot_websocket(data: dict[str, Any], path: str) -> None:
+    compressions = [
+        c for c in data["compressions"] if any(r["compression"] == c for r in data["runs"])
+    ]
+    fig, axes = plt.subplots(
+        len(compressions), 1, figsize=(11, 3.4 * len(compressions)), squeeze=False
+    )
+    for ax, compression in zip(axes[:, 0], compressions):
+        runs = [r for r in data["runs"] if r["compression"] == compression]
+        moving = next((r for r in runs if r["phase"] == "moving"), None)
+        if moving is None:
+            continue
+        steady = next(
+            (r for r in runs if r["phase"] == "steady" and r["repeat"] == moving["repeat"]), None
+        )
+        if steady is not None:
+            s = steady["series"]
+            ax.plot(s["t"], s["max_ms"], color="0.6", lw=0.8, label="steady: worst per 20 ms")
+        for move in moving["moves"]:
+            end = move["taken"]
+            ax.axvspan(end - move["pause_ms"] / 1000, end, color="tab:orange", alpha=0.35, lw=0)
+        s = moving["series"]
+        ax.plot(s["t"], s["max_ms"], color="tab:red", lw=0.9, label="moving: worst per 20 ms")
+        ax.plot(s["t"], s["p50_ms"], color="tab:blue", lw=0.9, label="moving: median per 20 ms")
+        ax.set_yscale("log")
+        ax.set_xlim(0, data["duration"])
+        ax.set_ylabel("latency ms")
+        ax.set_title(
+            f"{compression}: {data['connections']:,} WebSocket clients, moved every "
+            f"{data['move_every']:g} s ({len(moving['moves'])} moves of all of them; "
+            "pauses shaded)",
+            fontsize=10,
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper right", fontsize=7, ncol=3)
+    axes[-1, 0].set_xlabel("seconds into the run (send time)")
+    fig.text(0.01, 0.005, f"{data['command']} · {data['date']}", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_sidebyside(data: dict[str, Any], path: str) -> None:
     import sidebyside
 
@@ -210,6 +255,10 @@ def _with_plot(json_path: str, suffix: str, draw: Any) -> str:
         import sidebyside
 
         sidebyside.write(data, directory or ".", name)
+    elif kind == "websocket":
+        import websocket
+
+        websocket.write(data, directory or ".", name)
     else:
         import report
 
@@ -224,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sidebyside", action="append", default=[], help="sidebyside.py's JSON (repeatable)"
     )
+    parser.add_argument("--websocket", help="websocket.py's JSON")
     args = parser.parse_args(argv)
     for path, suffix, draw in (
         (args.scale, "pause", plot_scale),
         (args.load, "latency", plot_load),
         *((path, "latency", plot_sidebyside) for path in args.sidebyside),
+        (args.websocket, "latency", plot_websocket),
     ):
         if path:
             print(f"wrote {_with_plot(path, suffix, draw)}", file=sys.stderr)
