@@ -132,6 +132,23 @@ def test_take_unknown_service(echo, control, free_port):
         assert_still_serving(control, client)
 
 
+def test_a_graph_bigger_than_the_recipient_accepts_is_refused_before_any_pause(
+    echo, control, free_port
+):
+    """The recipient says how big a graph it accepts (--max-frame-size); the originator
+    refuses a bigger one after its dry run, before pausing anything, saying so."""
+    clients = [echo_client(free_port) for _ in range(40)]
+    try:
+        line = one_error(*run_cli("take", "--max-frame-size", "1024", control))
+        assert "the graph of 'echo' is " in line and "more than the recipient accepts" in line
+        assert "(1,024, its --max-frame-size): take with a larger --max-frame-size" in line
+        assert "nothing was paused" in line
+        assert_still_serving(control, clients[0])
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_take_busy_service(echo, control, free_port, procs):
     """A second ``take`` of a service already moving to a stalled recipient is told it is busy."""
     with echo_client(free_port) as client:

@@ -94,17 +94,21 @@ def check_graph(
     root: str,
     protocol: int = pickle.HIGHEST_PROTOCOL,
     sockets: list[socket.socket] | None = None,
+    sizes: list[int] | None = None,
 ) -> Unpicklable | None:
     """Pickle ``graph`` as a move would and discard the result.
 
     Returns None if it pickles, else where and why it does not. ``root`` is
     the name paths start with (the service name). The graph's sockets, in
-    pickling order, are appended to ``sockets`` if given.
+    pickling order, are appended to ``sockets`` if given, and its size in
+    bytes to ``sizes``.
     """
     try:
         dumped = dumps(graph, protocol)
         if sockets is not None:
             sockets.extend(dumped.sockets)
+        if sizes is not None:
+            sizes.append(len(dumped.blob))
     except Exception as exc:  # whatever pickling raises, the graph cannot move
         found = find_unpicklable(graph, root, protocol)
         if found is not None:

@@ -152,7 +152,10 @@ async def serve_channel(
             drain = message.body.get("drain")
             if not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0:
                 drain = None
-            await _Move(session, message.body["service"], drain).run()
+            largest = message.body.get("max_graph")
+            if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
+                largest = None  # a recipient that does not say (an older one)
+            await _Move(session, message.body["service"], drain, largest).run()
         elif message.kind is Kind.CHECK:
             await _check(session, message.body["service"])
 
@@ -232,9 +235,18 @@ class _Move:
     service released (committed) or resumed and AVAILABLE (rolled back).
     """
 
-    def __init__(self, session: _Session, name: str, drain: float | None = None) -> None:
+    def __init__(
+        self,
+        session: _Session,
+        name: str,
+        drain: float | None = None,
+        max_graph: int | None = None,
+    ) -> None:
         self.session = session
         self.name = name
+        # The largest graph the recipient accepts (its --max-frame-size), if it said.
+        self.max_graph = max_graph
+        self.sizes: list[int] = []
         # A partial move: how long what cannot move may drain here (None: all or nothing).
         self.drain = drain
         self.left = 0
@@ -289,6 +301,10 @@ class _Move:
             if self.drain is None and _connection_index(problem.path, name) is not None:
                 text += f"; {DRAIN_HINT}"
             return await self._refuse(SerializationError.code, text)
+        too_big = self._too_big(self.sizes[-1] if self.sizes else 0)
+        if too_big is not None:
+            log.warning("cannot move %r, left running: %s", name, too_big)
+            return await self._refuse("limit", too_big + "; nothing was paused")
         twins = getattr(service, "takeover_twins", None)
         twin_kind = getattr(service, "takeover_twin_kind", None)
         self.ahead = ahead = SocketsAhead(found, twins() if twins is not None else None, twin_kind)
@@ -323,11 +339,11 @@ class _Move:
             drain = getattr(service, "takeover_drain_default", None)
         begin = getattr(service, "takeover_begin_drain", None)
         if drain is None or begin is None:
-            return check_graph(service, name, protocol, found)
+            return check_graph(service, name, protocol, found, self.sizes)
         self.drain = drain
         begin(drain)
         while True:
-            problem = check_graph(service, name, protocol, found)
+            problem = check_graph(service, name, protocol, found, self.sizes)
             index = None if problem is None else _connection_index(problem.path, name)
             if index is None or problem is None:
                 break
@@ -379,6 +395,9 @@ class _Move:
             # Sockets that appeared since the dry run travel after the graph.
             fds = [s.fileno() for s in dumped.sockets[len(self.ahead.sockets) :]]
             refusal = session.conversation.fd_limit_refusal(len(dumped.sockets) + 1)
+            if refusal is None:
+                # (Grown since the dry run: the recipient would break the channel on it.)
+                refusal = self._too_big(len(dumped.blob))
             if refusal is not None:
                 return await self._refuse("limit", refusal)
             meta = {
@@ -400,6 +419,15 @@ class _Move:
                 await session.send(Message(Kind.FDS, {"count": len(batch)}), batch)
             faults.checkpoint("originator.fds-sent")
         return True
+
+    def _too_big(self, size: int) -> str | None:
+        """Why a graph of ``size`` bytes cannot go to this recipient (None: it can)."""
+        if self.max_graph is None or size <= self.max_graph:
+            return None
+        return (
+            f"the graph of {self.name!r} is {size:,} bytes, more than the recipient accepts "
+            f"({self.max_graph:,}, its --max-frame-size): take with a larger --max-frame-size"
+        )
 
     def _pickle(self, service: Service) -> Dumped:
         """The quiesced service's graph, the sockets sent ahead by slot."""

@@ -355,7 +355,8 @@ class RecipientSession:
         if self._main is not None:
             # Load the originator's script now rather than inside the pause.
             preload_main(self._main, self.policy)
-        body: dict[str, Any] = {"service": name}
+        # The originator refuses a graph bigger than that before it pauses anything.
+        body: dict[str, Any] = {"service": name, "max_graph": self.limits.max_frame_size}
         if drain is not None:
             body["drain"] = drain
         await self._send(Message(Kind.TAKE, body))
