@@ -166,7 +166,13 @@ class Proc:
             self.popen.wait(10)
         finally:
             self._reader.join(5)
-            for pipe in (self.popen.stdin, self.popen.stdout):
+            pipes = [self.popen.stdin, self.popen.stdout]
+            if self._reader.is_alive():
+                # A process it started (an orphan now) still holds its stdout: closing
+                # the pipe would wait forever for the reader blocked in it. Leave it to
+                # the reader, which ends when that process does.
+                pipes.remove(self.popen.stdout)
+            for pipe in pipes:
                 if pipe is not None:
                     try:
                         pipe.close()
