@@ -16,7 +16,9 @@ documentation shows: the protocols' ``takeover_quiesce`` pauses it and
 Set in the environment, so that a recipient (``takeover take``) that loads
 this script behaves the same:
 
-* ``PUSHER_INTERVAL``: seconds between two rounds (default 0.001);
+* ``PUSHER_INTERVAL``: seconds between two rounds (default 0.001); each SIGUSR2
+  doubles it in the process that gets it (a test whose moves a loaded machine
+  keeps rolling back asks for it);
 * ``PUSHER_POLITE=1``: pause the pusher through the hooks, as above;
 * ``PUSHER_ON_SIGNAL=1``: no timer; each SIGUSR1 writes one line to every
   connection (the fault matrix's "write during transit" column) and prints
@@ -42,7 +44,7 @@ from typing import Any
 import takeover
 import takeover.asyncio as aio
 
-INTERVAL = float(os.environ.get("PUSHER_INTERVAL", "0.001"))
+INTERVAL = [float(os.environ.get("PUSHER_INTERVAL", "0.001"))]  # SIGUSR2 doubles it
 POLITE = os.environ.get("PUSHER_POLITE") == "1"
 
 # Outside the service: this process's own, never pickled.
@@ -115,7 +117,7 @@ def push_once() -> tuple[int, int, int]:
 
 async def push() -> None:
     while True:
-        await asyncio.sleep(INTERVAL)
+        await asyncio.sleep(INTERVAL[0])
         if not PAUSED[0]:
             push_once()
 
@@ -134,6 +136,12 @@ def start_pusher() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, on_signal)
     else:
         PUSHER.append(asyncio.ensure_future(push()))
+
+        def slower() -> None:
+            INTERVAL[0] *= 2
+            print(f"pusher interval {INTERVAL[0] * 1000:g} ms", flush=True)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, slower)
 
 
 def write_stats() -> None:

@@ -107,7 +107,16 @@ def start_pusher() -> None:
 
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(on_signal))  # type: ignore[attr-defined]
     else:
-        task.LoopingCall(push).start(INTERVAL, now=False)
+        looping = task.LoopingCall(push)
+        looping.start(INTERVAL, now=False)
+
+        def slower() -> None:
+            looping.interval *= 2
+            print(f"pusher interval {looping.interval * 1000:g} ms", flush=True)
+
+        from twisted.internet import reactor
+
+        signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(slower))  # type: ignore[attr-defined]
 
 
 def write_stats() -> None:
