@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import os
+import platform
 import shutil
 import signal
 import tempfile
@@ -135,6 +137,16 @@ def chromium(width: int = 1100, height: int = 800) -> Iterator[WebDriver]:
                 working = False
             finally:
                 _end(service, profile, GRACE if working else 0.0)
+                if driver is not None:
+                    with contextlib.suppress(Exception):
+                        driver.command_executor.close()
+                driver = None  # (what the collection below must free)
+                if platform.python_implementation() != "CPython":
+                    # PyPy closes the sockets Selenium dropped only when they are
+                    # collected: later, when their numbers may belong to others.
+                    # (Twice: PyPy runs the finalizers a collection found after it.)
+                    gc.collect()
+                    gc.collect()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
