@@ -8,6 +8,7 @@ processes and reading their output is ``harness.procs``, shared with the tests.
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import os
 import resource
@@ -239,3 +240,33 @@ async def heartbeat(gaps: list[list[float]], period: float = 0.0005) -> None:
         gap = clock() - start
         if gap >= STALL_MIN:
             gaps.append([start, gap])
+
+
+# The load clients' latency samples: (send time, latency) pairs of doubles.
+BIN_S = 0.02  # seconds of send time per bin of series()
+
+
+def read_samples(path: str) -> list[tuple[float, float]]:
+    values = array.array("d")
+    with open(path, "rb") as f:
+        values.frombytes(f.read())
+    return list(zip(values[0::2], values[1::2]))
+
+
+def series(samples: list[tuple[float, float]], t0: float, duration: float) -> dict[str, Any]:
+    """Per BIN_S of send time: how many samples, their median and maximum latency (ms)."""
+    bins: list[list[float]] = [[] for _ in range(int(duration / BIN_S) + 2)]
+    for sent, latency in samples:
+        index = int((sent - t0) / BIN_S)
+        if 0 <= index < len(bins):
+            bins[index].append(latency)
+    t, p50, peak, count = [], [], [], []
+    for i, values in enumerate(bins):
+        if not values:
+            continue
+        values.sort()
+        t.append(round(i * BIN_S, 4))
+        p50.append(round(percentile(values, 50) * 1000, 4))
+        peak.append(round(values[-1] * 1000, 4))
+        count.append(len(values))
+    return {"bin_s": BIN_S, "t": t, "p50_ms": p50, "max_ms": peak, "count": count}

@@ -26,7 +26,6 @@ markdown from the JSON.
 from __future__ import annotations
 
 import argparse
-import array
 import json
 import os
 import re
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
-from _common import percentile
+from _common import percentile, read_samples, series
 
 from harness.procs import PYTHON, ExpectError, Proc, free_port
 
@@ -62,7 +61,6 @@ SPARES = 3
 """Recipients kept started ahead while the run starts them (starts, moving + starts)."""
 PIN: dict[str, list[int]] = {"server": [], "client": []}
 """CPUs for the servers and for the clients (``--no-pin``: none)."""
-BIN_S = 0.02
 """Width of the time bins of the latency series (for the plot)."""
 
 
@@ -85,13 +83,6 @@ def start_app(app: str, port: int, control: str) -> Proc:
     return proc
 
 
-def read_samples(path: str) -> list[tuple[float, float]]:
-    values = array.array("d")
-    with open(path, "rb") as f:
-        values.frombytes(f.read())
-    return list(zip(values[0::2], values[1::2]))
-
-
 def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
     ordered = sorted(latencies)
     return {
@@ -100,25 +91,6 @@ def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(ordered, 99) * 1000,
         "max_ms": (ordered[-1] if ordered else float("nan")) * 1000,
     }
-
-
-def series(samples: list[tuple[float, float]], t0: float, duration: float) -> dict[str, Any]:
-    """Per BIN_S of send time: how many requests, their median and maximum latency (ms)."""
-    bins: list[list[float]] = [[] for _ in range(int(duration / BIN_S) + 2)]
-    for sent, latency in samples:
-        index = int((sent - t0) / BIN_S)
-        if 0 <= index < len(bins):
-            bins[index].append(latency)
-    t, p50, peak, count = [], [], [], []
-    for i, values in enumerate(bins):
-        if not values:
-            continue
-        values.sort()
-        t.append(round(i * BIN_S, 4))
-        p50.append(round(percentile(values, 50) * 1000, 4))
-        peak.append(round(values[-1] * 1000, 4))
-        count.append(len(values))
-    return {"bin_s": BIN_S, "t": t, "p50_ms": p50, "max_ms": peak, "count": count}
 
 
 def check_hits(hits: list[int]) -> dict[str, int]:

@@ -31,7 +31,6 @@ server process printed a traceback.
 from __future__ import annotations
 
 import argparse
-import array
 import json
 import math
 import os
@@ -49,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common
-from _common import percentile
+from _common import percentile, read_samples, series
 
 from harness.procs import PYTHON, ExpectError, Proc
 
@@ -61,18 +60,10 @@ PHASES = ("steady", "moving")
 COMPRESSIONS = ("deflate", "deflate-full", "none")
 PIN: dict[str, list[int]] = {"server": [], "client": []}
 """CPUs for the servers and for the clients (``--no-pin``: none)."""
-BIN_S = 0.02
 """Width of the time bins of the latency series."""
 SERVER_TROUBLE = ("Traceback", "Exception in callback", "Error", "exception")
 """What a server process must not print (asyncio logs a callback's exception)."""
 COUNTS = ("lost", "duplicates", "out_of_order", "wrong", "closes", "errors")
-
-
-def read_samples(path: str) -> list[tuple[float, float]]:
-    values = array.array("d")
-    with open(path, "rb") as f:
-        values.frombytes(f.read())
-    return list(zip(values[0::2], values[1::2]))
 
 
 def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
@@ -84,25 +75,6 @@ def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
         "p999_ms": percentile(ordered, 99.9) * 1000,
         "max_ms": (ordered[-1] if ordered else float("nan")) * 1000,
     }
-
-
-def series(samples: list[tuple[float, float]], t0: float, duration: float) -> dict[str, Any]:
-    """Per BIN_S of send time: how many messages, their median and maximum latency (ms)."""
-    bins: list[list[float]] = [[] for _ in range(int(duration / BIN_S) + 2)]
-    for sent, latency in samples:
-        index = int((sent - t0) / BIN_S)
-        if 0 <= index < len(bins):
-            bins[index].append(latency)
-    t, p50, peak, count = [], [], [], []
-    for i, values in enumerate(bins):
-        if not values:
-            continue
-        values.sort()
-        t.append(round(i * BIN_S, 4))
-        p50.append(round(percentile(values, 50) * 1000, 4))
-        peak.append(round(values[-1] * 1000, 4))
-        count.append(len(values))
-    return {"bin_s": BIN_S, "t": t, "p50_ms": p50, "max_ms": peak, "count": count}
 
 
 def server_trouble(proc: Proc) -> list[str]:
