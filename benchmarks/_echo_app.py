@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import inspect
 import os
 import sys
 import time
@@ -61,7 +62,16 @@ def instrument(marks: dict[str, float]) -> None:
             finally:
                 marks.setdefault(after, time.monotonic())
 
-        setattr(owner, name, wrapper)
+        @functools.wraps(real)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                marks.setdefault(before, time.monotonic())
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                marks.setdefault(after, time.monotonic())
+
+        setattr(owner, name, async_wrapper if inspect.iscoroutinefunction(real) else wrapper)
 
     around(MigratableServer, "quiesce", "quiesce_start", "quiesce_end")
     around(originator, "dumps", None, "dumps_end")

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import runtimes
 from .errors import ProtocolError
-from .fds import batches, close_all
+from .fds import close_all
 from .pickling import (
     GraphUnpickler,
     Source,
@@ -60,32 +60,48 @@ class SocketsAhead:
         twins: Mapping[socket.socket, Any] | None = None,
         twin_kind: str | None = None,
     ) -> None:
-        self.sockets = [s for s in sockets if s.fileno() >= 0]
+        self.sockets: list[socket.socket] = []
         self.reductions: dict[socket.socket, Any] = {}
         self.kinds: list[list[int]] = []
-        twins = twins or {}
-        self.twin_kind = twin_kind if twins and twin_kind else None
+        self._twins = twins or {}
+        self.twin_kind = twin_kind if self._twins and twin_kind else None
         # Pickle memo entries (id -> (index, object)), one per slot; None: no twins.
         self.memo: dict[int, tuple[int, Any]] | None = None
         self._slot_objects: list[Any] = []  # what memo entry N was made for
         if self.twin_kind is not None:
             self.memo = {}
-        for slot, sock in enumerate(self.sockets):
-            self.reductions[sock] = socket_ahead_reduction(slot)
+        # Sockets made to fill the slot of a socket closed before it was sent.
+        self._fillers: list[socket.socket] = []
+        self.add(sockets)
+
+    def add(self, sockets: Sequence[socket.socket]) -> None:
+        """Give the next slots to ``sockets`` (those still open), in order.
+
+        A move adds them a few thousand at a time, letting the service run
+        in between: the work is per socket.
+        """
+        twins, memo, kinds, reductions = self._twins, self.memo, self.kinds, self.reductions
+        slot = len(self.sockets)
+        for sock in sockets:
+            if sock.fileno() < 0 or sock in reductions:
+                continue  # closed since, or already given a slot
+            self.sockets.append(sock)
+            reductions[sock] = socket_ahead_reduction(slot)
             flag = 0
-            if self.memo is not None:
+            if memo is not None:
                 twin = twins.get(sock)
                 if twin is None:
                     twin = object()  # a stand-in, kept alive by its memo entry
                 else:
                     flag = 1
-                self.memo[id(twin)] = (slot, twin)
+                memo[id(twin)] = (slot, twin)
                 self._slot_objects.append(twin)
             described = [*socket_kind(sock), flag]
-            if self.kinds and self.kinds[-1][1:] == described:
-                self.kinds[-1][0] += 1
+            if kinds and kinds[-1][1:] == described:
+                kinds[-1][0] += 1
             else:
-                self.kinds.append([1, *described])
+                kinds.append([1, *described])
+            slot += 1
 
     def unfit(self, objects: Sequence[Any]) -> None:
         """Twins in ``objects`` travel in full: their memo entries become stand-ins."""
@@ -102,19 +118,44 @@ class SocketsAhead:
             self.memo[id(stand_in)] = (entry[0], stand_in)
 
     def batches(self, size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
-        """(descriptors, their kinds) in batches of at most ``size``."""
+        """(descriptors, their kinds) in batches of at most ``size``.
+
+        Each batch's descriptors are read when it is made, so that a move
+        may let the service run between two batches: a socket closed by then
+        (its number maybe another socket's since) is sent as a *filler*, a
+        new unconnected socket of the same kind, whose slot the graph never
+        uses (see :meth:`forget_closed`). Close the fillers with
+        :meth:`close_fillers` once the batches are sent.
+        """
         runs = [list(k) for k in self.kinds]
-        for batch in batches([s.fileno() for s in self.sockets], size):
+        sockets = self.sockets
+        for start in range(0, len(sockets), size):
+            batch = sockets[start : start + size]
+            fds = [s.fileno() for s in batch]
             kinds: list[list[int]] = []
-            need = len(batch)
+            need, position = len(batch), 0
             while need:
                 take = min(need, runs[0][0])
                 kinds.append([take, *runs[0][1:]])
+                if -1 in fds[position : position + take]:
+                    family, kind, proto = runs[0][1:4]
+                    for index in range(position, position + take):
+                        if fds[index] < 0:
+                            filler = socket.socket(family, kind, proto)
+                            self._fillers.append(filler)
+                            fds[index] = filler.fileno()
+                position += take
                 runs[0][0] -= take
                 need -= take
                 if not runs[0][0]:
                     runs.pop(0)
-            yield batch, kinds
+            yield fds, kinds
+
+    def close_fillers(self) -> None:
+        """Close this side's copies of the fillers :meth:`batches` made."""
+        for filler in self._fillers:
+            filler.close()
+        self._fillers.clear()
 
     def forget_closed(self) -> None:
         """Drop the reductions (and twins) of sockets closed since they were sent.

@@ -43,6 +43,12 @@ class Channel(Protocol):
         """Send ``message``; ``fds`` (at most 253) travel with it."""
         ...
 
+    async def pass_turn(self) -> None:
+        """Let the event loop run what is ready (the service's connections)
+        before going on: a move's long steps before the pause are cut in
+        slices, so that clients do not wait for the whole of them."""
+        ...
+
     async def receive(self, timeout: float | None) -> Message:
         """The next message.
 

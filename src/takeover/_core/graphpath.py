@@ -33,12 +33,13 @@ import functools
 import io
 import pickle
 import socket
+import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from .pickling import GraphPickler, dumps
+from .pickling import GraphPickler, dumps, gc_paused
 
 MAX_DEPTH = 1000
 """How deep the walk goes below the service object."""
@@ -116,6 +117,146 @@ def check_graph(
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
         return Unpicklable(root, _describe(graph, cause))
     return None
+
+
+def _stand_in() -> None:
+    """What the dry run's pickle names in place of an object pickled later (never loaded)."""
+
+
+def _stand_in_reduction(_obj: Any) -> tuple[Callable[[], None], tuple[()]]:
+    return (_stand_in, ())
+
+
+_GROUP = 32  # parts pickled between two looks at the clock
+
+
+class _Size:
+    """A file that counts what is written to it and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.bytes += len(data)
+        return len(data)
+
+
+class _SpreadPickler(GraphPickler):
+    """The dry run's pickler: one memo over every slice, so each object is
+    pickled once; a closed socket met while the service still runs is noted
+    (its connection may have left the graph since the slice began), not fatal."""
+
+    def __init__(self, file: Any, protocol: int) -> None:
+        super().__init__(file, protocol)
+        self.lenient = True
+        self.met_closed = False
+
+    def _reduce_socket(self, sock: socket.socket) -> Any:
+        if self.lenient and sock.fileno() < 0:
+            self.met_closed = True
+            return _stand_in_reduction(sock)
+        return super()._reduce_socket(sock)
+
+
+class SpreadCheck:
+    """The dry run in slices, so that a service with many connections keeps
+    serving while it runs: :func:`check_graph` in one go holds the event loop
+    for as long as the whole graph takes to pickle (tens of milliseconds at
+    10,000 connections), which every client feels before the pause.
+
+    ``parts`` are objects of the graph that can be pickled one slice at a
+    time (a server's connections, from its ``takeover_parts()`` hook); each
+    :meth:`step` pickles them for about ``turn`` seconds, and the last one
+    pickles ``graph`` itself, with the same pickler: what the slices pickled
+    is a memo reference by then. While the parts are pickled, ``graph`` stands
+    for itself as a placeholder, so a part's reference to its server does not
+    pull in the whole graph (what parts share besides does go into the first
+    slice that reaches it). Nothing is paused, so the graph may change
+    between slices; the pickle of the quiesced service is the final check,
+    as it always was. A part that met a closed socket and is still among
+    ``current_parts()`` at the end, or any error, makes the check
+    :attr:`failed`: the caller runs :func:`check_graph`, which names the
+    object at fault (or passes, the graph having changed since).
+    """
+
+    def __init__(
+        self,
+        graph: Any,
+        parts: Sequence[Any],
+        protocol: int = pickle.HIGHEST_PROTOCOL,
+        current_parts: Callable[[], Iterable[Any]] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.parts = list(parts)
+        self.protocol = protocol
+        self.current_parts = current_parts
+        self.failed: Exception | None = None
+        self.sockets: list[socket.socket] = []
+        self.size = 0
+        self.slices = 0
+        self._size = _Size()
+        self._pickler = _SpreadPickler(self._size, protocol)
+        self._table: dict[Any, Any] = dict(self._pickler.dispatch_table)
+        self._pickler.dispatch_table = self._table
+        self._own_reducer = self._table.get(type(graph))
+        self._table[type(graph)] = _stand_in_reduction
+        self._next = 0
+        self._suspects: list[Any] = []
+
+    def step(self, turn: float) -> bool:
+        """Pickle for about ``turn`` seconds; True once the check is over."""
+        self.slices += 1
+        pickler, parts = self._pickler, self.parts
+        deadline = time.monotonic() + turn
+        try:
+            with gc_paused():
+                while self._next < len(parts):
+                    group = parts[self._next : self._next + _GROUP]
+                    self._next += len(group)
+                    pickler.met_closed = False
+                    pickler.dump(group)
+                    if pickler.met_closed:
+                        self._suspects.extend(self._holding_closed(group))
+                    if time.monotonic() >= deadline:
+                        return False
+                self._finish()
+        except Exception as exc:  # whatever pickling raises, check_graph says where
+            self.failed = exc
+        return True
+
+    def _holding_closed(self, group: list[Any]) -> list[Any]:
+        """The parts of ``group`` that reach a closed socket, each pickled on its own
+        (rare: a connection closed since the dry run began)."""
+        holding = []
+        for part in group:
+            probe = _SpreadPickler(_Size(), self.protocol)
+            table: dict[Any, Any] = dict(probe.dispatch_table)  # its own socket reducer
+            table[type(self.graph)] = _stand_in_reduction
+            probe.dispatch_table = table
+            probe.dump(part)
+            if probe.met_closed:
+                holding.append(part)
+        return holding
+
+    def _finish(self) -> None:
+        pickler, graph = self._pickler, self.graph
+        pickler.lenient = False
+        if self._suspects:
+            current = set(map(id, self.current_parts() if self.current_parts else ()))
+            for part in self._suspects:
+                if id(part) in current:
+                    raise pickle.PicklingError(f"a closed socket in {part!r}")
+        reducer = self._own_reducer
+        if reducer is None:
+            del self._table[type(graph)]
+        else:
+            self._table[type(graph)] = reducer
+        reduced = reducer(graph) if reducer is not None else graph.__reduce_ex__(self.protocol)
+        # The graph's own reduction: its state refers to the parts (memo hits)
+        # and to everything else, pickled now.
+        pickler.dump(reduced)
+        self.sockets = pickler.sockets
+        self.size = self._size.bytes
 
 
 def find_unpicklable(

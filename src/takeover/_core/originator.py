@@ -59,7 +59,7 @@ from .errors import (
     TakeoverError,
 )
 from .fds import SCM_MAX_FD, batches
-from .graphpath import Unpicklable, check_graph
+from .graphpath import SpreadCheck, Unpicklable, check_graph
 from .logs import MOVES, move_event
 from .pickling import Dumped, dumps, gc_paused
 from .protocol import Conversation, Kind, Limits, Message, Role
@@ -67,6 +67,18 @@ from .registry import Registry, Service
 from .script import main_reference
 
 log = logging.getLogger("takeover.originator")
+
+DRY_RUN_TURN = 0.002
+"""Seconds of the dry run between two turns of the event loop (see SpreadCheck):
+a client of the service waits for at most about that long, not for the whole
+dry run."""
+
+AHEAD_SLOTS_PER_TURN = 2048
+"""Sockets given a slot ahead between two turns of the event loop (about 2 ms)."""
+
+BATCHES_PER_TURN = 8
+"""Batches of descriptors sent ahead between two turns of the event loop
+(8 x 253 descriptors, about 2 ms)."""
 
 DRAIN_HINT = "or take with --drain SECONDS: the connections that can move do, the others drain here"
 """Added to a refusal whose cause lies in a connection: a partial move would go on."""
@@ -294,7 +306,7 @@ class _Move:
         await session.channel.accept_fd_transport(session.limits.step_timeout)
         # The dry run: nothing is paused until the graph is known to pickle.
         found: list[socket.socket] = []
-        problem = self._dry_run(service, found)
+        problem = await self._dry_run(service, found)
         if problem is not None:
             log.warning("cannot move %r, left running: %s", name, problem)
             text = problem.explain(name)
@@ -307,18 +319,29 @@ class _Move:
             return await self._refuse("limit", too_big + "; nothing was paused")
         twins = getattr(service, "takeover_twins", None)
         twin_kind = getattr(service, "takeover_twin_kind", None)
-        self.ahead = ahead = SocketsAhead(found, twins() if twins is not None else None, twin_kind)
+        self.ahead = ahead = SocketsAhead((), twins() if twins is not None else None, twin_kind)
+        # Slots for a few thousand sockets at a time, the service running in between.
+        for start in range(0, len(found), AHEAD_SLOTS_PER_TURN):
+            if start:
+                await session.channel.pass_turn()
+            ahead.add(found[start : start + AHEAD_SLOTS_PER_TURN])
         refusal = session.conversation.fd_limit_refusal(len(ahead.sockets) + 1)
         if refusal is not None:
             return await self._refuse("limit", refusal)
         self.arbiter = Arbiter.create()
         arbiter = {"count": 1, "arbiter": True, "ahead": len(ahead.sockets)}
         await session.send(Message(Kind.FDS, arbiter), [self.arbiter.fd])
-        for batch, kinds in ahead.batches(SCM_MAX_FD):
-            body: dict[str, Any] = {"count": len(batch), "kinds": kinds}
-            if ahead.twin_kind is not None:
-                body["twins"] = ahead.twin_kind
-            await session.send(Message(Kind.FDS, body), batch)
+        try:
+            for index, (batch, kinds) in enumerate(ahead.batches(SCM_MAX_FD), 1):
+                body: dict[str, Any] = {"count": len(batch), "kinds": kinds}
+                if ahead.twin_kind is not None:
+                    body["twins"] = ahead.twin_kind
+                await session.send(Message(Kind.FDS, body), batch)
+                if not index % BATCHES_PER_TURN:
+                    # Before the next batch reads its descriptors (see batches).
+                    await session.channel.pass_turn()
+        finally:
+            ahead.close_fillers()
         faults.checkpoint("originator.fds-sent-ahead")
         # The recipient has built them (and registered, and twinned) when it
         # says AHEAD_READY: only then is the service paused, so that none of
@@ -329,7 +352,7 @@ class _Move:
         faults.checkpoint("originator.ahead-ready-received")
         return True
 
-    def _dry_run(self, service: Service, found: list[socket.socket]) -> Unpicklable | None:
+    async def _dry_run(self, service: Service, found: list[socket.socket]) -> Unpicklable | None:
         """Pickle the service as the move would; a partial move first leaves
         behind each connection in the way (by its kind, then as the dry run
         finds them), until the rest pickles."""
@@ -339,11 +362,16 @@ class _Move:
             drain = getattr(service, "takeover_drain_default", None)
         begin = getattr(service, "takeover_begin_drain", None)
         if drain is None or begin is None:
-            return check_graph(service, name, protocol, found, self.sizes)
+            return await self._check(service, found)
         self.drain = drain
         begin(drain)
+        first = True
         while True:
-            problem = check_graph(service, name, protocol, found, self.sizes)
+            if first:
+                problem = await self._check(service, found)
+                first = False
+            else:
+                problem = check_graph(service, name, protocol, found, self.sizes)
             index = None if problem is None else _connection_index(problem.path, name)
             if index is None or problem is None:
                 break
@@ -352,6 +380,24 @@ class _Move:
             del found[:]
         self.left = service.takeover_left()  # type: ignore[attr-defined]
         return problem
+
+    async def _check(self, service: Service, found: list[socket.socket]) -> Unpicklable | None:
+        """:func:`check_graph`, spread over turns of the event loop if the
+        service names its parts (``takeover_parts()``, see :class:`SpreadCheck`)."""
+        name, protocol = self.name, self.session.pickle_protocol
+        parts = getattr(service, "takeover_parts", None)
+        if parts is None:
+            return check_graph(service, name, protocol, found, self.sizes)
+        check = SpreadCheck(service, parts(), protocol, parts)
+        while not check.step(DRY_RUN_TURN):
+            await self.session.channel.pass_turn()
+        if check.failed is not None:
+            # Where and why, from the whole graph in one go (or it pickles now).
+            log.debug("the spread dry run of %r failed (%s): checking it whole", name, check.failed)
+            return check_graph(service, name, protocol, found, self.sizes)
+        found.extend(check.sockets)
+        self.sizes.append(check.size)
+        return None
 
     async def _send_graph(self, service: Service) -> bool:
         """Quiesce the service, pickle it, send the graph and the descriptors

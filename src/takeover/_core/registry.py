@@ -44,6 +44,12 @@ class Service(Protocol):
     ``takeover_unfit()`` (those that now carry more than their socket, asked
     after quiescing).
 
+    Optional, originator side: ``takeover_parts()``, objects of the graph
+    (its connections) that the dry run may pickle a slice at a time while the
+    service runs, rather than the whole graph in one go (see
+    ``graphpath.SpreadCheck``); asked again at the end of the dry run, for
+    those still part of it.
+
     Optional, originator side: ``takeover_seal(late_call)``, called once the
     service's graph is pickled. From then on, until ``resume`` or
     ``release`` (which lift the seal), a call from outside the service that

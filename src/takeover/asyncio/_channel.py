@@ -188,6 +188,9 @@ class AsyncioChannel:
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         await self._io.send(message.encode(), fds)
 
+    async def pass_turn(self) -> None:
+        await asyncio.sleep(0)
+
     async def receive(self, timeout: float | None) -> Message:
         if self._messages:
             return self._messages.popleft()
@@ -266,6 +269,9 @@ class StreamChannel:
 
     def limit_frames(self, size: int) -> None:
         self._decoder.max_frame_size = size
+
+    async def pass_turn(self) -> None:
+        await asyncio.sleep(0)
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         if fds:

@@ -301,6 +301,11 @@ class MigratableServer:
         (output to send, a flag set, addresses read): they travel in full."""
         return unfit_twins(self._moving())
 
+    def takeover_parts(self) -> list[MigratableTransport]:
+        """The connections a move takes: the dry run pickles them a slice at a
+        time, the service running in between (see ``graphpath.SpreadCheck``)."""
+        return self._moving()
+
     # -- partial moves (see takeover._core.registry.Service) ----------------------
 
     def _moving(self) -> list[MigratableTransport]:
