@@ -155,9 +155,7 @@ def sliced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(originator, "BATCHES_PER_TURN", 1)
 
 
-def recorded(
-    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, beat: list[Beat]
-) -> list[int]:
+def recorded(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, beat: list[Beat]) -> list[int]:
     """The loop's turn count at each call of ``owner.name`` (a generator's at each item)."""
     seen: list[int] = []
     real = getattr(owner, name)
