@@ -68,12 +68,30 @@ def nofile_for(need: int) -> tuple[int, int]:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
     except (ValueError, OSError) as e:
+        why = (
+            "it runs as root but without CAP_SYS_RESOURCE (a container's bounding set?)"
+            if os.geteuid() == 0 and not _has_sys_resource()
+            else "only a process with CAP_SYS_RESOURCE (root) may"
+        )
         raise SystemExit(
             f"{need} descriptors per process are needed; RLIMIT_NOFILE's hard limit is "
-            f"{hard} and this process may not raise it ({e}; only root may): run "
-            f"`ulimit -Hn {need}` as root before, or run smaller sizes"
+            f"{hard} and this process may not raise it ({e}: {why}): raise the hard limit "
+            f"where it is set (`ulimit -Hn {need}` in a privileged shell, systemd's "
+            "LimitNOFILE, docker run --ulimit nofile=...), or run smaller sizes"
         ) from None
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _has_sys_resource() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE (capability 24) in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def setup_process() -> tuple[int, int]:

@@ -486,7 +486,12 @@ def _goals(data: Row) -> list[str]:
                 "met" if goal["met"] else ("**not met**" if value is not None else "n/a"),
             ]
         )
-    if not rows:
+    not_run = [
+        f"N={int(size):,} was not run ({reason}): its goals are not measured."
+        for size, reason in data.get("skipped", {}).items()
+        if any(g[0] == int(size) for g in GOALS)
+    ]
+    if not rows and not not_run:
         return []
     return [
         "",
@@ -498,7 +503,8 @@ def _goals(data: Row) -> list[str]:
         '(see "What a client feels"); *floor (app objects)*: see below; RSS per connection:',
         'see "Memory".',
         "",
-        *_table(["N", "goal", "measured", "target", "runs within", "verdict"], rows),
+        *(_table(["N", "goal", "measured", "target", "runs within", "verdict"], rows) if rows else []),
+        *[line for text in not_run for line in ("", text)],
     ]
 
 

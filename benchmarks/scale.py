@@ -33,7 +33,7 @@ RLIMIT_NOFILE is raised first, in this process, for the largest size (N, the
 probes and a margin): the soft limit to the hard one, and the hard one too
 where the process may (root, up to /proc/sys/fs/nr_open); every process
 started inherits it. A size that cannot fit is refused before anything runs,
-with the limit named. ``--loop uvloop`` runs the originator and the recipient
+with the limit named (``--skip-unfit``: skipped, and the report says why). ``--loop uvloop`` runs the originator and the recipient
 on uvloop ($BENCH_LOOP).
 """
 
@@ -103,14 +103,20 @@ def client_procs(count: int, asked: int) -> int:
 
 
 def open_clients(
-    port: int, control: str, count: int, procs: int, env: dict[str, str], started: list[Proc]
+    port: int,
+    control: str,
+    count: int,
+    procs: int,
+    env: dict[str, str],
+    started: list[Proc],
+    addresses: int = 0,
 ) -> list[Proc]:
     """Start ``procs`` client processes (``_clients.py``) and open ``count`` idle
     connections from them, in rounds of at most :data:`ROUND`, each accepted by the
     originator at ``control`` before the next; print progress at large sizes."""
     shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
     first = [sum(shares[:i]) for i in range(procs)]
-    address = per_address()
+    address = addresses or per_address()
     clients = []
     for i in range(procs):
         proc = Proc(
@@ -204,6 +210,7 @@ def run_move(
     probes: int = 0,
     loop: str = "asyncio",
     procs_asked: int = 0,
+    addresses: int = 0,
 ) -> dict[str, Any]:
     """One move of a service with ``count`` idle connections.
 
@@ -213,6 +220,7 @@ def run_move(
     sending a line every millisecond and timing its echo, through the move.
     ``loop``: the event loop of the originator and the recipient.
     ``procs_asked``: client processes holding the idle connections (0: by size).
+    ``addresses``: connections per source address (0: :func:`per_address`).
     """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
@@ -232,7 +240,7 @@ def run_move(
         empty = _common.proc_memory(originator.pid)  # serving, no connection yet
         setup = time.monotonic()
         if count:
-            clients = open_clients(port, control, count, nprocs, env, procs)
+            clients = open_clients(port, control, count, nprocs, env, procs, addresses)
         probe = None
         if probes:
             probe = Proc(
@@ -293,6 +301,7 @@ def run_move(
         "probes": probes,
         "loop": loop,
         "client_procs": nprocs if count else 0,
+        "source_addresses": -(-count // (addresses or per_address())),
         "probe": report.probe_summary(samples, marks) if probe is not None else None,
         "originator_gaps": report.gaps_near(gone.get("gaps", []), marks),
         "recipient_gaps": report.gaps_near(taken.get("gaps", []), marks),
@@ -319,6 +328,10 @@ def run_move(
         # recipient: the service started, less before it connected.
         "originator_rss_per_connection": per_connection(empty, idle, held),
         "recipient_rss_per_connection": per_connection(before_take, after_take, held),
+        # ... and at its exit: the originator gone, the clients closed (what stayed).
+        "recipient_rss_per_connection_at_exit": per_connection(
+            before_take, ended["memory"], held
+        ),
     }
 
 
@@ -410,6 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"processes holding the idle connections, N/K each "
         f"(default 0: one per {PER_PROCESS:,} connections)",
     )
+    parser.add_argument(
+        "--per-address",
+        type=int,
+        default=0,
+        metavar="M",
+        help="idle connections per source address (default 0: three quarters of the "
+        "ephemeral port range)",
+    )
+    parser.add_argument(
+        "--skip-unfit",
+        action="store_true",
+        help="skip (and report) a size RLIMIT_NOFILE cannot hold instead of refusing to run",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument(
         "--quiet-wait",
@@ -431,10 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     # probes): raise RLIMIT_NOFILE here, before anything starts, for the largest
     # size; every process started inherits it. Refused here, nothing has run.
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    skipped: dict[str, str] = {}
+
+    def need(count: int) -> int:
+        return count + args.probes + _common.FD_MARGIN
+
     try:
-        _common.nofile_for(max(sizes, default=0) + args.probes + _common.FD_MARGIN)
+        _common.nofile_for(need(max(sizes, default=0)))
     except SystemExit as e:
-        parser.exit(2, f"{parser.prog}: error: N={max(sizes)}: {e}\n")
+        if not args.skip_unfit:
+            parser.exit(2, f"{parser.prog}: error: N={max(sizes)}: {e}\n")
+        for count in sizes:
+            try:
+                _common.nofile_for(need(count))
+            except SystemExit as refused:
+                skipped[str(count)] = str(refused)
+                print(f"N={count}: skipped: {refused}", file=sys.stderr, flush=True)
     if args.gc_off:
         os.environ["BENCH_GC_OFF"] = "1"
     command = args.command or " ".join(
@@ -452,14 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         "probes": args.probes,
         "quiet_wait": args.quiet_wait,
         "sizes": sizes,
-        "skipped": {},
+        "skipped": skipped,
         "runs": [],
         "floors": [],
     }
     for count in sizes:
+        if str(count) in skipped:
+            continue
         for repeat in range(args.repeats):
             quiet = _common.wait_quiet(args.quiet_wait)
-            move = run_move(count, args.recipient, args.probes, args.loop, args.client_procs)
+            move = run_move(
+                count, args.recipient, args.probes, args.loop, args.client_procs, args.per_address
+            )
             move["quiet"] = quiet
             floor = run_floor(count)
             data["runs"].append(move)
