@@ -328,10 +328,6 @@ def run_move(
         # recipient: the service started, less before it connected.
         "originator_rss_per_connection": per_connection(empty, idle, held),
         "recipient_rss_per_connection": per_connection(before_take, after_take, held),
-        # ... and at its exit: the originator gone, the clients closed (what stayed).
-        "recipient_rss_per_connection_at_exit": per_connection(
-            before_take, ended["memory"], held
-        ),
     }
 
 
