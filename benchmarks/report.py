@@ -503,7 +503,11 @@ def _goals(data: Row) -> list[str]:
         '(see "What a client feels"); *floor (app objects)*: see below; RSS per connection:',
         'see "Memory".',
         "",
-        *(_table(["N", "goal", "measured", "target", "runs within", "verdict"], rows) if rows else []),
+        *(
+            _table(["N", "goal", "measured", "target", "runs within", "verdict"], rows)
+            if rows
+            else []
+        ),
         *[line for text in not_run for line in ("", text)],
     ]
 

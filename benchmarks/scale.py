@@ -33,8 +33,9 @@ RLIMIT_NOFILE is raised first, in this process, for the largest size (N, the
 probes and a margin): the soft limit to the hard one, and the hard one too
 where the process may (root, up to /proc/sys/fs/nr_open); every process
 started inherits it. A size that cannot fit is refused before anything runs,
-with the limit named (``--skip-unfit``: skipped, and the report says why). ``--loop uvloop`` runs the originator and the recipient
-on uvloop ($BENCH_LOOP).
+with the limit named (``--skip-unfit``: skipped, and the report says why).
+``--loop uvloop`` runs the originator and the recipient on uvloop
+($BENCH_LOOP).
 """
 
 from __future__ import annotations
