@@ -117,12 +117,18 @@ RESULTS := benchmarks/results
 bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
+	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
+		--skip-unfit --name scale-stall --command "make bench"
+	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
+		--skip-unfit --loop uvloop --name scale-uvloop --command "make bench"
 	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 \
 		--name load --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 5 \
 		--name sidebyside --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --server streams --repeats 5 \
 		--name sidebyside-streams --command "make bench"
+	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-stall.json \
+		--overlay $(RESULTS)/scale-uvloop.json
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
 		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json \
 		--sidebyside $(RESULTS)/sidebyside-streams.json
@@ -133,6 +139,8 @@ bench: $(BENCH_STAMP) bytecode
 bench-quick: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000 --repeats 3 \
 		--name scale-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/scale.py --sizes 1000,10000 --repeats 1 --client-procs 2 \
+		--loop uvloop --name scale-uvloop-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 2 --quiet-wait 1 \
 		--name load-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
@@ -141,6 +149,7 @@ bench-quick: $(BENCH_STAMP) bytecode
 		--warmup 0.5 --cooldown 1 --quiet-wait 1 --name sidebyside-streams-quick \
 		--command "make bench-quick"
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale-quick.json \
+		--overlay $(RESULTS)/scale-uvloop-quick.json \
 		--load $(RESULTS)/load-quick.json --sidebyside $(RESULTS)/sidebyside-quick.json \
 		--sidebyside $(RESULTS)/sidebyside-streams-quick.json
 	$(BIN)/python benchmarks/websocket.py --connections 200 --clients 2 --duration 3 --warmup 1 \

@@ -16,7 +16,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +42,58 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def nofile_for(need: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE so that this process (and the children it starts, which
+    inherit it) may hold ``need`` descriptors; return (soft, hard).
+
+    The soft limit goes up to the hard limit; past it only a privileged process
+    (root: CAP_SYS_RESOURCE) may raise the hard limit, and never past
+    ``/proc/sys/fs/nr_open``. Raises ``SystemExit`` with a message naming the
+    limit that stands in the way.
+    """
+    soft, hard = raise_nofile()
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return soft, hard
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            nr_open = int(f.read())
+    except (OSError, ValueError):
+        nr_open = None
+    if nr_open is not None and need > nr_open:
+        raise SystemExit(
+            f"{need} descriptors per process are needed, more than the kernel allows any "
+            f"process (/proc/sys/fs/nr_open = {nr_open}); raise it (sysctl fs.nr_open) or "
+            "run smaller sizes"
+        )
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
+    except (ValueError, OSError) as e:
+        why = (
+            "it runs as root but without CAP_SYS_RESOURCE (a container's bounding set?)"
+            if os.geteuid() == 0 and not _has_sys_resource()
+            else "only a process with CAP_SYS_RESOURCE (root) may"
+        )
+        raise SystemExit(
+            f"{need} descriptors per process are needed; RLIMIT_NOFILE's hard limit is "
+            f"{hard} and this process may not raise it ({e}: {why}): raise the hard limit "
+            f"where it is set (`ulimit -Hn {need}` in a privileged shell, systemd's "
+            "LimitNOFILE, docker run --ulimit nofile=...), or run smaller sizes"
+        ) from None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _has_sys_resource() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE (capability 24) in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def setup_process() -> tuple[int, int]:
     """What the originator and the recipient do first: raise RLIMIT_NOFILE and,
     with $BENCH_GC_OFF set (``scale.py --gc-off``), disable the cyclic GC."""
@@ -50,6 +102,33 @@ def setup_process() -> tuple[int, int]:
 
         gc.disable()
     return raise_nofile()
+
+
+LOOPS = ("asyncio", "uvloop")
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on the event loop $BENCH_LOOP names (``scale.py --loop``):
+    asyncio's own (default) or uvloop's."""
+    loop = os.environ.get("BENCH_LOOP", "asyncio")
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    elif loop == "asyncio":
+        import asyncio
+
+        asyncio.run(main)
+    else:
+        raise SystemExit(f"BENCH_LOOP={loop!r}: not one of {', '.join(LOOPS)}")
+
+
+def loop_name() -> str:
+    """The running event loop's kind: ``uvloop`` or ``asyncio``."""
+    import asyncio
+
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 def memory() -> dict[str, int]:

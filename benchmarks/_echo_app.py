@@ -2,6 +2,9 @@
 
     python benchmarks/_echo_app.py --control PATH [--port 0] [--streams [--drain SECONDS]]
 
+It runs on asyncio's event loop, or on uvloop's with $BENCH_LOOP=uvloop
+(``scale.py --loop uvloop``).
+
 With ``--streams`` it serves the same echo as an asyncio streams
 ``client_connected_cb`` (``harness/echo.py``'s ``serve_lines``): a move takes
 the listener, and the connections drain here for up to ``--drain`` seconds
@@ -122,7 +125,9 @@ async def main(args: argparse.Namespace) -> None:
     await takeover.serve_until_moved(
         server,
         control=args.control,
-        ready=lambda m: _common.emit("ready", port=port, nofile=list(limits)),
+        ready=lambda m: _common.emit(
+            "ready", port=port, nofile=list(limits), loop=_common.loop_name()
+        ),
     )
     beat.cancel()
     _common.emit("exit", marks=marks, memory=_common.memory(), gaps=gaps)
@@ -138,4 +143,4 @@ if __name__ == "__main__":
     parser.add_argument(
         "--drain", type=float, default=None, help="with --streams: seconds (default 30)"
     )
-    asyncio.run(main(parser.parse_args()))
+    _common.run(main(parser.parse_args()))

@@ -8,7 +8,10 @@ Prints ``{"event": "taken", ...}`` with ``Taken.summary()`` (``pause_ms`` is
 the library's own figure: the originator's quiesce to this side's start on the
 shared monotonic clock), the phase timestamps of this side and its timings;
 then serves until a line ``quit`` arrives on stdin, and prints
-``{"event": "exit", "memory": {...}}``.
+``{"event": "exit", "memory": {...}}``. ``memory_before`` in the taken event
+is this process's RSS before it connects, ``memory_after`` once the service
+is started. It runs on asyncio's event loop, or on uvloop's with
+$BENCH_LOOP=uvloop (``scale.py --loop uvloop``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ async def main(control: str) -> None:
     finally:
         await session.close()
     beat.cancel()
+    after = _common.memory()  # the service started: its connections are held here now
     for result in taken:
         _common.emit(
             "taken",
@@ -104,6 +108,8 @@ async def main(control: str) -> None:
             started=t0,
             marks=marks,
             memory_before=before,
+            memory_after=after,
+            loop=_common.loop_name(),
             gaps=gaps,
         )
     await loop.run_in_executor(None, sys.stdin.readline)
@@ -115,4 +121,4 @@ async def main(control: str) -> None:
 
 if __name__ == "__main__":
     _common.setup_process()
-    asyncio.run(main(sys.argv[1]))
+    _common.run(main(sys.argv[1]))

@@ -1,10 +1,14 @@
 """PNG plots of the benchmark results (matplotlib: ``pip install -e '.[bench]'``).
 
-    python benchmarks/plots.py [--scale results/scale.json] [--load results/load.json]
+    python benchmarks/plots.py [--scale results/scale.json]... [--overlay results/scale-uvloop.json]
+        [--load results/load.json]
         [--sidebyside results/sidebyside.json]... [--websocket results/websocket.json]
 
-* ``NAME-pause.png`` from scale.py's results: pause (and take, and the floor)
-  against the number of connections, median with min..max bars, log-log.
+* ``NAME-pause.png`` from scale.py's results (``--scale`` may be given more
+  than once): pause (and take, the worst probe, and the floors) against the
+  number of connections, median with min..max bars, log-log; ``--overlay
+  JSON`` adds the pause and worst probe of another run (``--loop uvloop``) to
+  each, labelled with its event loop.
 * ``NAME-latency.png`` from load.py's results: latency over time across the
   moves, per app: the worst and the median latency of the requests sent in
   each 20 ms, the moving run against the steady and the moving + starts runs
@@ -49,12 +53,47 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return median, median - min(values), max(values) - median
 
 
-def plot_scale(data: dict[str, Any], path: str) -> None:
-    sizes = [n for n in data["sizes"] if any(r["connections"] == n for r in data["runs"])]
+def _series(ax: Any, sizes: list[int], rows: list[Any], get: Any, style: str, label: str) -> None:
+    """One series against N: the median of ``get`` over ``rows`` per size, min..max bars."""
+    xs, ys, lo, hi = [], [], [], []
+    for n in sizes:
+        values = [get(r) for r in rows if r["connections"] == n and get(r) is not None]
+        if not values:
+            continue
+        median, below, above = _spread(values)
+        xs.append(n)
+        ys.append(median)
+        lo.append(below)
+        hi.append(above)
+    if xs:
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+
+
+def _worst_probe(run: dict[str, Any]) -> float | None:
+    return (run.get("probe") or {}).get("worst_ms")
+
+
+def plot_scale(
+    data: dict[str, Any], path: str, overlays: list[dict[str, Any]] | None = None
+) -> None:
+    """Pause, take, the floors and (with probes) the worst probe against N; each of
+    ``overlays`` (scale.py's results on another event loop, say) adds its pause and
+    worst probe, labelled with its loop."""
+    overlays = overlays or []
+    sizes = sorted(
+        {
+            n
+            for d in [data, *overlays]
+            for n in d["sizes"]
+            if any(r["connections"] == n for r in d["runs"])
+        }
+    )
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    loop = f" ({data.get('loop', 'asyncio')})" if overlays else ""
     series = [
-        ("pause (quiesce → started)", lambda r: r["pause_ms"], data["runs"], "o-"),
+        (f"pause (quiesce → started){loop}", lambda r: r["pause_ms"], data["runs"], "o-"),
         ("take (TAKE → started)", lambda r: r.get("take_ms"), data["runs"], "s--"),
+        (f"worst probe (TAKE → release){loop}", _worst_probe, data["runs"], "D-"),
         (
             "floor: same graph (SCM_RIGHTS + plain pickle)",
             lambda f: (
@@ -72,26 +111,19 @@ def plot_scale(data: dict[str, Any], path: str) -> None:
             "v:",
         ),
     ]
+    for other in overlays:
+        name = other.get("loop", "asyncio")
+        series.append((f"pause ({name})", lambda r: r["pause_ms"], other["runs"], "o-."))
+        series.append((f"worst probe ({name})", _worst_probe, other["runs"], "D-."))
     for label, get, rows, style in series:
-        xs, ys, lo, hi = [], [], [], []
-        for n in sizes:
-            values = [get(r) for r in rows if r["connections"] == n and get(r) is not None]
-            if not values:
-                continue
-            median, below, above = _spread(values)
-            xs.append(n)
-            ys.append(median)
-            lo.append(below)
-            hi.append(above)
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+        _series(ax, sizes, rows, get, style, label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("idle connections moved")
     ax.set_ylabel("ms (median, bars: min..max)")
     ax.set_title(f"Pause against connection count ({data['repeats']} runs per size)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.text(0.01, 0.01, f"{data['command']} · {data['date']}", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
@@ -268,15 +300,27 @@ def _with_plot(json_path: str, suffix: str, draw: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", help="scale.py's JSON")
+    parser.add_argument("--scale", action="append", default=[], help="scale.py's JSON (repeatable)")
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        help="scale.py's JSON of another run (--loop uvloop, say): its pause and worst probe "
+        "drawn on every --scale plot (repeatable)",
+    )
     parser.add_argument("--load", help="load.py's JSON")
     parser.add_argument(
         "--sidebyside", action="append", default=[], help="sidebyside.py's JSON (repeatable)"
     )
     parser.add_argument("--websocket", help="websocket.py's JSON")
     args = parser.parse_args(argv)
+    overlays = [_load(path) for path in args.overlay]
+
+    def scale(data: dict[str, Any], png: str) -> None:
+        plot_scale(data, png, overlays)
+
     for path, suffix, draw in (
-        (args.scale, "pause", plot_scale),
+        *((path, "pause", scale) for path in args.scale),
         (args.load, "latency", plot_load),
         *((path, "latency", plot_sidebyside) for path in args.sidebyside),
         (args.websocket, "latency", plot_websocket),

@@ -180,6 +180,63 @@ def stall_line(run: Row) -> str:
     )
 
 
+def rss_line(run: Row) -> str:
+    """One line of a run's RSS per connection, for the driver's progress."""
+    o, r = run.get("originator_rss_per_connection"), run.get("recipient_rss_per_connection")
+    if o is None or r is None:
+        return "RSS per connection n/a"
+    ratio = f"{r / o:.2f}" if o > 0 else "n/a"
+    return f"RSS per connection: originator {o:,.0f} B, recipient {r:,.0f} B (ratio {ratio})"
+
+
+def _rss_ratio(run: Row, _floor: Row) -> float | None:
+    o, r = run.get("originator_rss_per_connection"), run.get("recipient_rss_per_connection")
+    return r / o if o and r is not None and o > 0 else None
+
+
+def _probe_ratio(run: Row, _floor: Row) -> float | None:
+    worst = (run.get("probe") or {}).get("worst_ms")
+    return worst / run["pause_ms"] if worst is not None and run["pause_ms"] else None
+
+
+def _floor_ratio(run: Row, floor: Row) -> float | None:
+    app = _floor_ms(floor)
+    return run["pause_ms"] / app if app else None
+
+
+# Issue 16's goals: (N, what, target ratio, the ratio in one run (run, its floor)).
+GOALS: list[tuple[int, str, float, Callable[[Row, Row], float | None]]] = [
+    (10000, "worst client-visible stall (worst probe, TAKE to release) / pause", 1.2, _probe_ratio),
+    (10000, "pause / floor (app objects)", 1.5, _floor_ratio),
+    (100000, "pause / floor (app objects)", 2.0, _floor_ratio),
+    (100000, "recipient RSS per connection / originator's", 1.2, _rss_ratio),
+]
+
+
+def goals(data: Row) -> list[Row]:
+    """Each goal at a size that was run: the ratio in each run (side by side, the
+    same run's figures), its median, the target and whether the median meets it."""
+    result = []
+    for size, runs, floors in _by_size(data):
+        for goal_size, what, target, ratio in GOALS:
+            if goal_size != size:
+                continue
+            values = [v for v in (ratio(r, f) for r, f in zip(runs, floors)) if v is not None]
+            median = statistics.median(values) if values else None
+            result.append(
+                {
+                    "connections": size,
+                    "goal": what,
+                    "target": target,
+                    "value": median,
+                    "values": values,
+                    "runs_met": sum(v <= target for v in values),
+                    "met": median is not None and median <= target,
+                }
+            )
+    return result
+
+
 def _by_size(data: Row) -> list[tuple[int, list[Row], list[Row]]]:
     result = []
     for size in data["sizes"]:
@@ -212,7 +269,13 @@ def render(data: Row) -> str:
         f"- CPU: {m['cpu']}, {m['cores']} cores; {m.get('memory_mb', '?')} MB RAM",
         f"- Python: {m['python']}",
         f"- Kernel: {m['kernel']}",
-        f"- RLIMIT_NOFILE (soft, hard): {m['nofile'][0]}, {m['nofile'][1]}",
+        f"- RLIMIT_NOFILE (soft, hard): {m['nofile'][0]}, {m['nofile'][1]}"
+        + (
+            f" (raised from {data['nofile_before'][0]}, {data['nofile_before'][1]})"
+            if data.get("nofile_before") and list(data["nofile_before"]) != list(m["nofile"])
+            else ""
+        ),
+        f"- Event loop of the originator and the recipient: **{data.get('loop', 'asyncio')}**",
         *(
             [
                 "- Runnable processes besides the benchmark before each run: "
@@ -224,7 +287,9 @@ def render(data: Row) -> str:
         ),
         "",
         "Each run: a line-echo originator (`benchmarks/_echo_app.py`) in its own process, N idle",
-        "TCP connections to it opened by the driver, the service moved to a recipient process",
+        "TCP connections to it opened by client processes (`benchmarks/_clients.py`, one per",
+        "25,000 connections unless `--client-procs` says; each connection from a source address",
+        "of its own range, 127.0.0.2 onwards), the service moved to a recipient process",
         f"({RECIPIENTS.get(data.get('recipient', 'library'), '?')}), a sample of the",
         "connections checked to still echo through the recipient. Figures are the median over",
         "the runs with (min..max).",
@@ -291,6 +356,7 @@ def render(data: Row) -> str:
     )
     for size, reason in data.get("skipped", {}).items():
         out += ["", f"N={size} was skipped: {reason}."]
+    out += _goals(data)
 
     if any("originator_gaps" in r for r in data["runs"]):
         out += _felt(data)
@@ -370,8 +436,21 @@ def render(data: Row) -> str:
                 cell([r["originator_memory"]["vmhwm_kb"] for r in runs], 1, 1 / 1024),
                 cell([r["recipient_memory_before"].get("vmrss_kb") for r in runs], 1, 1 / 1024),
                 cell([r["recipient_memory"]["vmhwm_kb"] for r in runs], 1, 1 / 1024),
+                cell([r.get("originator_rss_per_connection") for r in runs], 0),
+                cell([r.get("recipient_rss_per_connection") for r in runs], 0),
+                cell([_rss_ratio(r, {}) for r in runs], 2),
+                cell([r.get("setup_s") for r in runs], 1),
             ]
         )
+    out += [
+        "RSS per connection, in bytes: the **originator**'s VmRSS with every connection held,",
+        "just before TAKE, less its VmRSS serving with none (before the clients connected); the",
+        "**recipient**'s VmRSS once the service started less its VmRSS before it connected",
+        "(which includes loading the app's script, once); each divided by the connections",
+        "held (N and the probes). **setup**: opening the N connections and the probes until",
+        "the originator has accepted them all.",
+        "",
+    ]
     out += _table(
         [
             "N",
@@ -379,6 +458,10 @@ def render(data: Row) -> str:
             "originator peak MB",
             "recipient RSS before connecting MB",
             "recipient peak MB",
+            "originator RSS/conn B",
+            "recipient RSS/conn B",
+            "recipient/originator",
+            "setup s",
         ],
         rows,
     )
@@ -386,6 +469,47 @@ def render(data: Row) -> str:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
     out.append("")
     return "\n".join(out)
+
+
+def _goals(data: Row) -> list[str]:
+    """The section on issue 16's goals, at the sizes that were run (none: no section)."""
+    rows = []
+    for goal in data.get("goals") or goals(data):
+        value, values = goal["value"], goal["values"]
+        rows.append(
+            [
+                f"{goal['connections']:,}",
+                goal["goal"],
+                cell(values, 2) if values else "n/a (not measured)",
+                f"≤ {goal['target']:g}",
+                f"{goal['runs_met']}/{len(values)}",
+                "met" if goal["met"] else ("**not met**" if value is not None else "n/a"),
+            ]
+        )
+    not_run = [
+        f"N={int(size):,} was not run ({reason}): its goals are not measured."
+        for size, reason in data.get("skipped", {}).items()
+        if any(g[0] == int(size) for g in GOALS)
+    ]
+    if not rows and not not_run:
+        return []
+    return [
+        "",
+        "## Goals",
+        "",
+        "Issue 16's goals, each a ratio of two figures of the same run (median over the runs,",
+        "(min..max)); a goal is met when the median is within the target. *Worst probe*:",
+        "the longest echo a probe connection waited for, TAKE to the originator's release",
+        '(see "What a client feels"); *floor (app objects)*: see below; RSS per connection:',
+        'see "Memory".',
+        "",
+        *(
+            _table(["N", "goal", "measured", "target", "runs within", "verdict"], rows)
+            if rows
+            else []
+        ),
+        *[line for text in not_run for line in ("", text)],
+    ]
 
 
 def _felt(data: Row) -> list[str]:
@@ -465,6 +589,7 @@ def write(data: Row, directory: str, name: str = "scale") -> tuple[str, str]:
     """Write ``NAME.json`` and ``NAME.md`` into ``directory``; return their paths."""
     json_path = os.path.join(directory, f"{name}.json")
     md_path = os.path.join(directory, f"{name}.md")
+    data["goals"] = goals(data)
     with open(json_path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")

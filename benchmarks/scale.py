@@ -1,12 +1,15 @@
 """How a move scales with the number of connections, and how far it is from the floor.
 
-    python benchmarks/scale.py [--sizes 1,10,100,1000,10000] [--repeats 5] [--out DIR]
+    python benchmarks/scale.py [--sizes 1,10,100,1000,10000,100000] [--repeats 5] [--out DIR]
+        [--probes 8] [--loop asyncio|uvloop] [--client-procs K]
 
 For each size N and each of R runs: start the originator (``_echo_app.py``, a
-line echo, in its own process), open N idle TCP connections to it from this
-process, move the service to a recipient process (``_recipient.py``, the
-library API timed from inside), check that a sample of the connections still
-echo through the recipient, and collect:
+line echo, in its own process), open N idle TCP connections to it from K
+client processes (``_clients.py``; one per 25,000 connections by default,
+each from its own source addresses 127.0.0.2, 127.0.0.3, ...: one address
+holds at most the ephemeral port range), move the service to a recipient
+process (``_recipient.py``, the library API timed from inside), check that a
+sample of the connections still echo through the recipient, and collect:
 
 * pause: ``pause_ms`` as the recipient reports it (the originator's quiesce to
   the recipient's start, shared monotonic clock),
@@ -14,15 +17,25 @@ echo through the recipient, and collect:
   started,
 * graph bytes, the phases of the move on both sides, and the peak RSS
   (VmHWM) of both processes;
+* RSS per connection: the originator's VmRSS with every connection, just
+  before TAKE, less its VmRSS serving none (before the clients connect); the
+  recipient's VmRSS once the service started less its VmRSS before it
+  connected; each divided by the connections held (N and the probes);
 
 and in the same run the floor (``_floor.py``): passing N + 1 descriptors over
 SCM_RIGHTS between two processes in batches of 253, and pickling and
 unpickling with nothing else the same graph (the server, its transports and
 their protocols), and the N protocol objects alone.
 
-Writes ``DIR/NAME.json`` (every run) and ``DIR/NAME.md`` (see report.py).
-RLIMIT_NOFILE is raised to the hard limit in every process; a size that
-does not fit under the hard limit is skipped and the report says so.
+Writes ``DIR/NAME.json`` (every run) and ``DIR/NAME.md`` (see report.py),
+with the goals of issue 16 met or not (report.goals).
+RLIMIT_NOFILE is raised first, in this process, for the largest size (N, the
+probes and a margin): the soft limit to the hard one, and the hard one too
+where the process may (root, up to /proc/sys/fs/nr_open); every process
+started inherits it. A size that cannot fit is refused before anything runs,
+with the limit named (``--skip-unfit``: skipped, and the report says why).
+``--loop uvloop`` runs the originator and the recipient on uvloop
+($BENCH_LOOP).
 """
 
 from __future__ import annotations
@@ -34,8 +47,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -56,74 +67,181 @@ SAMPLE = 16
 """Connections checked to still echo after each move."""
 
 
-def open_clients(port: int, count: int) -> list[socket.socket]:
-    clients: list[socket.socket] = []
+PER_PROCESS = 25000
+"""Connections per client process by default (``--client-procs 0``)."""
+
+ROUND = 3000
+"""Connections opened at most per round, all client processes together: the
+driver waits for the originator to have accepted them before the next round.
+Under the listen backlog (4096, and net.core.somaxconn): past it the kernel
+drops SYNs, and a client waits a second for its retransmission."""
+
+
+def per_address() -> int:
+    """Connections per source address: three quarters of the ephemeral port range."""
     try:
-        for _ in range(count):
-            clients.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
-    except BaseException:
-        for c in clients:
-            c.close()
-        raise
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return max(100, (high - low + 1) * 3 // 4)
+
+
+def somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 4096
+
+
+def client_procs(count: int, asked: int) -> int:
+    """How many processes hold the ``count`` idle connections: ``asked``, or one per
+    :data:`PER_PROCESS` (at least one)."""
+    if asked > 0:
+        return max(1, min(asked, count)) if count else 1
+    return max(1, -(-count // PER_PROCESS))
+
+
+def open_clients(
+    port: int,
+    control: str,
+    count: int,
+    procs: int,
+    env: dict[str, str],
+    started: list[Proc],
+    addresses: int = 0,
+) -> list[Proc]:
+    """Start ``procs`` client processes (``_clients.py``) and open ``count`` idle
+    connections from them, in rounds of at most :data:`ROUND`, each accepted by the
+    originator at ``control`` before the next; print progress at large sizes."""
+    shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
+    first = [sum(shares[:i]) for i in range(procs)]
+    address = addresses or per_address()
+    clients = []
+    for i in range(procs):
+        proc = Proc(
+            [
+                PYTHON,
+                os.path.join(_common.HERE, "_clients.py"),
+                str(port),
+                "--first",
+                str(first[i]),
+                "--per-address",
+                str(address),
+                "--sample",
+                str(max(1, -(-SAMPLE // procs))),
+                "--timeout",
+                str(TIMEOUT),
+            ],
+            env,
+            stdin=True,
+        )
+        started.append(proc)
+        clients.append(proc)
+    step = max(1, min(ROUND, somaxconn() - 64))
+    opened = [0] * procs
+    total = 0
+    start = time.monotonic()
+    shown = start
+    while total < count:
+        this_round = min(step, count - total)
+        asks = []
+        for i in range(procs):  # the round spread over the processes, in proportion
+            want = min(shares[i] - opened[i], -(-this_round // procs))
+            asks.append(max(0, want))
+        if not any(asks):
+            break
+        for proc, ask in zip(clients, asks):
+            if ask:
+                proc.send_line(f"open {ask}")
+        for i, (proc, ask) in enumerate(zip(clients, asks)):
+            if ask:
+                opened[i] = int(proc.event("opened", TIMEOUT)["count"])
+        total = sum(opened)
+        _common.wait_connections(control, total, TIMEOUT)
+        now = time.monotonic()
+        if count >= 20000 and (now - shown > 2 or total == count):
+            shown = now
+            print(
+                f"  setup: {total}/{count} connections from {procs} client process(es), "
+                f"{now - start:.1f} s ({total / max(now - start, 1e-9):,.0f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if total != count:
+        raise RuntimeError(f"{total} connections opened, not {count}")
     return clients
 
 
-def reset(clients: list[socket.socket]) -> None:
-    """Close ``clients`` with a reset (SO_LINGER 0), leaving no TIME_WAIT behind.
+def check_echo(clients: list[Proc]) -> int:
+    """Each client process sends a line on a sample of its connections and reads it
+    back; return how many were checked."""
+    for proc in clients:
+        proc.send_line("check")
+    return sum(int(proc.event("checked", TIMEOUT)["count"]) for proc in clients)
+
+
+def close_clients(clients: list[Proc]) -> None:
+    """Each client process closes its connections with a reset (SO_LINGER 0), leaving
+    no TIME_WAIT behind, and exits.
 
     A run of 10,000 connections closed the usual way leaves 10,000 sockets in
     TIME_WAIT for 60 s. Five runs in a row pile them up, and their expiry
     runs in the kernel on the CPUs the next moves use: with 100,000 of them a
     10,000-connection pause took 75..100 ms instead of 50.
     """
-    linger = struct.pack("ii", 1, 0)
-    for client in clients:
-        try:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        except OSError:
-            pass
-        client.close()
-    clients.clear()
+    for proc in clients:
+        proc.send_line("quit")
+    for proc in clients:
+        proc.event("closed", TIMEOUT)
+        proc.wait(TIMEOUT)
 
 
-def check_echo(clients: list[socket.socket]) -> int:
-    """Send a line on an even sample of ``clients`` and read it back; return how many."""
-    step = max(1, len(clients) // SAMPLE)
-    sample = clients[::step][:SAMPLE]
-    for i, client in enumerate(sample):
-        line = f"ping {i}\n".encode()
-        client.sendall(line)
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = client.recv(4096)
-            if not chunk:
-                raise RuntimeError(f"connection {i} closed after the move")
-            got += chunk
-        if got != line:
-            raise RuntimeError(f"connection {i} echoed {got!r} for {line!r}")
-    return len(sample)
+def per_connection(before: dict[str, int], after: dict[str, int], count: int) -> float | None:
+    """Bytes of RSS per connection between two readings of VmRSS (kB)."""
+    if not count or "vmrss_kb" not in before or "vmrss_kb" not in after:
+        return None
+    return (after["vmrss_kb"] - before["vmrss_kb"]) * 1024 / count
 
 
-def run_move(count: int, recipient_kind: str = "library", probes: int = 0) -> dict[str, Any]:
+def run_move(
+    count: int,
+    recipient_kind: str = "library",
+    probes: int = 0,
+    loop: str = "asyncio",
+    procs_asked: int = 0,
+    addresses: int = 0,
+) -> dict[str, Any]:
     """One move of a service with ``count`` idle connections.
 
     ``recipient_kind``: ``library`` (``_recipient.py``, timed from inside) or
     ``cli`` (``python -m takeover take --json``: pause and graph only).
     ``probes``: besides them, that many connections from ``_probe.py`` each
     sending a line every millisecond and timing its echo, through the move.
+    ``loop``: the event loop of the originator and the recipient.
+    ``procs_asked``: client processes holding the idle connections (0: by size).
+    ``addresses``: connections per source address (0: :func:`per_address`).
     """
     workdir = tempfile.mkdtemp(prefix="tkb", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
     procs: list[Proc] = []
-    clients: list[socket.socket] = []
+    clients: list[Proc] = []
+    env = {"BENCH_LOOP": loop}
+    nprocs = client_procs(count, procs_asked)
     try:
         originator = Proc(
-            [PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control]
+            [PYTHON, os.path.join(_common.HERE, "_echo_app.py"), "--control", control], env
         )
         procs.append(originator)
-        port = int(originator.event("ready", TIMEOUT)["port"])
+        ready = originator.event("ready", TIMEOUT)
+        port = int(ready["port"])
+        if ready.get("loop") != loop:
+            raise RuntimeError(f"the originator runs on {ready.get('loop')}, not {loop}")
+        empty = _common.proc_memory(originator.pid)  # serving, no connection yet
         setup = time.monotonic()
-        clients = open_clients(port, count)
+        if count:
+            clients = open_clients(port, control, count, nprocs, env, procs, addresses)
         probe = None
         if probes:
             probe = Proc(
@@ -140,18 +258,21 @@ def run_move(count: int, recipient_kind: str = "library", probes: int = 0) -> di
             probe.event("ready", TIMEOUT)
         _common.wait_connections(control, count + probes, TIMEOUT)
         setup_s = time.monotonic() - setup
-        idle = _common.proc_memory(originator.pid)
+        idle = _common.proc_memory(originator.pid)  # every connection held, before TAKE
         if recipient_kind == "cli":
-            argv = [PYTHON, "-m", "takeover", "take", "--json", control]
+            argv = [PYTHON, "-m", "takeover", "take", "--json", "--loop", loop, control]
         else:
             argv = [PYTHON, os.path.join(_common.HERE, "_recipient.py"), control]
-        recipient = Proc(argv, stdin=True)
+        recipient = Proc(argv, env, stdin=True)
         procs.append(recipient)
         taken = recipient.event("taken", TIMEOUT)
         if taken["connections"] != count + probes:
             raise RuntimeError(f"{taken['connections']} connections moved, not {count + probes}")
+        if taken.get("loop", loop) != loop:
+            raise RuntimeError(f"the recipient runs on {taken.get('loop')}, not {loop}")
         checked = check_echo(clients)
-        reset(clients)
+        close_clients(clients)
+        clients = []
         gone = originator.event("exit", TIMEOUT)
         samples: list[list[float]] = []
         if probe is not None:
@@ -171,12 +292,17 @@ def run_move(count: int, recipient_kind: str = "library", probes: int = 0) -> di
     finally:
         for proc in procs:
             proc.kill()
-        reset(clients)
         shutil.rmtree(workdir, ignore_errors=True)
     marks = gone["marks"]
+    held = count + probes
+    before_take = taken.get("memory_before", {})
+    after_take = taken.get("memory_after", {})
     return {
         "connections": count,
         "probes": probes,
+        "loop": loop,
+        "client_procs": nprocs if count else 0,
+        "source_addresses": -(-count // (addresses or per_address())),
         "probe": report.probe_summary(samples, marks) if probe is not None else None,
         "originator_gaps": report.gaps_near(gone.get("gaps", []), marks),
         "recipient_gaps": report.gaps_near(taken.get("gaps", []), marks),
@@ -192,10 +318,17 @@ def run_move(count: int, recipient_kind: str = "library", probes: int = 0) -> di
         "originator_marks": gone["marks"],
         "recipient_marks": taken.get("marks", {}),
         "recipient_started": taken.get("started"),
+        "originator_empty_memory": empty,
         "originator_idle_memory": idle,
         "originator_memory": gone["memory"],
-        "recipient_memory_before": taken.get("memory_before", {}),
+        "recipient_memory_before": before_take,
+        "recipient_memory_after": after_take,
         "recipient_memory": ended["memory"],
+        # RSS per connection held (the N idle ones and the probes), bytes:
+        # originator: with every connection, before TAKE, less serving with none;
+        # recipient: the service started, less before it connected.
+        "originator_rss_per_connection": per_connection(empty, idle, held),
+        "recipient_rss_per_connection": per_connection(before_take, after_take, held),
     }
 
 
@@ -273,6 +406,33 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="probe connections timing an echo every ms through the move (0: none)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=_common.LOOPS,
+        default="asyncio",
+        help="the event loop of the originator and the recipient (uvloop: CPython only)",
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        metavar="K",
+        help=f"processes holding the idle connections, N/K each "
+        f"(default 0: one per {PER_PROCESS:,} connections)",
+    )
+    parser.add_argument(
+        "--per-address",
+        type=int,
+        default=0,
+        metavar="M",
+        help="idle connections per source address (default 0: three quarters of the "
+        "ephemeral port range)",
+    )
+    parser.add_argument(
+        "--skip-unfit",
+        action="store_true",
+        help="skip (and report) a size RLIMIT_NOFILE cannot hold instead of refusing to run",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument(
         "--quiet-wait",
@@ -282,7 +442,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    _soft, hard = _common.raise_nofile()
+    if args.loop == "uvloop":
+        import importlib.util
+
+        if importlib.util.find_spec("uvloop") is None:
+            parser.error(
+                f"--loop uvloop: uvloop is not installed in {sys.executable} "
+                "(pip install 'takeover[uvloop]'; CPython only)"
+            )
+    # The originator and the recipient each hold every connection (and the
+    # probes): raise RLIMIT_NOFILE here, before anything starts, for the largest
+    # size; every process started inherits it. Refused here, nothing has run.
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    skipped: dict[str, str] = {}
+
+    def need(count: int) -> int:
+        return count + args.probes + _common.FD_MARGIN
+
+    try:
+        _common.nofile_for(need(max(sizes, default=0)))
+    except SystemExit as e:
+        if not args.skip_unfit:
+            parser.exit(2, f"{parser.prog}: error: N={max(sizes)}: {e}\n")
+        for count in sizes:
+            try:
+                _common.nofile_for(need(count))
+            except SystemExit as refused:
+                skipped[str(count)] = str(refused)
+                print(f"N={count}: skipped: {refused}", file=sys.stderr, flush=True)
     if args.gc_off:
         os.environ["BENCH_GC_OFF"] = "1"
     command = args.command or " ".join(
@@ -292,26 +479,26 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
+        "nofile_before": list(nofile),
         "repeats": args.repeats,
         "recipient": args.recipient,
+        "loop": args.loop,
         "gc_off": args.gc_off,
         "probes": args.probes,
         "quiet_wait": args.quiet_wait,
         "sizes": sizes,
-        "skipped": {},
+        "skipped": skipped,
         "runs": [],
         "floors": [],
     }
     for count in sizes:
-        need = count + _common.FD_MARGIN
-        if hard != resource.RLIM_INFINITY and need > hard:
-            reason = f"RLIMIT_NOFILE hard limit {hard} is below the {need} descriptors needed"
-            print(f"N={count}: skipped: {reason}", file=sys.stderr, flush=True)
-            data["skipped"][str(count)] = reason
+        if str(count) in skipped:
             continue
         for repeat in range(args.repeats):
             quiet = _common.wait_quiet(args.quiet_wait)
-            move = run_move(count, args.recipient, args.probes)
+            move = run_move(
+                count, args.recipient, args.probes, args.loop, args.client_procs, args.per_address
+            )
             move["quiet"] = quiet
             floor = run_floor(count)
             data["runs"].append(move)
@@ -322,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"N={count} run {repeat + 1}/{args.repeats}: pause {move['pause_ms']:.3f} ms, "
                 f"take {move['take_ms'] or 0:.3f} ms, graph {move['graph_bytes']} B, "
                 f"floor {graph_floor:.3f} ms (same graph), {app_floor:.3f} ms (app objects); "
-                f"{report.stall_line(move)}",
+                f"{report.stall_line(move)}; setup {move['setup_s']:.1f} s "
+                f"({move['client_procs']} client process(es)); {report.rss_line(move)}",
                 file=sys.stderr,
                 flush=True,
             )

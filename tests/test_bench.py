@@ -7,8 +7,10 @@ leaves no process behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -110,6 +112,82 @@ def test_scale_quick_path(workdir: str) -> None:
     assert all(run["echo_checked"] >= 1 for run in data["runs"])
     # The probes were moved with the idle connections, and answered through the move.
     assert all(run["probes"] == 8 and run["probe"]["lines_in_move"] > 0 for run in data["runs"])
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_scale_client_processes_rss_and_loop(workdir: str, loop: str) -> None:
+    """200 connections from 2 client processes over 4 source addresses, on either
+    event loop: moved, checked, RSS per connection measured on both sides."""
+    if loop == "uvloop":
+        if platform.python_implementation() != "CPython":
+            pytest.skip(f"uvloop does not run on {platform.python_implementation()}")
+        if importlib.util.find_spec("uvloop") is None:
+            pytest.fail("uvloop is not installed on CPython: make venv (the uvloop extra)")
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    args = ["--sizes", "200", "--repeats", "1", "--client-procs", "2", "--per-address", "50"]
+    args += ["--loop", loop, "--quiet-wait", "0", "--out", workdir]
+    _run("scale.py", args, tag)
+
+    with open(os.path.join(workdir, "scale.json")) as f:
+        data = json.load(f)
+    assert data["loop"] == loop
+    (run,) = data["runs"]
+    assert run["connections"] == 200 and run["loop"] == loop
+    assert run["client_procs"] == 2 and run["source_addresses"] == 4
+    assert run["echo_checked"] >= 2  # a sample from each client process
+    assert run["setup_s"] > 0
+    assert run["originator_rss_per_connection"] > 0
+    assert run["recipient_rss_per_connection"] > 0
+    assert data["goals"] == []  # no goal at 200 connections
+
+    with open(os.path.join(workdir, "scale.md")) as f:
+        markdown = f.read()
+    assert f"Event loop of the originator and the recipient: **{loop}**" in markdown
+    assert "## Goals" not in markdown
+    header, rows = _table(markdown, "Memory")
+    assert [row[0] for row in rows] == ["200"]
+    for name in ("originator RSS/conn B", "recipient RSS/conn B", "recipient/originator"):
+        assert _number(rows[0][header.index(name)]) > 0
+
+    # The goals at 10,000 and 100,000 connections, on this run's figures as if
+    # it had been of those sizes: one row each, with a verdict, met or not.
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", os.path.join(ROOT, "benchmarks", "report.py")
+    )
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for size in (10000, 100000):
+        for row in data["runs"] + data["floors"]:
+            row["connections"] = size
+        data["sizes"] = [size]
+        data.pop("goals", None)
+        goals = report.goals(data)
+        assert [g["connections"] for g in goals] == [size, size]
+        assert all(g["value"] > 0 and g["met"] == (g["value"] <= g["target"]) for g in goals)
+        header, rows = _table(report.render(data), "Goals")
+        assert len(rows) == 2
+        assert {row[header.index("verdict")] for row in rows} <= {"met", "**not met**"}
+
+
+def test_scale_refuses_a_size_no_process_may_hold(workdir: str) -> None:
+    """More descriptors than /proc/sys/fs/nr_open: refused before anything runs, the
+    limit named; with --skip-unfit the size is skipped and the report says why."""
+    with open("/proc/sys/fs/nr_open") as f:
+        nr_open = int(f.read())
+    args = [SCALE, "--sizes", str(nr_open), "--repeats", "1", "--out", workdir]
+    result = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert f"/proc/sys/fs/nr_open = {nr_open}" in result.stderr
+    assert not os.listdir(workdir)
+
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    _run("scale.py", [*args[1:], "--skip-unfit", "--quiet-wait", "0"], tag)
+    with open(os.path.join(workdir, "scale.json")) as f:
+        data = json.load(f)
+    assert data["runs"] == [] and "nr_open" in data["skipped"][str(nr_open)]
 
 
 def _run(script: str, args: list[str], tag: str) -> None:
