@@ -22,10 +22,14 @@ import sys
 import _common
 
 import takeover.asyncio as takeover
+from takeover import UnpicklePolicy
 
 
 async def main(control: str) -> int:
     loop = asyncio.get_running_loop()
+    # Started ahead: what the take imports (the unpickling policy's vetted modules,
+    # sysconfig) is imported now, not on the service's CPU during the move.
+    UnpicklePolicy().prepare()
     _common.emit("ready", pid=os.getpid())
     line = await loop.run_in_executor(None, sys.stdin.readline)
     if line.strip() != "go":
