@@ -123,6 +123,10 @@ bench: $(BENCH_STAMP) bytecode
 		--skip-unfit --loop uvloop --name scale-uvloop --command "make bench"
 	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 \
 		--name load --command "make bench"
+	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 --move-every 0.7 \
+		--modes steady,moving,moving_starts --name load-0.7s --command "make bench"
+	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 --loop asyncio,uvloop \
+		--modes steady,moving --name load-uvloop --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 5 \
 		--name sidebyside --command "make bench"
 	$(BIN)/python benchmarks/sidebyside.py --server streams --repeats 5 \
@@ -143,6 +147,12 @@ bench-quick: $(BENCH_STAMP) bytecode
 		--loop uvloop --name scale-uvloop-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 2 --quiet-wait 1 \
 		--name load-quick --command "make bench-quick"
+	$(BIN)/python benchmarks/load.py --duration 2.1 --warmup 1 --repeats 1 --quiet-wait 1 \
+		--move-every 0.7 --modes steady,moving,moving_starts --name load-0.7s-quick \
+		--command "make bench-quick"
+	$(BIN)/python benchmarks/load.py --duration 2 --warmup 1 --repeats 1 --quiet-wait 1 \
+		--loop asyncio,uvloop --modes steady,moving --name load-uvloop-quick \
+		--command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --repeats 2 --drain 0.5 --warmup 0.5 --cooldown 1 \
 		--quiet-wait 1 --name sidebyside-quick --command "make bench-quick"
 	$(BIN)/python benchmarks/sidebyside.py --server streams --repeats 2 --drain 0.5 \

@@ -349,3 +349,42 @@ def series(samples: list[tuple[float, float]], t0: float, duration: float) -> di
         peak.append(round(values[-1] * 1000, 4))
         count.append(len(values))
     return {"bin_s": BIN_S, "t": t, "p50_ms": p50, "max_ms": peak, "count": count}
+
+
+# -- CPU time of the processes of a run ---------------------------------------------
+
+
+def cpu_ns(pid: int) -> int | None:
+    """CPU time (ns) ``pid`` has used so far: the sum of its threads' ``schedstat``.
+
+    Nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks. A process that
+    exited but is not reaped yet (a zombie) still has its main thread's total
+    there (its other threads' are gone with them); None once it is reaped.
+    """
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def cpu_times(cpus: Sequence[int]) -> dict[str, float]:
+    """Busy and total seconds so far of ``cpus`` (all of them if empty), from /proc/stat."""
+    names = {f"cpu{c}" for c in cpus} if cpus else {"cpu"}
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] in names:
+                ticks = [int(v) for v in fields[1:]]
+                total += sum(ticks[:8])  # guest time is counted in user already
+                busy += sum(ticks[:8]) - ticks[3] - ticks[4]  # not idle, not iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"busy_s": busy / hz, "total_s": total / hz}

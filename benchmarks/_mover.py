@@ -1,6 +1,6 @@
 """A recipient started ahead of time: takes every service at CONTROL when told to.
 
-    python benchmarks/_mover.py CONTROL
+    python benchmarks/_mover.py CONTROL [--loop asyncio|uvloop]
 
 What ``takeover take --json CONTROL`` does, through the same library function
 (``takeover.asyncio.take_and_serve``), with the process start and the imports
@@ -8,11 +8,13 @@ done before the move: prints ``{"event": "ready"}``, waits for a line ``go``
 on stdin, then takes every service, publishes them again at CONTROL and
 prints ``{"event": "taken", ...}`` per service and ``{"event": "serving",
 ...}``. It serves until its services have moved on (then exits 0) or until
-SIGINT/SIGTERM (then closes them).
+SIGINT/SIGTERM (then closes them). ``--loop uvloop`` runs it on uvloop
+(``uvloop.run``, as ``takeover take --loop uvloop`` does).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -20,10 +22,14 @@ import sys
 import _common
 
 import takeover.asyncio as takeover
+from takeover import UnpicklePolicy
 
 
 async def main(control: str) -> int:
     loop = asyncio.get_running_loop()
+    # Started ahead: what the take imports (the unpickling policy's vetted modules,
+    # sysconfig) is imported now, not on the service's CPU during the move.
+    UnpicklePolicy().prepare()
     _common.emit("ready", pid=os.getpid())
     line = await loop.run_in_executor(None, sys.stdin.readline)
     if line.strip() != "go":
@@ -40,5 +46,13 @@ async def main(control: str) -> int:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("control")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
     _common.setup_process()
-    sys.exit(asyncio.run(main(sys.argv[1])))
+    if args.loop == "uvloop":
+        import uvloop
+
+        sys.exit(uvloop.run(main(args.control)))
+    sys.exit(asyncio.run(main(args.control)))

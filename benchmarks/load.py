@@ -49,6 +49,8 @@ from harness.procs import PYTHON, ExpectError, Proc, free_port
 
 EXAMPLES = os.path.join(_common.ROOT, "examples")
 CLIENT = os.path.join(_common.HERE, "_client.py")
+UVLOOP_LAUNCHER = os.path.join(_common.HERE, "_on_uvloop.py")
+LOOPS = ("asyncio", "uvloop")
 TIMEOUT = 60.0
 MODES = ("steady", "moving", "starts", "moving_starts")
 MODE_NAMES = {
@@ -71,15 +73,33 @@ MOVERS = {
 }
 
 
-def take_argv(control: str) -> list[str]:
-    return [PYTHON, "-m", "takeover", "take", "--json", control]
+def take_argv(control: str, loop: str = "asyncio") -> list[str]:
+    return [PYTHON, "-m", "takeover", "take", "--loop", loop, "--json", control]
 
 
-def start_app(app: str, port: int, control: str) -> Proc:
-    script = {"echo": "echo.py", "http": "http_counter.py"}[app]
-    argv = [PYTHON, os.path.join(EXAMPLES, script)]
+def on_uvloop(pid: int) -> bool:
+    """Whether process ``pid`` has uvloop's event loop module loaded."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "/uvloop/loop." in f.read()
+
+
+def check_loop(proc: Proc, loop: str, role: str) -> None:
+    """A run says which loop it measured: make sure that is the loop ``proc`` runs."""
+    if on_uvloop(proc.pid) != (loop == "uvloop"):
+        raise RuntimeError(
+            f"the {role} (pid {proc.pid}, {' '.join(proc.argv[1:3])}) "
+            f"{'does not run' if loop == 'uvloop' else 'runs'} on uvloop, "
+            f"but the run is --loop {loop}"
+        )
+
+
+def start_app(app: str, port: int, control: str, loop: str = "asyncio") -> Proc:
+    script = os.path.join(EXAMPLES, {"echo": "echo.py", "http": "http_counter.py"}[app])
+    # The example unchanged; on uvloop through a launcher that sets uvloop's policy.
+    argv = [PYTHON, script] if loop == "asyncio" else [PYTHON, UVLOOP_LAUNCHER, script]
     proc = Proc([*argv, "--port", str(port), "--control", control], cpus=PIN["server"])
     proc.expect("^" + re.escape(f"{app} on "), TIMEOUT)
+    check_loop(proc, loop, "server")
     return proc
 
 
@@ -105,13 +125,51 @@ def check_hits(hits: list[int]) -> dict[str, int]:
     }
 
 
-def mover_argv(control: str) -> list[str]:
-    return [PYTHON, os.path.join(_common.HERE, "_mover.py"), control]
+def mover_argv(control: str, loop: str = "asyncio") -> list[str]:
+    return [PYTHON, os.path.join(_common.HERE, "_mover.py"), control, "--loop", loop]
 
 
-def spare(control: str) -> Proc:
+def spare(control: str, loop: str = "asyncio") -> Proc:
     """A recipient started ahead (``_mover.py``), waiting to be told to take."""
-    return Proc(mover_argv(control), stdin=True, cpus=PIN["server"])
+    return Proc(mover_argv(control, loop), stdin=True, cpus=PIN["server"])
+
+
+CPU_STATES = ("serving", "recipient_start", "recipient_take", "originator_move", "old_after")
+"""What a server-side process is doing, for the split of the server CPUs' time:
+holding the service (``serving``); a recipient from its start (or the run's) until
+told to take (``recipient_start``), then until it serves (``recipient_take``); the
+holder from its successor's go until that one serves (``originator_move``: the dry
+run, the sockets sent ahead, the pause, and serving its clients until the pause),
+then until the end of the run (``old_after``: its release and exit)."""
+
+
+class CpuLog:
+    """CPU time (``/proc/PID/task/*/schedstat``, ns) of the server-side processes of a
+    run, each charged to the state it was in between two samples."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(CPU_STATES, 0.0)
+        self.last: dict[int, tuple[int, str]] = {}
+
+    def new(self, pid: int, state: str) -> None:
+        """A process started during the run: it had used nothing yet."""
+        self.last[pid] = (0, state)
+
+    def switch(self, pid: int, state: str | None) -> None:
+        """Sample ``pid`` and charge its CPU since the last sample to its previous
+        state; None: stop following it."""
+        now = _common.cpu_ns(pid)
+        before = self.last.pop(pid, None)
+        if now is None:
+            return
+        if before is not None:
+            self.ms[before[1]] += (now - before[0]) / 1e6
+        if state is not None:
+            self.last[pid] = (now, state)
+
+    def close(self) -> None:
+        for pid in list(self.last):
+            self.switch(pid, None)
 
 
 def run_load(
@@ -122,6 +180,7 @@ def run_load(
     move_every: float,
     mover: str = "library",
     warmup: float = 0.0,
+    loop: str = "asyncio",
 ) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="tkl", dir="/tmp")
     control = os.path.join(workdir, "c.sock")
@@ -132,9 +191,26 @@ def run_load(
     failures: list[str] = []
     spares: list[Proc] = []
     ready: set[int] = set()
+    cpu = CpuLog()
+    started_here: set[int] = set()
+
+    def new_spare() -> Proc:
+        proc = spare(control, loop)
+        if t0 is not None:  # started during the run
+            cpu.new(proc.pid, "recipient_start")
+            started_here.add(proc.pid)
+        return proc
+
+    def make_ready(proc: Proc) -> None:
+        if proc.pid not in ready:
+            proc.event("ready", TIMEOUT)
+            ready.add(proc.pid)
+            check_loop(proc, loop, "recipient")
+
+    t0: float | None = None
     try:
         port = free_port()
-        holders.append(start_app(app, port, control))
+        holders.append(start_app(app, port, control, loop))
         client = Proc(
             [
                 PYTHON,
@@ -166,16 +242,21 @@ def run_load(
         # starting Python slowly does not hold up the moves.
         replenish = mode in ("starts", "moving_starts") and mover != "cli"
         if replenish:
-            spares = [spare(control) for _ in range(SPARES)]
+            spares = [new_spare() for _ in range(SPARES)]
         elif moving and mover != "cli":
             # moving: every recipient of the run is started before it begins.
-            spares = [spare(control) for _ in range(int(duration / move_every) + 1)]
+            spares = [new_spare() for _ in range(int(duration / move_every) + 1)]
         for proc in spares:
-            proc.event("ready", TIMEOUT)
-            ready.add(proc.pid)
+            make_ready(proc)
         load_before = os.getloadavg()
         client.send_line("go")
         t0 = float(client.event("started", TIMEOUT)["t0"])
+        # From here, the CPU time of every server-side process, and of the server CPUs.
+        cpus_before = _common.cpu_times(PIN["server"])
+        driver_before = os.times()
+        cpu.switch(holders[0].pid, "serving")
+        for proc in spares:
+            cpu.switch(proc.pid, "recipient_start")
         if mode != "steady":
             k = 1
             while True:
@@ -188,29 +269,36 @@ def run_load(
                 if mode == "starts":
                     # The control: the same processes started, and stopped unused.
                     proc = spares.pop(0)
-                    if proc.pid not in ready:
-                        proc.event("ready", TIMEOUT)
+                    make_ready(proc)
+                    cpu.switch(proc.pid, None)
                     proc.kill()
-                    spares.append(spare(control))
+                    spares.append(new_spare())
                     k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
                     continue
                 try:
+                    originator = holders[-1]
                     if mover == "cli":
                         start = time.monotonic()
-                        proc = Proc(take_argv(control), cpus=PIN["server"])
+                        proc = Proc(take_argv(control, loop), cpus=PIN["server"])
+                        cpu.new(proc.pid, "recipient_take")
                         holders.append(proc)
                     else:
                         # (Started here only if the run outlasts the recipients
                         # started for it.)
-                        proc = spares.pop(0) if spares else spare(control)
+                        proc = spares.pop(0) if spares else new_spare()
                         holders.append(proc)
-                        if proc.pid not in ready:
-                            proc.event("ready", TIMEOUT)
+                        make_ready(proc)
+                        cpu.switch(proc.pid, "recipient_take")
                         start = time.monotonic()
                         proc.send_line("go")
+                    cpu.switch(originator.pid, "originator_move")
                     taken = proc.event("taken", TIMEOUT)
                     taken_at = time.monotonic()
                     proc.event("serving", TIMEOUT)
+                    cpu.switch(proc.pid, "serving")
+                    cpu.switch(originator.pid, "old_after")
+                    if mover == "cli":
+                        check_loop(proc, loop, "recipient")
                 except ExpectError as exc:
                     failures.append(str(exc))
                     break
@@ -220,7 +308,7 @@ def run_load(
                         f"{connections} connections"
                     )
                 if replenish:
-                    spares.append(spare(control))
+                    spares.append(new_spare())
                 moves.append(
                     {
                         "start": start - t0,
@@ -232,8 +320,14 @@ def run_load(
                 )
                 k = max(k + 1, int((time.monotonic() - t0) / move_every) + 1)
         for proc in spares:
+            cpu.switch(proc.pid, None)
             proc.kill()
         done = client.event("done", duration + TIMEOUT)
+        # The end of the run: every process the service left has exited by now
+        # (not reaped yet: a zombie still has its CPU time).
+        cpu.close()
+        cpus_after = _common.cpu_times(PIN["server"])
+        driver_after = os.times()
         client.send_line("close")  # the moves are over: the connections may go
         client.wait(TIMEOUT)
         last = holders[-1]
@@ -278,6 +372,16 @@ def run_load(
         "latency": latency_stats(latencies),
         "latency_across_pause": latency_stats(in_pause),
         "moves": moves,
+        "loop": loop,
+        "cpu": {
+            "split_ms": cpu.ms,
+            "server_cpus_busy_s": cpus_after["busy_s"] - cpus_before["busy_s"],
+            "server_cpus_total_s": cpus_after["total_s"] - cpus_before["total_s"],
+            "server_cpus": PIN["server"],
+            "driver_s": (driver_after.user + driver_after.system)
+            - (driver_before.user + driver_before.system),
+            "recipients_started_in_run": len(started_here),
+        },
         "failures": failures,
         "loadavg": [load_before, os.getloadavg()],
         "series": series(samples, t0, duration),
@@ -316,10 +420,196 @@ def pairs(
     data: dict[str, Any], app: str, mode: str = "moving", base: str = "steady"
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(base, mode) runs of one app from the same repeat."""
-    runs = [r for r in data["runs"] if r["app"] == app]
+    runs = [r for r in data["runs"] if variant(r) == app]
     first = {r["repeat"]: r for r in runs if r["mode"] == base}
     second = [r for r in runs if r["mode"] == mode and r["repeat"] in first]
     return [(first[r["repeat"]], r) for r in second]
+
+
+def variant(run: dict[str, Any]) -> str:
+    """The app, and the loop if it is not asyncio's own: what the tables' rows are of."""
+    loop = run.get("loop", "asyncio")
+    return str(run["app"]) if loop == "asyncio" else f"{run['app']} ({loop})"
+
+
+def variants(data: dict[str, Any]) -> list[str]:
+    """Rows in the order of the run: each app on each loop."""
+    return list(dict.fromkeys(variant(r) for r in data["runs"]))
+
+
+GOALS = (
+    # (key, what, the runs, the figure, at most or at least, target)
+    ("p99", "p99 moving / steady", "moving", "p99_ms", "<=", 2.0),
+    ("rps", "requests/s moving / steady", "moving", "throughput_rps", ">=", 0.9),
+)
+GOAL_CONDITIONS = {"connections": 100, "move_every": 0.2}
+"""Where the goals are set (issue 16): 100 clients, a move every 200 ms, recipients
+started before the moves."""
+
+
+def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal for each app and loop: the median over the repeats of the ratio
+    moving / steady taken within each repeat, the target, and whether it is met."""
+    rows = []
+    for app in variants(data):
+        for key, what, mode, figure, sense, target in GOALS:
+            ratios = []
+            for steady, moving in pairs(data, app, mode):
+                if figure == "throughput_rps":
+                    ratios.append(moving[figure] / steady[figure])
+                else:
+                    ratios.append(moving["latency"][figure] / steady["latency"][figure])
+            if not ratios:
+                continue
+            measured = statistics.median(ratios)
+            met = measured <= target if sense == "<=" else measured >= target
+            rows.append(
+                {
+                    "app": app,
+                    "goal": key,
+                    "what": what,
+                    "measured": round(measured, 3),
+                    "range": [round(min(ratios), 3), round(max(ratios), 3)],
+                    "target": f"{sense} {target:g}",
+                    "met": met,
+                }
+            )
+    return rows
+
+
+def render_goals(data: dict[str, Any]) -> list[str]:
+    out = ["## Goals", ""]
+    conditions = {k: data.get(k) for k in GOAL_CONDITIONS}
+    out += [
+        "Issue 16's goals, under load (100 clients, a move every 200 ms, recipients started",
+        "before the moves): each the median over the repeats of the ratio moving / steady",
+        "taken within one repeat (the two runs side by side, a minute apart at most).",
+    ]
+    if conditions != GOAL_CONDITIONS:
+        out += [
+            f"This run is not at the goals' conditions ({data['connections']} clients, a move",
+            f"every {data['move_every'] * 1000:.0f} ms): the same ratios, for comparison only.",
+        ]
+    rows = [
+        [
+            g["app"],
+            g["what"],
+            f"{g['measured']:.2f} ({g['range'][0]:.2f}..{g['range'][1]:.2f})",
+            g["target"],
+            "met" if g["met"] else "**not met**",
+        ]
+        for g in data.get("goals") or goals(data)
+    ]
+    return [*out, "", *_table(["app", "goal", "measured", "target", "met"], rows), ""]
+
+
+def render_cpu(data: dict[str, Any]) -> list[str]:
+    """Where the server CPUs' time went in each kind of run (median over the repeats)."""
+    runs = [r for r in data["runs"] if r.get("cpu")]
+    if not runs:
+        return []
+    out = [
+        "## Where the server CPUs' time goes",
+        "",
+        "CPU time of every server-side process (`/proc/PID/task/*/schedstat`, from the",
+        "client's start to its end), each charged to what the process was doing:",
+        "*serving* (holding the service), *recipients started* (a recipient from its start,",
+        "or the run's, until told to take: starting Python and importing, or waiting idle),",
+        "*recipient take* (told to take → its `serving` line: connecting, receiving the",
+        "sockets sent ahead and building them, the graph, unpickling, starting),",
+        "*originator in move* (the holder from its successor's go to the successor's",
+        "`serving` line: the dry run, the sockets sent ahead, the pause, and serving its",
+        "clients until the pause), *old process after* (the holder the service left, from",
+        "the successor's `serving` to its exit: release, exit). *Other on the server CPUs*:",
+        "the server CPUs' busy time (/proc/stat) less all of the above: the benchmark's",
+        "driver when the scheduler puts it there, the kernel, other work on a shared",
+        "machine. *Overhead per move*: the server processes' CPU less the run's requests at",
+        "the steady run's CPU per request, divided by the moves.",
+        "",
+    ]
+    rows = []
+    for app in variants(data):
+        steady_per_request = {
+            r["repeat"]: sum(r["cpu"]["split_ms"].values()) / r["completed"]
+            for r in runs
+            if variant(r) == app and r["mode"] == "steady" and r["completed"]
+        }
+        for mode in MODES:
+            group = [r for r in runs if variant(r) == app and r["mode"] == mode]
+            if not group:
+                continue
+
+            def pct(value: Any, group: list[dict[str, Any]] = group) -> str:
+                return cell([value(r) * 100 for r in group], 0)
+
+            def wall(r: dict[str, Any]) -> float:
+                c = r["cpu"]
+                return float(c["server_cpus_total_s"]) / max(1, len(c["server_cpus"]) or 1) * 1000
+
+            def per_move(state: str, group: list[dict[str, Any]] = group) -> str:
+                values = [
+                    r["cpu"]["split_ms"][state] / len(r["moves"]) for r in group if r["moves"]
+                ]
+                return cell(values, 1) if values else ""
+
+            def overhead(
+                r: dict[str, Any], steady_per_request: dict[int, float] = steady_per_request
+            ) -> float | None:
+                base = steady_per_request.get(r["repeat"])
+                if base is None or not r["moves"]:
+                    return None
+                ours = sum(r["cpu"]["split_ms"].values())
+                return (ours - base * r["completed"]) / len(r["moves"])
+
+            rows.append(
+                [
+                    app,
+                    MODE_NAMES[mode],
+                    pct(lambda r: r["cpu"]["server_cpus_busy_s"] * 1000 / wall(r)),
+                    pct(lambda r: r["cpu"]["split_ms"]["serving"] / wall(r)),
+                    pct(lambda r: r["cpu"]["split_ms"]["recipient_start"] / wall(r)),
+                    per_move("recipient_take"),
+                    per_move("originator_move"),
+                    per_move("old_after"),
+                    pct(
+                        lambda r: (
+                            (
+                                r["cpu"]["server_cpus_busy_s"] * 1000
+                                - sum(r["cpu"]["split_ms"].values())
+                            )
+                            / wall(r)
+                        )
+                    ),
+                    pct(lambda r: r["cpu"]["driver_s"] * 1000 / wall(r)),
+                    cell(
+                        [
+                            r["cpu"]["split_ms"]["serving"] * 1000 / r["completed"]
+                            for r in group
+                            if r["completed"]
+                        ],
+                        1,
+                    ),
+                    cell([overhead(r) for r in group], 1) if mode != "steady" else "",
+                ]
+            )
+    out += _table(
+        [
+            "app",
+            "run",
+            "server CPUs busy %",
+            "serving %",
+            "recipients started %",
+            "recipient take ms / move",
+            "originator in move ms / move",
+            "old process after ms / move",
+            "other on the server CPUs %",
+            "benchmark driver % (any CPU)",
+            "serving µs / request",
+            "overhead per move ms",
+        ],
+        rows,
+    )
+    return [*out, ""]
 
 
 def runnable(data: dict[str, Any]) -> str:
@@ -331,6 +621,17 @@ def loadavg(data: dict[str, Any]) -> str:
     """The 1-minute load average at the start of the runs: the machine is shared."""
     values = [r["loadavg"][0][0] for r in data["runs"] if r.get("loadavg")]
     return cell(values, 2) + " (median, (min..max))" if values else "n/a"
+
+
+def loops_line(data: dict[str, Any]) -> str:
+    loops = data.get("loops", ["asyncio"])
+    names = {
+        "asyncio": "asyncio's own",
+        "uvloop": "uvloop (the app through `benchmarks/_on_uvloop.py`, the recipients "
+        "`_mover.py --loop uvloop`; checked in /proc/PID/maps)",
+    }
+    text = "; ".join(names[loop] for loop in loops)
+    return text + (" — each repeat runs every app on each loop in turn" if len(loops) > 1 else "")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -349,6 +650,7 @@ def render(data: dict[str, Any]) -> str:
         f"- Runnable processes besides the benchmark at the start of each run: {runnable(data)}"
         f" (each run waited up to {data.get('quiet_wait', 0):g} s for fewer than the CPUs)",
         f"- Processes {data.get('pinning', 'not pinned')}",
+        f"- Event loop of the servers and recipients: {loops_line(data)}",
         "",
         f"Each repeat, for each app, {len(data.get('modes', MODES))} runs of "
         f"{data['duration']:g} s back to back, the same",
@@ -377,7 +679,8 @@ def render(data: dict[str, Any]) -> str:
         "  processes the service left.",
         "- **starts only**: a control: recipient processes started at the moves' rate (one every",
         f"  {data['move_every']:g} s, three ahead) and stopped unused, while the service stays:",
-        "  what starting Python five times a second on the server's CPU costs the clients,",
+        f"  what starting Python {1 / data['move_every']:.3g} times a second on the server's CPU "
+        "costs the clients,",
         "  without moving anything.",
         "- **moving + starts**: moving, with the recipients started during the run as in",
         "  *starts only* (three ahead, the next one started at each move): both costs at once.",
@@ -397,9 +700,9 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     rows = []
-    for app in data["apps"]:
+    for app in variants(data):
         for mode in MODES:
-            runs = [r for r in data["runs"] if r["app"] == app and r["mode"] == mode]
+            runs = [r for r in data["runs"] if variant(r) == app and r["mode"] == mode]
             if not runs:
                 continue
             moving = mode in ("moving", "moving_starts")
@@ -436,9 +739,10 @@ def render(data: dict[str, Any]) -> str:
     if errors:
         out += ["", "First errors:", ""] + [f"- `{e[:300]}`" for e in errors[:10]]
 
-    out += ["", "## Latency: moving against steady", ""]
+    out += ["", *render_goals(data)]
+    out += ["## Latency: moving against steady", ""]
     rows = []
-    for app in data["apps"]:
+    for app in variants(data):
         both = pairs(data, app)
         starts = pairs(data, app, "starts")
         deploy = pairs(data, app, "moving_starts")
@@ -511,7 +815,7 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     rows = []
-    for app in data["apps"]:
+    for app in variants(data):
         for mode in ("moving", "moving_starts"):
             runs = [run for _, run in pairs(data, app, mode)]
             moves = [mv for run in runs for mv in run["moves"]]
@@ -545,6 +849,7 @@ def render(data: dict[str, Any]) -> str:
         "`take` started → serving: from starting `takeover take` (cli: includes starting Python",
         "and importing takeover) or telling `_mover.py` to go (library), to its `serving` line.",
         "",
+        *render_cpu(data),
     ]
     if data.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]] + [""]
@@ -552,6 +857,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write(data: dict[str, Any], directory: str, name: str) -> tuple[str, str]:
+    data["goals"] = goals(data)
     json_path = os.path.join(directory, f"{name}.json")
     md_path = os.path.join(directory, f"{name}.md")
     with open(json_path, "w") as f:
@@ -584,6 +890,12 @@ def main(argv: list[str] | None = None) -> int:
         help="library: benchmarks/_mover.py, started ahead and told when to take (default); "
         "cli: python -m takeover take --json, started at each move",
     )
+    parser.add_argument(
+        "--loop",
+        default="asyncio",
+        help="the event loop(s) of the servers and recipients: asyncio, uvloop, or "
+        "asyncio,uvloop (each repeat runs each app on both, side by side)",
+    )
     _common.add_run_options(parser, "load")
     args = parser.parse_args(argv)
     if args.render:
@@ -595,6 +907,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown or "steady" not in modes or "moving" not in modes:
         parser.error(f"--modes: steady and moving, and any of {', '.join(MODES[2:])}")
+    loops = [loop for loop in LOOPS if loop in args.loop.split(",")]
+    if not loops or set(args.loop.split(",")) - set(LOOPS):
+        parser.error(f"--loop: any of {', '.join(LOOPS)}, comma-separated")
+    if "uvloop" in loops:
+        import importlib.util
+        import platform
+
+        if importlib.util.find_spec("uvloop") is None:
+            parser.error(
+                f"--loop uvloop: uvloop is not installed in {sys.executable} "
+                f"({platform.python_implementation()}; pip install 'takeover[uvloop]', "
+                "CPython only)"
+            )
     PIN["server"], PIN["client"] = _common.cpu_split(not args.no_pin)
     data: dict[str, Any] = {
         **_common.run_header("load", args),
@@ -603,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration": args.duration,
         "move_every": args.move_every,
         "modes": modes,
+        "loops": loops,
         "warmup": args.warmup,
         "mover": args.mover,
         "clients_hold": True,
@@ -610,30 +936,32 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for repeat in range(args.repeats):
-        for app in apps:
-            for mode in modes:
-                quiet = _common.wait_quiet(args.quiet_wait)
-                run = run_load(
-                    app,
-                    mode,
-                    args.connections,
-                    args.duration,
-                    args.move_every,
-                    args.mover,
-                    args.warmup,
-                )
-                run["repeat"] = repeat
-                run["quiet"] = quiet
-                data["runs"].append(run)
-                lat = run["latency"]
-                print(
-                    f"{app} {run['mode']} {repeat + 1}/{args.repeats}: "
-                    f"{run['completed']} requests, {run['errors']} errors, "
-                    f"{len(run['moves'])} moves, p50 {lat['p50_ms']:.3f} p99 {lat['p99_ms']:.3f} "
-                    f"max {lat['max_ms']:.3f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        for app, loop, mode in [(a, lp, m) for a in apps for lp in loops for m in modes]:
+            quiet = _common.wait_quiet(args.quiet_wait)
+            run = run_load(
+                app,
+                mode,
+                args.connections,
+                args.duration,
+                args.move_every,
+                args.mover,
+                args.warmup,
+                loop,
+            )
+            run["repeat"] = repeat
+            run["quiet"] = quiet
+            data["runs"].append(run)
+            lat = run["latency"]
+            split = run["cpu"]["split_ms"]
+            print(
+                f"{variant(run)} {MODE_NAMES[mode]} {repeat + 1}/{args.repeats}: "
+                f"{run['completed']} requests, {run['errors']} errors, "
+                f"{len(run['moves'])} moves, p50 {lat['p50_ms']:.3f} p99 {lat['p99_ms']:.3f} "
+                f"max {lat['max_ms']:.3f} ms; server CPU ms: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in split.items() if v >= 0.5),
+                file=sys.stderr,
+                flush=True,
+            )
     os.makedirs(args.out, exist_ok=True)
     json_path, md_path = write(data, args.out, args.name)
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)

@@ -131,10 +131,12 @@ def plot_scale(
 
 
 def plot_load(data: dict[str, Any], path: str) -> None:
-    apps = data["apps"]
+    import load
+
+    apps = load.variants(data)  # each app on each loop (load.py --loop asyncio,uvloop)
     fig, axes = plt.subplots(len(apps), 1, figsize=(11, 3.6 * len(apps)), squeeze=False)
     for ax, app in zip(axes[:, 0], apps):
-        runs = [r for r in data["runs"] if r["app"] == app]
+        runs = [r for r in data["runs"] if load.variant(r) == app]
         moving = next((r for r in runs if r["mode"] == "moving"), None)
         if moving is None:
             continue

@@ -266,6 +266,63 @@ def test_load_quick_path(workdir: str) -> None:
 
 
 @pytest.mark.slow
+def test_load_loops_goals_and_cpu_split(workdir: str) -> None:
+    """--loop asyncio,uvloop: each app on both loops, side by side in the run; the
+    Goals section and the JSON give each goal's ratio, target and whether it is met
+    (met or not: nothing here is timed); the server CPUs' split has a row per run."""
+    if platform.python_implementation() != "CPython":
+        pytest.skip(f"uvloop does not run on {platform.python_implementation()}")
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    args = ["--connections", "4", "--duration", "1", "--move-every", "0.3", "--repeats", "1"]
+    args += ["--warmup", "0.2", "--quiet-wait", "0", "--apps", "echo", "--loop", "asyncio,uvloop"]
+    args += ["--modes", "steady,moving", "--name", "lu"]
+    _run("load.py", [*args, "--out", workdir], tag)
+
+    with open(os.path.join(workdir, "lu.md")) as f:
+        markdown = f.read()
+    assert "Event loop of the servers and recipients: asyncio's own; uvloop" in markdown
+    header, rows = _table(markdown, "Errors and integrity")
+    assert [(row[0], row[1]) for row in rows] == [
+        ("echo", "steady"),
+        ("echo", "moving"),
+        ("echo (uvloop)", "steady"),
+        ("echo (uvloop)", "moving"),
+    ]
+    for row in rows:
+        assert row[header.index("errors (all runs)")] == "0"
+        assert row[header.index("failed moves (all runs)")] == "0"
+    header, rows = _table(markdown, "Goals")
+    assert header == ["app", "goal", "measured", "target", "met"]
+    assert [(row[0], row[1], row[3]) for row in rows] == [
+        (app, goal, target)
+        for app in ("echo", "echo (uvloop)")
+        for goal, target in (
+            ("p99 moving / steady", "<= 2"),
+            ("requests/s moving / steady", ">= 0.9"),
+        )
+    ]
+    assert all(row[4] in ("met", "**not met**") and _number(row[2]) > 0 for row in rows)
+    header, rows = _table(markdown, "Where the server CPUs' time goes")
+    assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
+    moving = rows[1]
+    assert _number(moving[header.index("recipient take ms / move")]) > 0
+
+    with open(os.path.join(workdir, "lu.json")) as f:
+        data = json.load(f)
+    assert data["loops"] == ["asyncio", "uvloop"]
+    assert sorted({r["loop"] for r in data["runs"]}) == ["asyncio", "uvloop"]
+    assert len(data["goals"]) == 4
+    for goal in data["goals"]:
+        assert goal["met"] in (True, False) and goal["measured"] > 0
+    for run in data["runs"]:
+        assert all(value >= 0 for value in run["cpu"]["split_ms"].values())
+        assert run["cpu"]["split_ms"]["serving"] > 0
+        if run["mode"] == "moving":
+            assert run["moves"] and all(m["connections"] == 4 for m in run["moves"])
+            assert run["cpu"]["split_ms"]["recipient_take"] > 0
+
+
+@pytest.mark.slow
 def test_sidebyside_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--connections", "3", "--drain", "0.3", "--warmup", "0.3", "--cooldown", "0.4"]

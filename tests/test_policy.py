@@ -563,6 +563,33 @@ def test_a_graph_of_a_runtime_not_running_here_names_the_runtime():
     assert imported == "False"  # refusing it did not import the runtime
 
 
+def test_prepare_does_ahead_what_a_take_would_import():
+    """A recipient started ahead calls prepare() before its move: the vetted modules
+    and sysconfig (where installed code lives) are loaded then, and a policy that
+    trusts everything loads none of them."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from takeover import UnpicklePolicy
+        from takeover._core import policy
+        wanted = ("datetime", "decimal", "uuid", "fractions", "pathlib", "sysconfig")
+        print(sorted(m for m in wanted if m in sys.modules))
+        UnpicklePolicy(trust=True).prepare()
+        print(sorted(m for m in wanted if m in sys.modules))
+        UnpicklePolicy().prepare()
+        print(sorted(m for m in wanted if m in sys.modules))
+        print(policy._installed_dirs.cache_info().currsize)
+        """
+    )
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, trusting, prepared, cached = out.strip().splitlines()
+    assert before == trusting == "[]"  # importing takeover loads none of them
+    assert prepared == str(
+        sorted(["datetime", "decimal", "uuid", "fractions", "pathlib", "sysconfig"])
+    )
+    assert cached == "1"
+
+
 # -- end to end: a hostile originator and `takeover take` ---------------------------
 
 

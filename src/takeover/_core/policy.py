@@ -279,12 +279,17 @@ class UnpicklePolicy:
         object.__setattr__(self, "allow", allow)
 
     def prepare(self) -> None:
-        """Import the vetted modules (datetime, decimal, uuid...) now, not while a
-        service is paused: a recipient calls this when its session opens. (Not
-        done on construction: a process that never unpickles, an originator,
-        would pay for them in its start-up.)"""
+        """Import the vetted modules (datetime, decimal, uuid...) and find where
+        installed code lives (``sysconfig``, for the script check) now, not
+        while a service is paused: a recipient calls this when its session
+        opens, and a recipient started ahead of its move may call it before
+        (about 20 ms of CPU on CPython 3.11, which would otherwise share the
+        CPU with the service being moved). (Not done on construction: a
+        process that never unpickles, an originator, would pay for them in
+        its start-up.)"""
         if not self.trust:
             _vetted()
+            _installed_dirs()
 
     # -- modules ------------------------------------------------------------------
 
