@@ -377,7 +377,12 @@ class RecipientSession:
             # No cyclic collection until the service has started (see gc_paused).
             with gc_paused():
                 service = await self._adopt(name, runtime, arrival)
-                return await self._commit(name, service, arrival)
+                taken = await self._commit(name, service, arrival)
+                # A turn of the loop for what waited during the pause (its
+                # clients), before this side's bookkeeping and the collection
+                # owed since the graph arrived.
+                await self.channel.pass_turn()
+            return taken
         finally:
             # After start (or discard): what nothing took is closed.
             arrival.finish()
