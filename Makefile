@@ -118,9 +118,9 @@ bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
 	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
-		--skip-unfit --name scale-stall --command "make bench"
+		--shrink-unfit --name scale-stall --command "make bench"
 	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
-		--skip-unfit --loop uvloop --name scale-uvloop --command "make bench"
+		--shrink-unfit --loop uvloop --name scale-uvloop --command "make bench"
 	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 \
 		--name load --command "make bench"
 	$(BIN)/python benchmarks/load.py --duration 10 --repeats 5 --move-every 0.7 \

@@ -217,15 +217,18 @@ def goals(data: Row) -> list[Row]:
     """Each goal at a size that was run: the ratio in each run (side by side, the
     same run's figures), its median, the target and whether the median meets it."""
     result = []
+    # A goal's size that could not be run here, run at the largest size that fits.
+    stands_in = {int(run): int(asked) for asked, run in data.get("shrunk", {}).items()}
     for size, runs, floors in _by_size(data):
         for goal_size, what, target, ratio in GOALS:
-            if goal_size != size:
+            if goal_size not in (size, stands_in.get(size)):
                 continue
             values = [v for v in (ratio(r, f) for r, f in zip(runs, floors)) if v is not None]
             median = statistics.median(values) if values else None
             result.append(
                 {
                     "connections": size,
+                    "for": goal_size,
                     "goal": what,
                     "target": target,
                     "value": median,
@@ -355,7 +358,9 @@ def render(data: Row) -> str:
         rows,
     )
     for size, reason in data.get("skipped", {}).items():
-        out += ["", f"N={size} was skipped: {reason}."]
+        run = data.get("shrunk", {}).get(size)
+        instead = f"; N={run:,} was run instead" if run else ""
+        out += ["", f"N={size} was skipped: {reason}{instead}."]
     out += _goals(data)
 
     if any("originator_gaps" in r for r in data["runs"]):
@@ -478,7 +483,12 @@ def _goals(data: Row) -> list[str]:
         value, values = goal["value"], goal["values"]
         rows.append(
             [
-                f"{goal['connections']:,}",
+                f"{goal['connections']:,}"
+                + (
+                    f" (for {goal['for']:,}, which does not fit here)"
+                    if goal.get("for", goal["connections"]) != goal["connections"]
+                    else ""
+                ),
                 goal["goal"],
                 cell(values, 2) if values else "n/a (not measured)",
                 f"≤ {goal['target']:g}",
@@ -486,8 +496,14 @@ def _goals(data: Row) -> list[str]:
                 "met" if goal["met"] else ("**not met**" if value is not None else "n/a"),
             ]
         )
+    shrunk = data.get("shrunk", {})
     not_run = [
-        f"N={int(size):,} was not run ({reason}): its goals are not measured."
+        f"N={int(size):,} was not run ({reason}): "
+        + (
+            f"its goals are measured at N={shrunk[size]:,}, the most this machine holds."
+            if size in shrunk
+            else "its goals are not measured."
+        )
         for size, reason in data.get("skipped", {}).items()
         if any(g[0] == int(size) for g in GOALS)
     ]

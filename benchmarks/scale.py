@@ -433,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip (and report) a size RLIMIT_NOFILE cannot hold instead of refusing to run",
     )
+    parser.add_argument(
+        "--shrink-unfit",
+        action="store_true",
+        help="run a size RLIMIT_NOFILE cannot hold at the largest size it can (whole "
+        "thousands), and say so in the report, instead of refusing to run",
+    )
     parser.add_argument("--command", help="the command to quote in the report (default: argv)")
     parser.add_argument(
         "--quiet-wait",
@@ -459,17 +465,27 @@ def main(argv: list[str] | None = None) -> int:
     def need(count: int) -> int:
         return count + args.probes + _common.FD_MARGIN
 
+    # A size shrunk to what fits (--shrink-unfit): {asked: run, as strings}.
+    shrunk: dict[str, int] = {}
     try:
         _common.nofile_for(need(max(sizes, default=0)))
     except SystemExit as e:
-        if not args.skip_unfit:
+        if not (args.skip_unfit or args.shrink_unfit):
             parser.exit(2, f"{parser.prog}: error: N={max(sizes)}: {e}\n")
         for count in sizes:
             try:
                 _common.nofile_for(need(count))
             except SystemExit as refused:
                 skipped[str(count)] = str(refused)
-                print(f"N={count}: skipped: {refused}", file=sys.stderr, flush=True)
+                fit = (_common.raise_nofile()[0] - need(0)) // 1000 * 1000
+                if args.shrink_unfit and fit > max([c for c in sizes if c < count], default=0):
+                    shrunk[str(count)] = fit
+                    print(f"N={count}: run at N={fit}: {refused}", file=sys.stderr, flush=True)
+                else:
+                    print(f"N={count}: skipped: {refused}", file=sys.stderr, flush=True)
+        sizes = sorted(
+            {shrunk.get(str(c), c) for c in sizes if str(c) in shrunk or str(c) not in skipped}
+        )
     if args.gc_off:
         os.environ["BENCH_GC_OFF"] = "1"
     command = args.command or " ".join(
@@ -488,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "quiet_wait": args.quiet_wait,
         "sizes": sizes,
         "skipped": skipped,
+        "shrunk": shrunk,
         "runs": [],
         "floors": [],
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import platform
 import re
 import subprocess
@@ -188,6 +189,33 @@ def test_scale_refuses_a_size_no_process_may_hold(workdir: str) -> None:
     with open(os.path.join(workdir, "scale.json")) as f:
         data = json.load(f)
     assert data["runs"] == [] and "nr_open" in data["skipped"][str(nr_open)]
+
+
+def test_scale_runs_an_unfit_size_at_the_largest_that_fits(workdir: str) -> None:
+    """--shrink-unfit: a size over the hard RLIMIT_NOFILE (lowered to 1,300 here) runs
+    at the largest whole thousand that fits, and the report says so, its goals too."""
+    tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
+    args = ["--sizes", "100,100000", "--repeats", "1", "--probes", "2", "--out", workdir]
+    result = subprocess.run(
+        [sys.executable, SCALE, *args, "--shrink-unfit", "--quiet-wait", "0"],
+        env={**os.environ, tag.split("=")[0]: tag.split("=")[1]},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1300, 1300)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not _processes_tagged(tag), "the benchmark left processes running"
+    with open(os.path.join(workdir, "scale.json")) as f:
+        data = json.load(f)
+    assert data["shrunk"] == {"100000": 1000}
+    assert sorted(r["connections"] for r in data["runs"]) == [100, 1000]
+    assert [(g["connections"], g["for"]) for g in data["goals"]] == [(1000, 100000)] * 2
+    with open(os.path.join(workdir, "scale.md")) as f:
+        report = f.read()
+    assert "N=100000 was skipped: " in report and "N=1,000 was run instead" in report
+    assert "| 1,000 (for 100,000, which does not fit here) |" in report
 
 
 def _run(script: str, args: list[str], tag: str) -> None:
