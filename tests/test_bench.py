@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import platform
 import re
+import resource
 import subprocess
 import sys
 import uuid
