@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
+import os
 import sys
 import time
 from typing import Any
@@ -79,6 +81,13 @@ async def main(control: str) -> None:
     loop = asyncio.get_running_loop()
     marks: dict[str, float] = {}
     instrument(marks)
+    trace = os.environ.get("BENCH_TRACEMALLOC")  # a file: where live memory went
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start(25)
+        first = tracemalloc.take_snapshot()
+        blocks = sys.getallocatedblocks()
     before = _common.memory()
     # The loop's stalls (scale.py keeps those from here until the service is started).
     gaps: list[list[float]] = []
@@ -97,6 +106,9 @@ async def main(control: str) -> None:
         await session.close()
     beat.cancel()
     after = _common.memory()  # the service started: its connections are held here now
+    if trace:
+        gc.collect()
+        _trace(trace, first, blocks, taken)
     for result in taken:
         _common.emit(
             "taken",
@@ -117,6 +129,34 @@ async def main(control: str) -> None:
     for result in taken:
         service: Any = result.service
         service.close()
+
+
+def _trace(path: str, first: Any, blocks: int, taken: list[Any]) -> None:
+    """Write where the live memory allocated since ``first`` went, by traceback."""
+    import tracemalloc
+
+    second = tracemalloc.take_snapshot()
+    connections = sum(t.connections for t in taken) or 1
+    with open(path, "w") as out:
+        current, peak = tracemalloc.get_traced_memory()
+        grown = sys.getallocatedblocks() - blocks
+        print(f"connections {connections} traced now {current} peak {peak}", file=out)
+        print(f"allocated blocks grown {grown} ({grown / connections:.2f}/conn)", file=out)
+        for key in ("lineno", "traceback"):
+            stats = second.compare_to(first, key)
+            total = sum(s.size_diff for s in stats)
+            print(f"== by {key}: {total} B, {total / connections:.1f} B/conn", file=out)
+            for stat in stats[:25]:
+                print(
+                    f"{stat.size_diff / connections:8.1f} B/conn "
+                    f"{stat.count_diff / connections:6.2f} blocks/conn",
+                    file=out,
+                )
+                frames = (
+                    stat.traceback.format()[-16:] if key == "traceback" else [str(stat.traceback)]
+                )
+                for line in frames:
+                    print("    " + line, file=out)
 
 
 if __name__ == "__main__":

@@ -289,3 +289,34 @@ def test_the_memo_of_twins_is_not_used_up_by_a_pickling(python: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok "), out.stdout
+
+
+TWINS_FIRST = """
+import socket, sys
+from takeover.asyncio._transport import new_twins
+sockets = [socket.socket() for _ in range(100)]
+twins = new_twins(sockets)  # the first transports of this process, as on a recipient
+for twin in twins:  # what the server that claims them sets, and start()
+    twin._protocol, twin._server, twin._quiesced = None, None, False
+shared = twins[-1].__dict__
+print(sys.getsizeof(shared), sys.getsizeof(dict(shared)))
+for sock in sockets:
+    sock.close()
+"""
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance dicts")
+def test_twins_share_their_attribute_names_as_the_originators_transports_do() -> None:
+    """Twins built before any transport has attributes still get CPython's
+    key-sharing instance dicts, not one dict each (about 270 bytes more per
+    connection on the recipient than on the originator)."""
+    out = subprocess.run(
+        [sys.executable, "-c", TWINS_FIRST],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert out.returncode == 0, out.stderr
+    shared, own = map(int, out.stdout.split())
+    assert shared < own, (shared, own)  # values only: the names are the class's
