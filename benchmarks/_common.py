@@ -138,6 +138,23 @@ def memory() -> dict[str, int]:
     return result
 
 
+def mallocstats(when: str) -> None:
+    """Append pymalloc's statistics to $BENCH_MALLOCSTATS (a file), if set."""
+    path = os.environ.get("BENCH_MALLOCSTATS")
+    if not path:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "a") as out:
+            print(f"== {when}: {memory()}", file=out, flush=True)
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def proc_memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid`` in kB (empty if it is gone)."""
     result: dict[str, int] = {}

@@ -88,6 +88,7 @@ async def main(control: str) -> None:
         tracemalloc.start(25)
         first = tracemalloc.take_snapshot()
         blocks = sys.getallocatedblocks()
+    _common.mallocstats("recipient before")
     before = _common.memory()
     # The loop's stalls (scale.py keeps those from here until the service is started).
     gaps: list[list[float]] = []
@@ -106,6 +107,7 @@ async def main(control: str) -> None:
         await session.close()
     beat.cancel()
     after = _common.memory()  # the service started: its connections are held here now
+    _common.mallocstats("recipient after")
     if trace:
         gc.collect()
         _trace(trace, first, blocks, taken)

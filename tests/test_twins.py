@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
+import gc
 import io
 import os
 import pickle
@@ -320,3 +321,23 @@ def test_twins_share_their_attribute_names_as_the_originators_transports_do() ->
     assert out.returncode == 0, out.stderr
     shared, own = map(int, out.stdout.split())
     assert shared < own, (shared, own)  # values only: the names are the class's
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance dicts")
+def test_asking_whether_a_twin_was_claimed_builds_it_no_dict() -> None:
+    """Reading ``__dict__`` makes CPython give an instance a dict object it then
+    keeps (64 bytes per connection): what a recipient asks of each twin after
+    the start must not."""
+    sockets = [socket.socket() for _ in range(2)]
+    try:
+        twins = Twins("asyncio", POLICY)
+        twins.add(sockets, [1, 1])
+        claimed, left = twins.objects
+        claimed._server = object()
+        twins.close_leftovers()
+        for twin in (claimed, left):
+            assert not any(type(r) is dict for r in gc.get_referents(twin))
+        assert hasattr(claimed, "_server") and not hasattr(left, "_server")
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -93,8 +93,13 @@ def unfit_twins(transports: Iterable[MigratableTransport]) -> list[MigratableTra
 
 
 def twin_claimed(twin: MigratableTransport) -> bool:
-    """Whether a server of the graph took ``twin`` as one of its connections."""
-    return "_server" in twin.__dict__
+    """Whether a server of the graph took ``twin`` as one of its connections.
+
+    Asked of the attribute, not of ``twin.__dict__``: reading ``__dict__``
+    makes CPython build the instance a dict object (64 bytes per connection)
+    that it then keeps. ``_server`` has no default on the class.
+    """
+    return hasattr(twin, "_server")
 
 
 class MigratableTransport(asyncio.Transport):
