@@ -32,6 +32,8 @@ from takeover._core.ahead import AheadPoller
 from takeover._core.protocol import Kind
 from takeover.asyncio import MigratableServer
 
+_SNAPSHOTS: list[Any] = []
+
 
 def instrument(marks: dict[str, float]) -> None:
     """Record when each phase of a move ends, on the shared monotonic clock."""
@@ -51,6 +53,20 @@ def instrument(marks: dict[str, float]) -> None:
         setattr(owner, name, wrapper)
 
     around(recipient, "loads", "loads_end", "loads_start")
+    if os.environ.get("BENCH_TRACEMALLOC"):  # what the load leaves alive until later
+
+        def snapshot_after(real: Any) -> Any:
+            @functools.wraps(real)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                import tracemalloc
+
+                result = real(*args, **kwargs)
+                _SNAPSHOTS.append(tracemalloc.take_snapshot())
+                return result
+
+            return wrapper
+
+        recipient.loads = snapshot_after(recipient.loads)
     around(MigratableServer, "adopt", "adopt_end")
     around(MigratableServer, "start", "start_end", "start_start")
     around(AheadPoller, "add", "ahead_ready")  # the last batch sent ahead, registered
@@ -144,6 +160,20 @@ def _trace(path: str, first: Any, blocks: int, taken: list[Any]) -> None:
         grown = sys.getallocatedblocks() - blocks
         print(f"connections {connections} traced now {current} peak {peak}", file=out)
         print(f"allocated blocks grown {grown} ({grown / connections:.2f}/conn)", file=out)
+        for loaded in _SNAPSHOTS:
+            stats = second.compare_to(loaded, "traceback")
+            stats.sort(key=lambda s: s.size_diff)
+            total = sum(s.size_diff for s in stats if s.size_diff < 0)
+            freed = total / connections
+            print(f"== alive after the load, freed since: {freed:.1f} B/conn", file=out)
+            for stat in stats[:25]:
+                print(
+                    f"{stat.size_diff / connections:8.1f} B/conn "
+                    f"{stat.count_diff / connections:6.2f} blocks/conn",
+                    file=out,
+                )
+                for line in stat.traceback.format()[-12:]:
+                    print("    " + line, file=out)
         for key in ("lineno", "traceback"):
             stats = second.compare_to(first, key)
             total = sum(s.size_diff for s in stats)
