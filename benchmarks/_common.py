@@ -156,13 +156,17 @@ def mallocstats(when: str) -> None:
 
 
 def proc_memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in kB (empty if it is gone)."""
+    """VmRSS, VmHWM, RssAnon and RssFile of ``pid`` in kB (empty if it is gone).
+
+    VmRSS counts the pages of the executable and libraries that are resident
+    (RssFile), which the kernel may drop and fault back in whenever memory is
+    short: RssAnon is the process's own memory alone."""
     result: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     result[key.lower() + "_kb"] = int(value.split()[0])
     except OSError:
         pass
