@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode browser
+.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode browser network-tools
 
 all: test
 
@@ -46,6 +46,20 @@ interpreters:
 		{ $$sudo apt-get update -q >/dev/null && \
 		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; } || \
 		echo "warning: could not install$$missing; the demo uses what it finds" >&2; \
+	fi
+
+# The moves to another host (docs/crosshost.md) keep the kernel silent about
+# the connections with a netfilter drop (nft) and announce the service address
+# that moved with a gratuitous ARP (arping): Debian's nftables, iputils-arping.
+NETWORK_PACKAGES := nftables iputils-arping
+
+network-tools:
+	@if ! command -v nft >/dev/null 2>&1 || ! command -v arping >/dev/null 2>&1; then \
+		echo "installing $(NETWORK_PACKAGES) (Debian packages) for the moves across hosts"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $(NETWORK_PACKAGES) >/dev/null; } || \
+		echo "warning: could not install $(NETWORK_PACKAGES); the cross-host tests skip (fail in CI)" >&2; \
 	fi
 
 # The browser tests (harness/browser.py) drive Debian's headless Chromium with
@@ -99,7 +113,7 @@ demo-web: $(STAMP) twisted-interpreters bytecode
 		echo "  $(abspath $(VENV313))/bin/takeover take $(WEB_CONTROL)"; fi
 	@exec $(BIN)/python examples/ws_chat.py --port $(WEB_PORT) --control $(WEB_CONTROL)
 
-test: $(STAMP) interpreters twisted-interpreters browser bytecode
+test: $(STAMP) interpreters twisted-interpreters browser network-tools bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The test suite on every other supported interpreter the machine has
@@ -108,7 +122,7 @@ test: $(STAMP) interpreters twisted-interpreters browser bytecode
 # default interpreter's. 3.10, 3.12 and PyPy leave out the tests marked slow
 # unless MATRIX=full. NOX_ARGS="-s tests-3.9" picks sessions; PYTEST_ARGS go
 # to pytest.
-matrix: $(STAMP) interpreters twisted-interpreters browser
+matrix: $(STAMP) interpreters twisted-interpreters browser network-tools
 	MATRIX="$(MATRIX)" $(BIN)/nox $(NOX_ARGS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
