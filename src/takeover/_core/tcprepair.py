@@ -71,7 +71,8 @@ TCPOPT_SACK_PERM = 4
 TCPOPT_TIMESTAMP = 8
 TCP_ESTABLISHED = 1
 IP_FREEBIND = 15
-IPV6_FREEBIND = 78
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 CAP_NET_ADMIN = 12
 
 STATE_VERSION = 1
@@ -228,10 +229,19 @@ def _set_seq(sock: socket.socket, queue: int, seq: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("=I", seq & 0xFFFFFFFF))
 
 
+def _transparent(sock: socket.socket, family: int, value: int) -> None:
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, value)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, value)
+
+
 def prepare(state: dict[str, Any], *, freebind: bool = False) -> socket.socket:
     """A socket rebuilt from :func:`checkpoint`'s state, still in repair mode: it has
-    sent nothing. ``freebind`` lets it bind the service address before the address
-    is this host's. :func:`start` brings it to life."""
+    sent nothing. ``freebind`` lets it bind and route from the service address
+    before the address is this host's (IP_TRANSPARENT: IP_FREEBIND binds, but the
+    route lookup of connect still wants a local source; :func:`start` clears it).
+    :func:`start` brings it to life."""
     if state.get("version") != STATE_VERSION:
         raise RepairError(f"unknown TCP repair state version {state.get('version')}")
     family = state["family"]
@@ -241,10 +251,7 @@ def prepare(state: dict[str, Any], *, freebind: bool = False) -> socket.socket:
         # listener. SO_REUSEADDR now would undo that (the bind then fails).
         repair_on(sock)
         if freebind:
-            if family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            _transparent(sock, family, 1)
         sock.bind(tuple(state["local"]))
         recv_queue: bytes = state["recv_queue"]
         send_queue: bytes = state["send_queue"]
@@ -304,6 +311,12 @@ def start(sock: socket.socket, state: dict[str, Any]) -> bytes:
     """Leave repair mode; return the never-sent bytes, which the caller writes
     first (a blocking socket: :func:`restore` writes them itself)."""
     repair_off(sock)
+    if (
+        sock.getsockopt(socket.IPPROTO_IP, IP_TRANSPARENT)
+        if sock.family == socket.AF_INET
+        else (sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT))
+    ):
+        _transparent(sock, sock.family, 0)
     return unsent(state)
 
 
