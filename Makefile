@@ -128,7 +128,7 @@ matrix: $(STAMP) interpreters twisted-interpreters browser network-tools
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
 RESULTS := benchmarks/results
 
-bench: $(BENCH_STAMP) bytecode
+bench: $(BENCH_STAMP) network-tools bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
 	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
@@ -150,6 +150,8 @@ bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
 		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json \
 		--sidebyside $(RESULTS)/sidebyside-streams.json
+	$(BIN)/python benchmarks/crosshost.py --sizes 1,10,100,1000,5000 --repeats 5 \
+		--name crosshost --command "make bench"
 	$(BIN)/python benchmarks/websocket.py --connections 1000 --clients 4 --duration 10 --repeats 3 \
 		--compression deflate,deflate-full,none --name websocket --command "make bench" && \
 		$(BIN)/python benchmarks/plots.py --websocket $(RESULTS)/websocket.json
