@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode browser
+.PHONY: all demo demo-web test matrix lint format clean bench bench-quick interpreters twisted-interpreters bytecode browser network-tools
 
 all: test
 
@@ -46,6 +46,20 @@ interpreters:
 		{ $$sudo apt-get update -q >/dev/null && \
 		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; } || \
 		echo "warning: could not install$$missing; the demo uses what it finds" >&2; \
+	fi
+
+# The moves to another host (docs/crosshost.md) keep the kernel silent about
+# the connections with a netfilter drop (nft) and announce the service address
+# that moved with a gratuitous ARP (arping): Debian's nftables, iputils-arping.
+NETWORK_PACKAGES := nftables iputils-arping
+
+network-tools:
+	@if ! command -v nft >/dev/null 2>&1 || ! command -v arping >/dev/null 2>&1; then \
+		echo "installing $(NETWORK_PACKAGES) (Debian packages) for the moves across hosts"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -q >/dev/null && \
+		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $(NETWORK_PACKAGES) >/dev/null; } || \
+		echo "warning: could not install $(NETWORK_PACKAGES); the cross-host tests skip (fail in CI)" >&2; \
 	fi
 
 # The browser tests (harness/browser.py) drive Debian's headless Chromium with
@@ -99,7 +113,7 @@ demo-web: $(STAMP) twisted-interpreters bytecode
 		echo "  $(abspath $(VENV313))/bin/takeover take $(WEB_CONTROL)"; fi
 	@exec $(BIN)/python examples/ws_chat.py --port $(WEB_PORT) --control $(WEB_CONTROL)
 
-test: $(STAMP) interpreters twisted-interpreters browser bytecode
+test: $(STAMP) interpreters twisted-interpreters browser network-tools bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The test suite on every other supported interpreter the machine has
@@ -108,13 +122,13 @@ test: $(STAMP) interpreters twisted-interpreters browser bytecode
 # default interpreter's. 3.10, 3.12 and PyPy leave out the tests marked slow
 # unless MATRIX=full. NOX_ARGS="-s tests-3.9" picks sessions; PYTEST_ARGS go
 # to pytest.
-matrix: $(STAMP) interpreters twisted-interpreters browser
+matrix: $(STAMP) interpreters twisted-interpreters browser network-tools
 	MATRIX="$(MATRIX)" $(BIN)/nox $(NOX_ARGS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # The benchmarks (benchmarks/README.md): reports and plots in benchmarks/results/.
 RESULTS := benchmarks/results
 
-bench: $(BENCH_STAMP) bytecode
+bench: $(BENCH_STAMP) network-tools bytecode
 	$(BIN)/python benchmarks/scale.py --sizes 1,10,100,1000,10000 --repeats 5 \
 		--name scale --command "make bench"
 	$(BIN)/python benchmarks/scale.py --sizes 1000,10000,100000 --repeats 3 --probes 8 \
@@ -136,6 +150,8 @@ bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python benchmarks/plots.py --scale $(RESULTS)/scale.json \
 		--load $(RESULTS)/load.json --sidebyside $(RESULTS)/sidebyside.json \
 		--sidebyside $(RESULTS)/sidebyside-streams.json
+	$(BIN)/python benchmarks/crosshost.py --sizes 1,10,100,1000,5000 --repeats 5 \
+		--name crosshost --command "make bench"
 	$(BIN)/python benchmarks/websocket.py --connections 1000 --clients 4 --duration 10 --repeats 3 \
 		--compression deflate,deflate-full,none --name websocket --command "make bench" && \
 		$(BIN)/python benchmarks/plots.py --websocket $(RESULTS)/websocket.json

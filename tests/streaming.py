@@ -28,8 +28,8 @@ WINDOW = 32 * 1024  # bytes a client may have sent and not yet seen come back
 class Stream:
     """One client: sends random hex lines and reads the echo, both non-blocking."""
 
-    def __init__(self, port: int, seed: int, window: int = WINDOW) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, seed: int, window: int = WINDOW, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.sock.setblocking(False)
         self.random = random.Random(seed)
         self.window = window
@@ -214,11 +214,13 @@ class Outcome:
 class StreamingClients:
     """``count`` streams on ``port``, driven in the background; see :func:`streaming`."""
 
-    def __init__(self, port: int, count: int, window: int, deadline: float) -> None:
+    def __init__(
+        self, port: int, count: int, window: int, deadline: float, host: str = "127.0.0.1"
+    ) -> None:
         self.streams: list[Stream] = []
         try:
             for i in range(count):
-                self.streams.append(Stream(port, seed=i, window=window))
+                self.streams.append(Stream(port, seed=i, window=window, host=host))
         except BaseException:
             self.close()
             raise

@@ -1,0 +1,129 @@
+"""Established connections moved to another host by TCP_REPAIR, clients unaware.
+
+Three real network namespaces on a bridge (harness/hosts.py): the client, host
+A and host B; the service address moves between A and B (``ip addr del``,
+``ip addr add``, a gratuitous ARP). A line echo server
+(tests/apps/repair_host.py) freezes its connections on one host, the other
+host rebuilds them in repair mode, the address moves, the new host starts.
+Fifty checksummed streams (tests/streaming.py) run throughout: every byte
+echoed once, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+import pythons
+from harness.hosts import SERVICE_IP, Host, Hosts
+from harness.procs import APPS, PYTHON, ROOT, Proc
+from streaming import StreamingClients
+from takeover._core import tcprepair
+
+APP = os.path.join(APPS, "repair_host.py")
+ENV = {"PYTHONPATH": os.path.join(ROOT, "src")}
+PORT = 7007
+CLIENTS = 50
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    if os.geteuid() != 0 or not tcprepair.has_net_admin():
+        pythons.skip_or_fail("moving connections across hosts needs root (CAP_NET_ADMIN)")
+    for tool in ("nft", "arping", "unshare", "nsenter", "ip", "ss"):
+        if shutil.which(tool) is None:
+            pythons.missing(tool, "make network-tools installs nftables and iputils-arping")
+    with Hosts() as made:
+        yield made
+
+
+def server(host: Host, procs: list[Proc]) -> Proc:
+    proc = Proc(host.command([PYTHON, APP]), ENV, stdin=True)
+    procs.append(proc)
+    return proc
+
+
+@pytest.fixture
+def clients(hosts: Hosts) -> Iterator[list[StreamingClients]]:
+    made: list[StreamingClients] = []
+    yield made
+    for streams in made:
+        streams.driver.stopping.set()
+        streams.driver.join(streams.driver.deadline + 5)
+        streams.close()
+
+
+def move(hosts: Hosts, old: Proc, new: Proc, old_host: Host, new_host: Host, path: str) -> None:
+    """The cross-host sequence, each step on the host it belongs to."""
+    old.send_line(f"freeze {path}")
+    old.expect(rf"^frozen {CLIENTS}$")
+    new.send_line(f"adopt {path}")
+    new.expect(rf"^prepared {CLIENTS}$")
+    old.send_line("close")  # commit: closed in repair mode, nothing sent
+    old.expect("^closed$")
+    old_host.sh(hosts.del_address_script())  # packets for the address are not local here now
+    old.send_line("lift")
+    old.expect("^lifted$")
+    assert old.wait() == 0
+    new_host.sh(hosts.add_address_script())
+    new.send_line("start")
+    new.expect("^started$")
+
+
+def test_fifty_clients_move_to_another_host_and_back(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    on_a = server(hosts.a, procs)
+    on_a.send_line(f"serve {SERVICE_IP} {PORT}")
+    on_a.expect("^serving$")
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_b = server(hosts.b, procs)
+    move(hosts, on_a, on_b, hosts.a, hosts.b, os.path.join(workdir, "a-to-b"))
+    assert hosts.holder_of_address() == ["B"]
+    assert hosts.a.ss(PORT) == "", "host A still knows the connections"
+    assert len(hosts.b.ss(PORT).splitlines()) == CLIENTS + 1  # and the listener
+    streams.wait_progress()
+    back_on_a = server(hosts.a, procs)
+    move(hosts, on_b, back_on_a, hosts.b, hosts.a, os.path.join(workdir, "b-to-a"))
+    assert hosts.holder_of_address() == ["A"]
+    assert hosts.b.ss(PORT) == ""
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+def test_rollback_after_freeze_leaves_clients_unaware(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    on_a = server(hosts.a, procs)
+    on_a.send_line(f"serve {SERVICE_IP} {PORT}")
+    on_a.expect("^serving$")
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_a.send_line(f"freeze {os.path.join(workdir, 'state')}")
+    on_a.expect(rf"^frozen {CLIENTS}$")
+    # A recipient rebuilt them, then the move failed: it discards its copies.
+    on_b = server(hosts.b, procs)
+    on_b.send_line(f"adopt {os.path.join(workdir, 'state')}")
+    on_b.expect(rf"^prepared {CLIENTS}$")
+    on_b.kill()
+    on_a.send_line("thaw")
+    on_a.expect("^thawed$")
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+    assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
