@@ -138,14 +138,35 @@ def memory() -> dict[str, int]:
     return result
 
 
+def mallocstats(when: str) -> None:
+    """Append pymalloc's statistics to $BENCH_MALLOCSTATS (a file), if set."""
+    path = os.environ.get("BENCH_MALLOCSTATS")
+    if not path:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "a") as out:
+            print(f"== {when}: {memory()}", file=out, flush=True)
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def proc_memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in kB (empty if it is gone)."""
+    """VmRSS, VmHWM, RssAnon and RssFile of ``pid`` in kB (empty if it is gone).
+
+    VmRSS counts the pages of the executable and libraries that are resident
+    (RssFile), which the kernel may drop and fault back in whenever memory is
+    short: RssAnon is the process's own memory alone."""
     result: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     result[key.lower() + "_kb"] = int(value.split()[0])
     except OSError:
         pass

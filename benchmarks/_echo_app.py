@@ -100,6 +100,7 @@ def instrument(marks: dict[str, float]) -> None:
         if message.kind in received:
             marks[received[message.kind]] = time.monotonic()
         if message.kind is Kind.TAKE:
+            _common.mallocstats("originator at TAKE")
             profiling.append(_common.profiler())
         elif message.kind is Kind.COMMITTED and profiling:
             _common.save_profile(profiling.pop(), "originator")
@@ -125,8 +126,9 @@ async def main(args: argparse.Namespace) -> None:
     await takeover.serve_until_moved(
         server,
         control=args.control,
-        ready=lambda m: _common.emit(
-            "ready", port=port, nofile=list(limits), loop=_common.loop_name()
+        ready=lambda m: (
+            _common.mallocstats("originator ready")
+            or _common.emit("ready", port=port, nofile=list(limits), loop=_common.loop_name())
         ),
     )
     beat.cancel()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
+import os
 import sys
 import time
 from typing import Any
@@ -29,6 +31,8 @@ from takeover._core import recipient
 from takeover._core.ahead import AheadPoller
 from takeover._core.protocol import Kind
 from takeover.asyncio import MigratableServer
+
+_SNAPSHOTS: list[Any] = []
 
 
 def instrument(marks: dict[str, float]) -> None:
@@ -49,6 +53,20 @@ def instrument(marks: dict[str, float]) -> None:
         setattr(owner, name, wrapper)
 
     around(recipient, "loads", "loads_end", "loads_start")
+    if os.environ.get("BENCH_TRACEMALLOC"):  # what the load leaves alive until later
+
+        def snapshot_after(real: Any) -> Any:
+            @functools.wraps(real)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                import tracemalloc
+
+                result = real(*args, **kwargs)
+                _SNAPSHOTS.append(tracemalloc.take_snapshot())
+                return result
+
+            return wrapper
+
+        recipient.loads = snapshot_after(recipient.loads)
     around(MigratableServer, "adopt", "adopt_end")
     around(MigratableServer, "start", "start_end", "start_start")
     around(AheadPoller, "add", "ahead_ready")  # the last batch sent ahead, registered
@@ -79,6 +97,14 @@ async def main(control: str) -> None:
     loop = asyncio.get_running_loop()
     marks: dict[str, float] = {}
     instrument(marks)
+    trace = os.environ.get("BENCH_TRACEMALLOC")  # a file: where live memory went
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start(25)
+        first = tracemalloc.take_snapshot()
+        blocks = sys.getallocatedblocks()
+    _common.mallocstats("recipient before")
     before = _common.memory()
     # The loop's stalls (scale.py keeps those from here until the service is started).
     gaps: list[list[float]] = []
@@ -97,6 +123,10 @@ async def main(control: str) -> None:
         await session.close()
     beat.cancel()
     after = _common.memory()  # the service started: its connections are held here now
+    _common.mallocstats("recipient after")
+    if trace:
+        gc.collect()
+        _trace(trace, first, blocks, taken)
     for result in taken:
         _common.emit(
             "taken",
@@ -117,6 +147,48 @@ async def main(control: str) -> None:
     for result in taken:
         service: Any = result.service
         service.close()
+
+
+def _trace(path: str, first: Any, blocks: int, taken: list[Any]) -> None:
+    """Write where the live memory allocated since ``first`` went, by traceback."""
+    import tracemalloc
+
+    second = tracemalloc.take_snapshot()
+    connections = sum(t.connections for t in taken) or 1
+    with open(path, "w") as out:
+        current, peak = tracemalloc.get_traced_memory()
+        grown = sys.getallocatedblocks() - blocks
+        print(f"connections {connections} traced now {current} peak {peak}", file=out)
+        print(f"allocated blocks grown {grown} ({grown / connections:.2f}/conn)", file=out)
+        for loaded in _SNAPSHOTS:
+            stats = second.compare_to(loaded, "traceback")
+            stats.sort(key=lambda s: s.size_diff)
+            total = sum(s.size_diff for s in stats if s.size_diff < 0)
+            freed = total / connections
+            print(f"== alive after the load, freed since: {freed:.1f} B/conn", file=out)
+            for stat in stats[:25]:
+                print(
+                    f"{stat.size_diff / connections:8.1f} B/conn "
+                    f"{stat.count_diff / connections:6.2f} blocks/conn",
+                    file=out,
+                )
+                for line in stat.traceback.format()[-12:]:
+                    print("    " + line, file=out)
+        for key in ("lineno", "traceback"):
+            stats = second.compare_to(first, key)
+            total = sum(s.size_diff for s in stats)
+            print(f"== by {key}: {total} B, {total / connections:.1f} B/conn", file=out)
+            for stat in stats[:25]:
+                print(
+                    f"{stat.size_diff / connections:8.1f} B/conn "
+                    f"{stat.count_diff / connections:6.2f} blocks/conn",
+                    file=out,
+                )
+                frames = (
+                    stat.traceback.format()[-16:] if key == "traceback" else [str(stat.traceback)]
+                )
+                for line in frames:
+                    print("    " + line, file=out)
 
 
 if __name__ == "__main__":

@@ -198,11 +198,13 @@ def close_clients(clients: list[Proc]) -> None:
         proc.wait(TIMEOUT)
 
 
-def per_connection(before: dict[str, int], after: dict[str, int], count: int) -> float | None:
-    """Bytes of RSS per connection between two readings of VmRSS (kB)."""
-    if not count or "vmrss_kb" not in before or "vmrss_kb" not in after:
+def per_connection(
+    before: dict[str, int], after: dict[str, int], count: int, key: str = "vmrss_kb"
+) -> float | None:
+    """Bytes of RSS per connection between two readings of VmRSS (kB), or of ``key``."""
+    if not count or key not in before or key not in after:
         return None
-    return (after["vmrss_kb"] - before["vmrss_kb"]) * 1024 / count
+    return (after[key] - before[key]) * 1024 / count
 
 
 def run_move(
@@ -329,6 +331,12 @@ def run_move(
         # recipient: the service started, less before it connected.
         "originator_rss_per_connection": per_connection(empty, idle, held),
         "recipient_rss_per_connection": per_connection(before_take, after_take, held),
+        # The same in RssAnon: without the pages of the executable and
+        # libraries, which come and go with the machine's other work.
+        "originator_anon_per_connection": per_connection(empty, idle, held, "rssanon_kb"),
+        "recipient_anon_per_connection": per_connection(
+            before_take, after_take, held, "rssanon_kb"
+        ),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
+import gc
 import io
 import os
 import pickle
@@ -289,3 +290,54 @@ def test_the_memo_of_twins_is_not_used_up_by_a_pickling(python: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok "), out.stdout
+
+
+TWINS_FIRST = """
+import socket, sys
+from takeover.asyncio._transport import new_twins
+sockets = [socket.socket() for _ in range(100)]
+twins = new_twins(sockets)  # the first transports of this process, as on a recipient
+for twin in twins:  # what the server that claims them sets, and start()
+    twin._protocol, twin._server, twin._quiesced = None, None, False
+shared = twins[-1].__dict__
+print(sys.getsizeof(shared), sys.getsizeof(dict(shared)))
+for sock in sockets:
+    sock.close()
+"""
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance dicts")
+def test_twins_share_their_attribute_names_as_the_originators_transports_do() -> None:
+    """Twins built before any transport has attributes still get CPython's
+    key-sharing instance dicts, not one dict each (about 270 bytes more per
+    connection on the recipient than on the originator)."""
+    out = subprocess.run(
+        [sys.executable, "-c", TWINS_FIRST],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert out.returncode == 0, out.stderr
+    shared, own = map(int, out.stdout.split())
+    assert shared < own, (shared, own)  # values only: the names are the class's
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance dicts")
+def test_asking_whether_a_twin_was_claimed_builds_it_no_dict() -> None:
+    """Reading ``__dict__`` makes CPython give an instance a dict object it then
+    keeps (64 bytes per connection): what a recipient asks of each twin after
+    the start must not."""
+    sockets = [socket.socket() for _ in range(2)]
+    try:
+        twins = Twins("asyncio", POLICY)
+        twins.add(sockets, [1, 1])
+        claimed, left = twins.objects
+        claimed._server = object()
+        twins.close_leftovers()
+        for twin in (claimed, left):
+            assert not any(type(r) is dict for r in gc.get_referents(twin))
+        assert hasattr(claimed, "_server") and not hasattr(left, "_server")
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import faults, protocol
+from . import faults, heap, protocol
 from .ahead import AheadPoller, Twins, build_sockets
 from .arbiter import COMMITTED, Arbiter
 from .auth import AUTH_SCHEME, Admission, check_nonce, check_peer, check_proof, new_nonce, proof
@@ -334,6 +334,8 @@ class RecipientSession:
                 "could not take %r from pid %s: %s", name, origin, exc, extra={"move": facts}
             )
             raise
+        # The move's temporaries are freed now (_take has returned): hand back the heap they held.
+        heap.give_back(taken.fds)
         summary = {key: value for key, value in taken.summary().items() if key != "service"}
         facts = move_event("took", name, peer_pid=origin, **summary)
         MOVES.info(
