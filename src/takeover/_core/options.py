@@ -136,6 +136,18 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
     add_security_options(parser)
     add_admission_options(parser)
     add_limit_options(parser)
+    add_release_address_option(parser)
+
+
+def add_release_address_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--release-address CMD`` (a move to another host, docs/crosshost.md)."""
+    parser.add_argument(
+        "--release-address",
+        metavar="CMD",
+        help="a move to another host (takeover take --cross-host): the shell command that "
+        "gives up the service address here at its commit, e.g. "
+        "'ip addr del 10.0.0.100/24 dev eth0' (its failure rolls the move back)",
+    )
 
 
 def add_log_format_option(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +197,7 @@ def control_options(args: argparse.Namespace) -> dict[str, Any]:
         "limits": limits(args),
         "pid_file": getattr(args, "pid_file", None),
         "log_format": getattr(args, "log_format", None),
+        "release_address": getattr(args, "release_address", None),
         **security_options(args),
         **admission_options(args),
     }

@@ -42,7 +42,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from takeover._core.errors import TakeoverError
+from takeover._core.errors import NotPermittedError, TakeoverError
 
 # linux/tcp.h
 TCP_REPAIR = 19
@@ -86,7 +86,7 @@ class RepairError(TakeoverError):
     code = "tcp-repair"
 
 
-class CapabilityError(RepairError, PermissionError):
+class CapabilityError(RepairError, NotPermittedError):
     """This process may not repair TCP connections (no CAP_NET_ADMIN, no nft)."""
 
     code = "not-permitted"
@@ -446,3 +446,30 @@ def freeze(sockets: Sequence[socket.socket]) -> Freeze:
         frozen.thaw()
         raise
     return frozen
+
+
+# -- the service address's hooks ---------------------------------------------------
+
+HOOK_TIMEOUT = 30.0
+
+
+def run_address_hook(command: str | None, what: str) -> None:
+    """Run an address hook (``sh -c COMMAND``): ``what`` says which ("release",
+    "acquire"). None: nothing to run (the address is moved some other way).
+
+    Raises:
+        RepairError: it failed or timed out; the message has its stderr.
+    """
+    if not command:
+        return
+    try:
+        done = subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, timeout=HOOK_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RepairError(f"the {what} hook {command!r} ran over {HOOK_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise RepairError(f"the {what} hook {command!r} could not run: {exc}") from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        raise RepairError(f"the {what} hook {command!r} failed: {detail}")
