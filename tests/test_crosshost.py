@@ -11,6 +11,7 @@ echoed once, in order.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 import pythons
-from harness.hosts import SERVICE_IP, Host, Hosts
+from harness.hosts import SERVICE_IP, SUBNET, Host, Hosts
 from harness.procs import APPS, PYTHON, ROOT, Proc
 from streaming import StreamingClients
 from takeover._core import tcprepair
@@ -127,3 +128,100 @@ def test_rollback_after_freeze_leaves_clients_unaware(
     assert not outcome.corrupted, outcome.corrupted
     assert not outcome.incomplete, outcome.incomplete
     assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
+
+
+# -- the move through the library: examples/echo.py and `takeover take --cross-host` -------
+
+ECHO = os.path.join(ROOT, "examples", "echo.py")
+CONTROL_PORT = 9007
+# The acquire hook: the address, then a gratuitous ARP in the background (arping
+# waits a second after its one announcement; the pause need not).
+ACQUIRE = (
+    f"ip addr add {SERVICE_IP}/24 dev eth0 && "
+    f"{{ arping -q -U -c 1 -I eth0 {SERVICE_IP} >/dev/null 2>&1 & }}"
+)
+
+
+def host_ip(host: Host, hosts: Hosts) -> str:
+    return f"{SUBNET}.{2 if host is hosts.a else 3}"
+
+
+def secret_file(workdir: str) -> str:
+    path = os.path.join(workdir, "secret")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(os.urandom(16).hex())
+    return path
+
+
+def echo_on(host: Host, hosts: Hosts, secret: str, procs: list[Proc]) -> Proc:
+    """examples/echo.py on ``host``, on the service address, its control on the host's own."""
+    proc = Proc(
+        host.command(
+            [
+                *(PYTHON, ECHO, "--host", SERVICE_IP, "--port", str(PORT)),
+                *("--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
+                *("--secret-file", secret, "--release-address", hosts.del_address_script()),
+            ]
+        ),
+        ENV,
+    )
+    procs.append(proc)
+    proc.expect("control")
+    return proc
+
+
+def take_across(
+    hosts: Hosts, into: Host, origin: Host, secret: str, procs: list[Proc], *extra: str
+) -> Proc:
+    """``takeover take --cross-host`` run on ``into``, from the process on ``origin``."""
+    proc = Proc(
+        into.command(
+            [
+                *(PYTHON, "-m", "takeover", "take", "--json", "--cross-host"),
+                *(f"tcp:{host_ip(origin, hosts)}:{CONTROL_PORT}", "--secret-file", secret),
+                *("--acquire-address", ACQUIRE),
+                *("--release-address", hosts.del_address_script(), *extra),
+            ]
+        ),
+        ENV,
+    )
+    procs.append(proc)
+    return proc
+
+
+def moved(take: Proc) -> int:
+    """The connections ``take --json`` says it took."""
+    line = take.expect(r'^\{.*"service": "echo"', timeout=40).string
+    count: int = json.loads(line)["connections"]
+    return count
+
+
+def test_echo_moves_to_another_host_and_back_through_the_library(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    secret = secret_file(workdir)
+    on_a = echo_on(hosts.a, hosts, secret, procs)
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    assert moved(on_b) == CLIENTS
+    on_b.expect('"event": "serving"')
+    assert on_a.wait() == 0, on_a.output()
+    assert hosts.holder_of_address() == ["B"]
+    assert hosts.a.ss(PORT) == "", "host A still knows the connections"
+    assert len(hosts.b.ss(PORT).splitlines()) == CLIENTS + 1  # and the listener
+    streams.wait_progress()
+    back = take_across(hosts, hosts.a, hosts.b, secret, procs)
+    assert moved(back) == CLIENTS
+    back.expect('"event": "serving"')
+    assert on_b.wait() == 0, on_b.output()
+    assert hosts.holder_of_address() == ["A"]
+    assert hosts.b.ss(PORT) == "", "host B still knows the connections"
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
