@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -146,21 +148,31 @@ def host_ip(host: Host, hosts: Hosts) -> str:
     return f"{SUBNET}.{2 if host is hosts.a else 3}"
 
 
-def secret_file(workdir: str) -> str:
-    path = os.path.join(workdir, "secret")
+def secret_file(workdir: str, name: str = "secret", text: str = "", uid: int = 0) -> str:
+    path = os.path.join(workdir, name)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(os.urandom(16).hex())
+        f.write(text or "0123456789abcdef0123456789abcdef")
+    os.chown(path, uid, -1)
     return path
 
 
-def echo_on(host: Host, hosts: Hosts, secret: str, procs: list[Proc]) -> Proc:
+def echo_on(
+    host: Host,
+    hosts: Hosts,
+    secret: str,
+    procs: list[Proc],
+    release: str = "",
+    as_user: Sequence[str] = (),
+) -> Proc:
     """examples/echo.py on ``host``, on the service address, its control on the host's own."""
     proc = Proc(
         host.command(
             [
+                *as_user,
                 *(PYTHON, ECHO, "--host", SERVICE_IP, "--port", str(PORT)),
                 *("--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
-                *("--secret-file", secret, "--release-address", hosts.del_address_script()),
+                *("--secret-file", secret),
+                *("--release-address", release or hosts.del_address_script()),
             ]
         ),
         ENV,
@@ -171,19 +183,27 @@ def echo_on(host: Host, hosts: Hosts, secret: str, procs: list[Proc]) -> Proc:
 
 
 def take_across(
-    hosts: Hosts, into: Host, origin: Host, secret: str, procs: list[Proc], *extra: str
+    hosts: Hosts,
+    into: Host,
+    origin: Host,
+    secret: str,
+    procs: list[Proc],
+    *extra: str,
+    env: dict[str, str] | None = None,
+    as_user: Sequence[str] = (),
 ) -> Proc:
     """``takeover take --cross-host`` run on ``into``, from the process on ``origin``."""
     proc = Proc(
         into.command(
             [
+                *as_user,
                 *(PYTHON, "-m", "takeover", "take", "--json", "--cross-host"),
                 *(f"tcp:{host_ip(origin, hosts)}:{CONTROL_PORT}", "--secret-file", secret),
                 *("--acquire-address", ACQUIRE),
                 *("--release-address", hosts.del_address_script(), *extra),
             ]
         ),
-        ENV,
+        {**ENV, **(env or {})},
     )
     procs.append(proc)
     return proc
@@ -225,3 +245,76 @@ def test_echo_moves_to_another_host_and_back_through_the_library(
     assert not outcome.errors, outcome.errors
     assert not outcome.corrupted, outcome.corrupted
     assert not outcome.incomplete, outcome.incomplete
+
+
+@pytest.mark.parametrize("failure", ["recipient-killed", "release-hook-fails"])
+def test_rollback_after_prepare_leaves_clients_unaware(
+    hosts: Hosts,
+    procs: list[Proc],
+    clients: list[StreamingClients],
+    workdir: str,
+    failure: str,
+) -> None:
+    """The connections frozen on A and rebuilt in repair mode on B, then the move
+    fails before the originator decides: B killed once it has adopted the
+    graph (before READY), or A's release hook fails (after READY; A says ERROR
+    and B discards its copies). A thaws and serves on; the clients saw a pause; the drop is gone.
+    After the kill, a second take moves the service all the same."""
+    secret = secret_file(workdir)
+    release = "echo the address stays >&2; false" if failure == "release-hook-fails" else ""
+    on_a = echo_on(hosts.a, hosts, secret, procs, release=release)
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    if failure == "recipient-killed":
+        fault = {"TAKEOVER_FAULTS": "recipient.adopted=kill"}
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, env=fault)
+        assert on_b.wait(40) != 0
+        on_a.expect("did not move 'echo'")
+    else:
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+        on_b.expect("the address stays")
+        assert on_b.wait(40) != 0
+        on_a.expect("did not move 'echo'")
+    assert hosts.holder_of_address() == ["A"]
+    assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
+    assert hosts.b.ss(PORT) == "", "host B kept a rebuilt connection"
+    streams.wait_progress()
+    if failure == "recipient-killed":
+        again = take_across(hosts, hosts.b, hosts.a, secret, procs)
+        assert moved(again) == CLIENTS
+        assert on_a.wait() == 0, on_a.output()
+        assert hosts.holder_of_address() == ["B"]
+        streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def test_not_root_is_refused_on_either_side(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
+    """Without CAP_NET_ADMIN: a recipient refuses itself before asking anything; an
+    originator answers a clear ERROR and serves on."""
+    secret = secret_file(workdir)
+    os.chmod(workdir, 0o711)  # nobody reaches its own secret file there
+    nobody = pwd.getpwnam("nobody").pw_uid
+    their_secret = secret_file(workdir, "nobody-secret", uid=nobody)
+    refused = take_across(hosts, hosts.b, hosts.a, their_secret, procs, as_user=NOBODY)
+    refused.expect("takeover: error: .*needs CAP_NET_ADMIN")
+    assert refused.wait() != 0
+    on_a = echo_on(hosts.a, hosts, their_secret, procs, as_user=NOBODY)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    line = on_b.expect("takeover: error: ").string
+    assert "cannot move 'echo' to another host from here" in line, line
+    assert "needs CAP_NET_ADMIN" in line, line
+    assert on_b.wait() != 0
+    assert hosts.holder_of_address() == ["A"]
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)) as sock:
+        sock.sendall(b"still here\n")
+        assert sock.recv(100) == b"still here\n"
+    assert on_a.popen.poll() is None
