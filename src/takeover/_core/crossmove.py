@@ -92,7 +92,14 @@ class CrossHostMove(_Move):
                 "it does not take back the bytes a connection had not sent "
                 "(takeover_unsent); asyncio's MigratableServer does",
             )
-        problem = await self._dry_run(service, self.found)
+        if self.drain is not None:
+            return await self._refuse(
+                SerializationError.code,
+                f"a partial move (--drain) of {name!r} cannot go to another host: the "
+                "connections left to drain here would lose the service address with it",
+            )
+        # The dry run, without a partial move (even one the service would default to).
+        problem = await self._check(service, self.found)
         if problem is not None:
             log.warning("cannot move %r, left running: %s", name, problem)
             return await self._refuse(SerializationError.code, problem.explain(name))
