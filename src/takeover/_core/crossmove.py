@@ -251,6 +251,9 @@ class CrossHostMove(_Move):
                     log.exception("move of %r: thawing its connections failed", self.name)
             self.freezes = []
         super()._settle(service)
+        if self.committed:
+            # Its pid means nothing on this host: no MAINPID, no PID file for it.
+            self.session.registry.successor_pid = None
 
 
 async def take_across_hosts(

@@ -489,7 +489,8 @@ async def take_and_serve(
     supervisor = Supervisor(pid_file)
     try:
         listed = await session.list()
-        if pid_file is None and "pid_file" in session.supervision:
+        if pid_file is None and "pid_file" in session.supervision and not session.cross_host:
+            # (The originator's PID file is on its own host when it is another.)
             supervisor = Supervisor(session.supervision["pid_file"])
         names = _to_take(control, listed, services)
         await _take_each(session, names, (runtime, drain), result, supervisor, on_taken, on_failed)
