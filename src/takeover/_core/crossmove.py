@@ -113,10 +113,12 @@ class CrossHostMove(_Move):
             return await self._refuse("limit", too_big + "; nothing was paused")
         return True
 
-    def _freeze(self, sockets: list[socket.socket]) -> None:
-        if not sockets:
+    def _freeze(
+        self, sockets: list[socket.socket], listeners: list[socket.socket] | None = None
+    ) -> None:
+        if not sockets and not listeners:
             return
-        self.freezes.append(tcprepair.freeze(sockets))
+        self.freezes.append(tcprepair.freeze(sockets, listeners or ()))
         self.frozen.update(sockets)
 
     def _checkpoint(self, sock: socket.socket) -> dict[str, Any]:
@@ -140,8 +142,10 @@ class CrossHostMove(_Move):
                 return await self._refuse(TakeoverError.code, text)
             faults.checkpoint("originator.quiesced")
             try:
-                connected = [s for s in self.found if s.fileno() >= 0 and not is_listening(s)]
-                self._freeze(connected)
+                live = [s for s in self.found if s.fileno() >= 0]
+                listeners = [s for s in live if is_listening(s)]
+                # New connections are dropped too: their clients send the SYN again.
+                self._freeze([s for s in live if s not in listeners], listeners)
                 faults.checkpoint("originator.frozen")
                 dumped = dumps_cross_host(service, session.pickle_protocol, self._checkpoint)
             except TakeoverError as exc:

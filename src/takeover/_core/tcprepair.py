@@ -351,8 +351,25 @@ def _element(family: int, local: Sequence[Any], peer: Sequence[Any]) -> str:
     return f"{local[0]} . {local[1]} . {peer[0]} . {peer[1]}"
 
 
-def drop_script(table: str, connections: Iterable[tuple[int, list[Any], list[Any]]]) -> str:
-    """An nft table that drops every packet of these connections, both ways."""
+def _syn_rule(family: int, address: Sequence[Any]) -> str:
+    """An nft rule dropping new connections (a SYN without ACK) to a listener."""
+    host, port = address[0], int(address[1])
+    syn = "tcp flags & (syn | ack) == syn drop"
+    if family == socket.AF_INET:
+        match = "" if host in ("", "0.0.0.0") else f"ip daddr {host} "
+        return f"    meta nfproto ipv4 {match}tcp dport {port} {syn}"
+    match = "" if host in ("", "::") else f"ip6 daddr {host} "
+    return f"    meta nfproto ipv6 {match}tcp dport {port} {syn}"
+
+
+def drop_script(
+    table: str,
+    connections: Iterable[tuple[int, list[Any], list[Any]]],
+    listeners: Iterable[tuple[int, Sequence[Any]]] = (),
+) -> str:
+    """An nft table that drops every packet of these connections, both ways, and
+    new connections to these listeners (family, address): their SYNs, which the
+    clients send again (after a second) to whichever host then has the address."""
     v4: list[str] = []
     v6: list[str] = []
     for family, local, peer in connections:
@@ -364,6 +381,7 @@ def drop_script(table: str, connections: Iterable[tuple[int, list[Any], list[Any
         "  chain in { type filter hook prerouting priority -300; policy accept;",
         "    ip daddr . tcp dport . ip saddr . tcp sport @v4 drop",
         "    ip6 daddr . tcp dport . ip6 saddr . tcp sport @v6 drop",
+        *(_syn_rule(family, address) for family, address in listeners),
         "  }",
         "  chain out { type filter hook output priority -300; policy accept;",
         "    ip saddr . tcp sport . ip daddr . tcp dport @v4 drop",
@@ -384,17 +402,20 @@ class Freeze:
     live again here) or :meth:`release` (commit: closed silently) ends it.
     """
 
-    def __init__(self, sockets: Sequence[socket.socket]) -> None:
+    def __init__(
+        self, sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()
+    ) -> None:
         self.sockets = list(sockets)
         self.tuples = [four_tuple(sock) for sock in self.sockets]
+        self.listeners = [(int(s.family), s.getsockname()) for s in listeners]
         self.table = f"takeover_{os.getpid()}_{next(_tables)}"
         self.dropping = False
         self.repaired: list[socket.socket] = []
 
     def drop(self) -> None:
         """Drop every packet of these connections, both ways (one nft table)."""
-        if self.tuples and not self.dropping:
-            _nft(drop_script(self.table, self.tuples))
+        if (self.tuples or self.listeners) and not self.dropping:
+            _nft(drop_script(self.table, self.tuples, self.listeners))
             self.dropping = True
 
     def repair(self) -> None:
@@ -435,10 +456,11 @@ class Freeze:
         self.lift()
 
 
-def freeze(sockets: Sequence[socket.socket]) -> Freeze:
-    """Drop every packet of these connections, both ways, then put each in repair mode."""
-    require_capability(nft=bool(sockets))
-    frozen = Freeze(sockets)
+def freeze(sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()) -> Freeze:
+    """Drop every packet of these connections, both ways, then put each in repair
+    mode; drop new connections to ``listeners`` too (see :func:`drop_script`)."""
+    require_capability(nft=bool(sockets) or bool(listeners))
+    frozen = Freeze(sockets, listeners)
     try:
         frozen.drop()
         frozen.repair()
