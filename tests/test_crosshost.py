@@ -11,10 +11,13 @@ echoed once, in order.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
+import select
 import shutil
+import signal
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -22,7 +25,8 @@ import pytest
 
 import pythons
 from harness.hosts import SERVICE_IP, SUBNET, Host, Hosts
-from harness.procs import APPS, PYTHON, ROOT, Proc
+from harness.procs import APPS, PYTHON, ROOT, Proc, process_state
+from harness.waiting import wait_until
 from streaming import StreamingClients
 from takeover._core import tcprepair
 
@@ -163,6 +167,7 @@ def echo_on(
     procs: list[Proc],
     release: str = "",
     as_user: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """examples/echo.py on ``host``, on the service address, its control on the host's own."""
     proc = Proc(
@@ -175,7 +180,7 @@ def echo_on(
                 *("--release-address", release or hosts.del_address_script()),
             ]
         ),
-        ENV,
+        {**ENV, **(env or {})},
     )
     procs.append(proc)
     proc.expect("control")
@@ -318,3 +323,37 @@ def test_not_root_is_refused_on_either_side(hosts: Hosts, procs: list[Proc], wor
         sock.sendall(b"still here\n")
         assert sock.recv(100) == b"still here\n"
     assert on_a.popen.poll() is None
+
+
+def test_client_connecting_during_the_move_reaches_the_new_host(
+    hosts: Hosts, procs: list[Proc], workdir: str
+) -> None:
+    """The originator stops itself once the graph is sent (frozen: its listener's
+    new SYNs dropped); a client connects meanwhile. Its SYN is dropped, not
+    queued on A (where it would be reset with the listener); once the move is
+    over its retransmitted SYN reaches B, which serves it."""
+    secret = secret_file(workdir)
+    stop = {"TAKEOVER_FAULTS": "originator.graph-sent=stop"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=stop)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    wait_until(lambda: process_state(on_a.pid) == "T", what="the originator stopped")
+
+    def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        assert sock.connect_ex((SERVICE_IP, PORT)) == errno.EINPROGRESS
+        return sock
+
+    late = hosts.client.run(connect)
+    with late:
+        # Whatever the wait, the handshake cannot complete while A is frozen.
+        select.select([], [late], [], 0.3)
+        assert late.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2  # SYN_SENT
+        on_a.signal(signal.SIGCONT)
+        assert moved(on_b) == 0
+        assert on_a.wait() == 0, on_a.output()
+        late.setblocking(True)
+        late.settimeout(30)
+        late.sendall(b"late but served\n")
+        assert late.recv(100) == b"late but served\n"
+    assert hosts.holder_of_address() == ["B"]
