@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from takeover._core.crosspickle import dumps_cross_host
 from takeover._core.errors import MigrationRefusedError, ProtocolError, SerializationError
-from takeover._core.pickling import cross_host_refusal, dumps_cross_host, loads
+from takeover._core.pickling import loads
+from takeover._core.tcprepair import cross_host_refusal
 
 
 def no_checkpoint(sock: socket.socket) -> dict[str, Any]:

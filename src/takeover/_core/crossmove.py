@@ -40,6 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import faults, protocol, tcprepair
+from .crosspickle import dumps_cross_host
 from .errors import (
     ChannelClosedError,
     MigrationRefusedError,
@@ -47,10 +48,11 @@ from .errors import (
     SerializationError,
     TakeoverError,
 )
-from .pickling import cross_host_refusal, dumps_cross_host, gc_paused, is_listening, loads
+from .pickling import gc_paused, loads
 from .protocol import Kind, Message
 from .registry import Service
 from .script import main_reference, preload_main
+from .tcprepair import cross_host_refusal, is_listening
 
 if TYPE_CHECKING:
     from .recipient import RecipientSession, Taken
@@ -278,36 +280,9 @@ async def take_across_hosts(
     graph = await session._receive(limits.step_timeout)
     received_at = time.monotonic()
     faults.checkpoint("recipient.graph-received")
-    meta, blob = graph.body, graph.blob
+    blob = graph.blob
     repaired: list[tuple[socket.socket, dict[str, Any]]] = []
-    service: Service | None = None
-    try:
-        with gc_paused():
-            main = meta.get("main")
-            loaded = loads(
-                blob,
-                (),
-                main=main if isinstance(main, str) else None,
-                policy=session.policy,
-                repaired=repaired,
-            )
-            if not isinstance(loaded, Service):
-                raise MigrationRefusedError(
-                    f"the graph of {name!r} is a {type(loaded).__qualname__}, "
-                    "not a takeover service"
-                )
-            service = loaded
-            service.adopt(runtime, None)
-    except TakeoverError as exc:
-        if service is not None:
-            service.discard()
-        log.info("refusing %r: %s", name, exc)
-        await session._send(Message(Kind.REFUSED, {"service": name, "reason": str(exc)}))
-        raise MigrationRefusedError(f"cannot take {name!r}: {exc}") from exc
-    except BaseException:
-        if service is not None:
-            service.discard()
-        raise
+    service = await _rebuild(session, name, runtime, graph, repaired)
     faults.checkpoint("recipient.adopted")
     try:
         await session._send(Message(Kind.READY, {"service": name, "count": len(repaired)}))
@@ -356,3 +331,43 @@ async def take_across_hosts(
         graph_bytes=len(blob),
         fds=0,
     )
+
+
+async def _rebuild(
+    session: RecipientSession,
+    name: str,
+    runtime: Any,
+    graph: Message,
+    repaired: list[tuple[socket.socket, dict[str, Any]]],
+) -> Service:
+    """The graph rebuilt (its connections in repair mode, listed in ``repaired``)
+    and adopted, with no I/O; if that fails, REFUSED (everything built closed)."""
+    service: Service | None = None
+    try:
+        with gc_paused():
+            main = graph.body.get("main")
+            loaded = loads(
+                graph.blob,
+                (),
+                main=main if isinstance(main, str) else None,
+                policy=session.policy,
+                repaired=repaired,
+            )
+            if not isinstance(loaded, Service):
+                raise MigrationRefusedError(
+                    f"the graph of {name!r} is a {type(loaded).__qualname__}, "
+                    "not a takeover service"
+                )
+            service = loaded
+            service.adopt(runtime, None)
+    except TakeoverError as exc:
+        if service is not None:
+            service.discard()
+        log.info("refusing %r: %s", name, exc)
+        await session._send(Message(Kind.REFUSED, {"service": name, "reason": str(exc)}))
+        raise MigrationRefusedError(f"cannot take {name!r}: {exc}") from exc
+    except BaseException:
+        if service is not None:
+            service.discard()
+        raise
+    return service

@@ -136,7 +136,6 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
     add_security_options(parser)
     add_admission_options(parser)
     add_limit_options(parser)
-    add_release_address_option(parser)
 
 
 def add_release_address_option(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +196,6 @@ def control_options(args: argparse.Namespace) -> dict[str, Any]:
         "limits": limits(args),
         "pid_file": getattr(args, "pid_file", None),
         "log_format": getattr(args, "log_format", None),
-        "release_address": getattr(args, "release_address", None),
         **security_options(args),
         **admission_options(args),
     }

@@ -225,128 +225,6 @@ class GraphPickler(pickle.Pickler):
         return (_socket_slot, (slot, *socket_kind(sock)))
 
 
-SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
-_TCP_INFO_BACKLOG = struct.Struct("=24xII")  # tcpi_unacked, tcpi_sacked: a listener's queue
-
-
-def listener_options(sock: socket.socket) -> tuple[int, dict[str, int]]:
-    """A listening TCP socket's backlog and the options rebuilt with it."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
-    _queued, backlog = _TCP_INFO_BACKLOG.unpack(info)
-    options = {
-        "reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
-        "reuseport": sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15)),
-    }
-    if sock.family == socket.AF_INET6:
-        options["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-    return max(backlog, 1), options
-
-
-def is_listening(sock: socket.socket) -> bool:
-    return bool(sock.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN))
-
-
-class CrossHostPickler(GraphPickler):
-    """The graph of a move to another host, where no descriptor can travel.
-
-    A connected TCP socket pickles as its TCP_REPAIR state
-    (``_repaired_socket(state)``, made by ``checkpoint``, which freezes the
-    connection first if it was not yet); a listening one as what binds it
-    again (``_listening_socket(family, address, backlog, options)``). Any
-    other socket (AF_UNIX, UDP) is refused, naming it; TLS still is.
-    """
-
-    def __init__(
-        self,
-        file: io.BytesIO,
-        protocol: int,
-        checkpoint: Callable[[socket.socket], dict[str, Any]],
-    ) -> None:
-        super().__init__(file, protocol)
-        self.checkpoint = checkpoint
-        table = dict(self.dispatch_table)
-        table[socket.socket] = self._reduce_for_host
-        self.dispatch_table = table
-
-    def _reduce_for_host(self, sock: socket.socket) -> Any:
-        if sock.fileno() < 0:
-            raise SerializationError(f"cannot migrate closed socket {sock!r}")
-        refusal = cross_host_refusal(sock)
-        if refusal is not None:
-            raise SerializationError(refusal)
-        if is_listening(sock):
-            backlog, options = listener_options(sock)
-            address = list(sock.getsockname())
-            return (_listening_socket, (int(sock.family), address, backlog, options))
-        self.sockets.append(sock)
-        return (_repaired_socket, (self.checkpoint(sock),))
-
-
-_TCP_STATES = {
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    11: "CLOSING",
-}
-
-
-def cross_host_refusal(sock: socket.socket) -> str | None:
-    """Why ``sock`` cannot move to another host (None: it can), naming it."""
-    family, kind = _raw_family(sock), _raw_type(sock) & ~_SOCK_NONBLOCK
-    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
-        try:
-            name: Any = sock.getsockname()
-        except OSError:
-            name = "?"
-        what = "a UNIX socket" if family == socket.AF_UNIX else "a socket that is not TCP"
-        return (
-            f"cannot move {what} ({name or 'unnamed'}, fd {sock.fileno()}) to another host: "
-            "only TCP listeners and established TCP connections move across hosts"
-        )
-    if is_listening(sock):
-        return None
-    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    if state != 1:  # TCP_ESTABLISHED
-        try:
-            peer: Any = sock.getpeername()
-        except OSError:
-            peer = "?"
-        return (
-            f"cannot move the connection from {peer} (fd {sock.fileno()}, TCP state "
-            f"{_TCP_STATES.get(state, state)}) to another host: only established "
-            "connections move across hosts (a half-closed one would need a forged FIN)"
-        )
-    return None
-
-
-def dumps_cross_host(
-    graph: Any, protocol: int, checkpoint: Callable[[socket.socket], dict[str, Any]]
-) -> Dumped:
-    """Pickle ``graph`` for another host (see :class:`CrossHostPickler`):
-    ``Dumped.sockets`` lists the connections, in the order they were checkpointed.
-
-    Raises:
-        SerializationError: something in the graph cannot be pickled, or a
-            socket cannot move to another host (the message names it).
-        RepairError: a connection could not be frozen or checkpointed.
-    """
-    buffer = io.BytesIO()
-    pickler = CrossHostPickler(buffer, protocol, checkpoint)
-    try:
-        with gc_paused():
-            pickler.dump(graph)
-    except SerializationError:
-        raise
-    except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
-        raise SerializationError(f"the service graph cannot be pickled: {exc}") from exc
-    return Dumped(buffer.getvalue(), pickler.sockets)
-
-
 class _Reductions(dict):  # type: ignore[type-arg]
     """Ready reductions of the sockets sent ahead; others are reduced on demand."""
 
@@ -391,7 +269,10 @@ def dumps(
         SerializationError: something in the graph cannot be pickled.
     """
     buffer = io.BytesIO()
-    pickler = GraphPickler(buffer, protocol, ahead)
+    return _dump(GraphPickler(buffer, protocol, ahead), buffer, graph)
+
+
+def _dump(pickler: GraphPickler, buffer: io.BytesIO, graph: Any) -> Dumped:
     try:
         with gc_paused():
             pickler.dump(graph)
@@ -463,69 +344,16 @@ class GraphLoad:
         return self.unpickler.socket_for(slot, family, kind, proto)
 
     def repaired_socket(self, state: Any) -> socket.socket:
-        """A connection rebuilt in repair mode from its TCP_REPAIR state, bound to
-        the service address before it is this host's (what ``_repaired_socket``
-        stands for). It sends nothing until the recipient starts it."""
-        from . import tcprepair
+        """What ``_repaired_socket`` stands for: see ``crosspickle.repaired_socket``."""
+        from .crosspickle import repaired_socket
 
-        repaired = self.unpickler.repaired
-        if repaired is None:
-            raise ProtocolError(
-                "the graph carries a connection moved across hosts, but this is not a "
-                "move across hosts"
-            )
-        if type(state) is not dict:
-            raise ProtocolError(f"malformed TCP repair state {type(state).__name__}")
-        try:
-            sock = tcprepair.prepare(state, freebind=True)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed TCP repair state: {type(exc).__name__}: {exc}") from exc
-        except OSError as exc:
-            raise MigrationRefusedError(
-                f"cannot rebuild the connection from {state.get('peer')!r} here: {exc}"
-            ) from exc
-        self.unpickler.rebuilt.append(sock)
-        sock.setblocking(False)
-        repaired.append((sock, state))
-        return sock
+        return repaired_socket(self.unpickler, state)
 
-    def listening_socket(
-        self, family: Any, address: Any, backlog: Any, options: Any
-    ) -> socket.socket:
-        """A listener bound again here with IP_FREEBIND (the service address is not
-        this host's yet), listening (what ``_listening_socket`` stands for)."""
-        if self.unpickler.repaired is None:
-            raise ProtocolError(
-                "the graph carries a listener moved across hosts, but this is not a "
-                "move across hosts"
-            )
-        if (
-            family not in (socket.AF_INET, socket.AF_INET6)
-            or type(address) is not list
-            or type(backlog) is not int
-            or type(options) is not dict
-        ):
-            raise ProtocolError(f"malformed listener {family!r} {address!r} {backlog!r}")
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        self.unpickler.rebuilt.append(sock)
-        try:
-            if options.get("reuseaddr"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if options.get("reuseport"):
-                sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15), 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(
-                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(bool(options.get("v6only")))
-                )
-                sock.setsockopt(socket.IPPROTO_IPV6, 62, 1)  # IPV6_FREEBIND
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
-            sock.bind(tuple(address))
-            sock.listen(backlog)
-        except OSError as exc:
-            raise MigrationRefusedError(f"cannot listen on {address!r} here: {exc}") from exc
-        sock.setblocking(False)
-        return sock
+    def listening_socket(self, family: Any, address: Any, backlog: Any, options: Any) -> Any:
+        """What ``_listening_socket`` stands for: see ``crosspickle.listening_socket``."""
+        from .crosspickle import listening_socket
+
+        return listening_socket(self.unpickler, family, address, backlog, options)
 
     def loads(self, blob: bytes) -> Any:
         """Load a graph nested in this one (no descriptors), under the same policy and script."""

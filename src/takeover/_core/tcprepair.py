@@ -72,6 +72,7 @@ TCPOPT_TIMESTAMP = 8
 TCP_ESTABLISHED = 1
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
+IPV6_FREEBIND = 78
 IPV6_TRANSPARENT = 75
 CAP_NET_ADMIN = 12
 
@@ -328,6 +329,97 @@ def restore(state: dict[str, Any], *, freebind: bool = False) -> socket.socket:
         rest = start(sock, state)
         if rest:
             sock.sendall(rest)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- what else a move across hosts needs -----------------------------------------
+
+SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+_TCP_INFO_BACKLOG = struct.Struct("=24xII")  # tcpi_unacked, tcpi_sacked: a listener's queue
+
+
+def listener_options(sock: socket.socket) -> tuple[int, dict[str, int]]:
+    """A listening TCP socket's backlog and the options rebuilt with it."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
+    _queued, backlog = _TCP_INFO_BACKLOG.unpack(info)
+    options = {
+        "reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+        "reuseport": sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15)),
+    }
+    if sock.family == socket.AF_INET6:
+        options["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    return max(backlog, 1), options
+
+
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN))
+
+
+_TCP_STATES = {
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    11: "CLOSING",
+}
+
+
+def cross_host_refusal(sock: socket.socket) -> str | None:
+    """Why ``sock`` cannot move to another host (None: it can), naming it."""
+    family, kind = int(sock.family), int(sock.type) & ~getattr(socket, "SOCK_NONBLOCK", 0)
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
+        try:
+            name: Any = sock.getsockname()
+        except OSError:
+            name = "?"
+        what = "a UNIX socket" if family == socket.AF_UNIX else "a socket that is not TCP"
+        return (
+            f"cannot move {what} ({name or 'unnamed'}, fd {sock.fileno()}) to another host: "
+            "only TCP listeners and established TCP connections move across hosts"
+        )
+    if is_listening(sock):
+        return None
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    if state != 1:  # TCP_ESTABLISHED
+        try:
+            peer: Any = sock.getpeername()
+        except OSError:
+            peer = "?"
+        return (
+            f"cannot move the connection from {peer} (fd {sock.fileno()}, TCP state "
+            f"{_TCP_STATES.get(state, state)}) to another host: only established "
+            "connections move across hosts (a half-closed one would need a forged FIN)"
+        )
+    return None
+
+
+def listen_again(
+    family: int, address: Sequence[Any], backlog: int, options: dict[str, int]
+) -> socket.socket:
+    """A listener bound with IP_FREEBIND (the address need not be this host's
+    yet), with ``options`` (from :func:`listener_options`), listening, non-blocking."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if options.get("reuseaddr"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if options.get("reuseport"):
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15), 1)
+        if family == socket.AF_INET6:
+            v6only = int(bool(options.get("v6only")))
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind(tuple(address))
+        sock.listen(backlog)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise

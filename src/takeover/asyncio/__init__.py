@@ -45,7 +45,7 @@ from .._core.errors import (
     TakeoverError,
 )
 from .._core.logs import ensure_move_log
-from .._core.options import add_control_options, control_options
+from .._core.options import add_control_options, add_release_address_option, control_options
 from .._core.policy import UnpicklePolicy
 from .._core.protocol import Limits
 from .._core.recipient import RecipientSession, Taken, select
@@ -70,6 +70,7 @@ __all__ = [
     "Succession",
     "TLSConfig",
     "add_control_options",
+    "add_release_address_option",
     "connect",
     "control_options",
     "hold",
@@ -467,12 +468,10 @@ async def take_and_serve(
         pid_file: the PID file to keep (default: the originator's); see
             :func:`serve_until_moved`, whose notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
-            ``allow``, ``trust``, ``admit_users``, ``admit_groups``,
-            ``cross_host``, ``acquire_address``), and ``release_address``
-            (see :func:`serve_until_moved`) for the server published here;
-            ``limits``, ``secret``, ``tls`` and the admissions apply to the
-            migration server published here too: it admits whom this
-            process admits, not whom the originator did.
+            ``allow``, ``trust``, ``admit_users``, ``admit_groups``, ``cross_host``,
+            ``acquire_address``) and ``release_address`` (:func:`serve_until_moved`);
+            ``limits``, ``secret``, ``tls`` and the admissions apply to the server
+            published here too: it admits whom this process admits.
 
     Raises:
         NoSuchServiceError: the originator publishes nothing, or not a
@@ -483,21 +482,20 @@ async def take_and_serve(
     ensure_move_log()
     # Used twice (by connect() and by the server published here): no iterator.
     options.update({k: tuple(options[k]) for k in ("admit_users", "admit_groups") if k in options})
-    release_address = options.pop("release_address", None)
+    release = options.pop("release_address", None)  # (for the server published here)
     session = await connect(control, **options)
     result = Succession()
     supervisor = Supervisor(pid_file)
     try:
         listed = await session.list()
         if pid_file is None and "pid_file" in session.supervision and not session.cross_host:
-            # (The originator's PID file is on its own host when it is another.)
             supervisor = Supervisor(session.supervision["pid_file"])
         names = _to_take(control, listed, services)
         await _take_each(session, names, (runtime, drain), result, supervisor, on_taken, on_failed)
         if not result.taken:
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
-        migration = _republish(control, everything, result.taken, options, release_address)
+        migration = _republish(control, everything, result.taken, options, release)
         migration.registry.supervision = supervisor.handed_on()
         if not migration.path.startswith("tcp:"):
             # Publish (rename over CONTROL) before BYE, so that the originator,
