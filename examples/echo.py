@@ -2,6 +2,9 @@
 
 python examples/echo.py --port 8007 --control /tmp/echo.sock
 takeover take /tmp/echo.sock      # another process takes it; clients stay
+
+To another host (docs/crosshost.md): --control tcp:HOST:PORT --secret-file F
+--release-address 'ip addr del ...', then `takeover take --cross-host` there.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ async def main(args: argparse.Namespace) -> None:
     await takeover.serve_until_moved(
         server,
         **takeover.control_options(args),
+        release_address=args.release_address,  # a move to another host (docs/crosshost.md)
         ready=lambda m: print(f"echo on {args.host}:{args.port}, control {m.path}", flush=True),
     )
 
@@ -42,4 +46,5 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8007)
     takeover.add_control_options(parser)
+    takeover.add_release_address_option(parser)
     asyncio.run(main(parser.parse_args()))

@@ -243,3 +243,14 @@ def test_usage_error_exits_2_naming_what_is_missing():
     errors = [line for line in lines if line.startswith("takeover") and ": error:" in line]
     assert len(errors) == 1, lines
     assert "CONTROL" in errors[0]
+
+
+def test_acquire_address_needs_cross_host(workdir):
+    """--acquire-address without --cross-host is refused in one line, before connecting."""
+    status, lines = run_cli(
+        "take", os.path.join(workdir, "nothing.sock"), "--acquire-address", "true"
+    )
+    assert status != 0
+    assert lines == [
+        "takeover: error: --acquire-address is for a move across hosts: add --cross-host"
+    ], lines

@@ -11,15 +11,22 @@ echoed once, in order.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pwd
+import select
 import shutil
-from collections.abc import Iterator
+import signal
+import socket
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 import pythons
-from harness.hosts import SERVICE_IP, Host, Hosts
-from harness.procs import APPS, PYTHON, ROOT, Proc
+from harness.hosts import SERVICE_IP, SUBNET, Host, Hosts
+from harness.procs import APPS, PYTHON, ROOT, Proc, process_state
+from harness.waiting import wait_until
 from streaming import StreamingClients
 from takeover._core import tcprepair
 
@@ -127,3 +134,226 @@ def test_rollback_after_freeze_leaves_clients_unaware(
     assert not outcome.corrupted, outcome.corrupted
     assert not outcome.incomplete, outcome.incomplete
     assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
+
+
+# -- the move through the library: examples/echo.py and `takeover take --cross-host` -------
+
+ECHO = os.path.join(ROOT, "examples", "echo.py")
+CONTROL_PORT = 9007
+# The acquire hook: the address, then a gratuitous ARP in the background (arping
+# waits a second after its one announcement; the pause need not).
+ACQUIRE = (
+    f"ip addr add {SERVICE_IP}/24 dev eth0 && "
+    f"{{ arping -q -U -c 1 -I eth0 {SERVICE_IP} >/dev/null 2>&1 & }}"
+)
+
+
+def host_ip(host: Host, hosts: Hosts) -> str:
+    return f"{SUBNET}.{2 if host is hosts.a else 3}"
+
+
+def secret_file(workdir: str, name: str = "secret", text: str = "", uid: int = 0) -> str:
+    path = os.path.join(workdir, name)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text or "0123456789abcdef0123456789abcdef")
+    os.chown(path, uid, -1)
+    return path
+
+
+def echo_on(
+    host: Host,
+    hosts: Hosts,
+    secret: str,
+    procs: list[Proc],
+    release: str = "",
+    as_user: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """examples/echo.py on ``host``, on the service address, its control on the host's own."""
+    proc = Proc(
+        host.command(
+            [
+                *as_user,
+                *(PYTHON, ECHO, "--host", SERVICE_IP, "--port", str(PORT)),
+                *("--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
+                *("--secret-file", secret),
+                *("--release-address", release or hosts.del_address_script()),
+            ]
+        ),
+        {**ENV, **(env or {})},
+    )
+    procs.append(proc)
+    proc.expect("control")
+    return proc
+
+
+def take_across(
+    hosts: Hosts,
+    into: Host,
+    origin: Host,
+    secret: str,
+    procs: list[Proc],
+    *extra: str,
+    env: dict[str, str] | None = None,
+    as_user: Sequence[str] = (),
+) -> Proc:
+    """``takeover take --cross-host`` run on ``into``, from the process on ``origin``."""
+    proc = Proc(
+        into.command(
+            [
+                *as_user,
+                *(PYTHON, "-m", "takeover", "take", "--json", "--cross-host"),
+                *(f"tcp:{host_ip(origin, hosts)}:{CONTROL_PORT}", "--secret-file", secret),
+                *("--acquire-address", ACQUIRE),
+                *("--release-address", hosts.del_address_script(), *extra),
+            ]
+        ),
+        {**ENV, **(env or {})},
+    )
+    procs.append(proc)
+    return proc
+
+
+def moved(take: Proc) -> int:
+    """The connections ``take --json`` says it took."""
+    line = take.expect(r'^\{.*"service": "echo"', timeout=40).string
+    count: int = json.loads(line)["connections"]
+    return count
+
+
+def test_echo_moves_to_another_host_and_back_through_the_library(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    secret = secret_file(workdir)
+    on_a = echo_on(hosts.a, hosts, secret, procs)
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    assert moved(on_b) == CLIENTS
+    on_b.expect('"event": "serving"')
+    assert on_a.wait() == 0, on_a.output()
+    assert hosts.holder_of_address() == ["B"]
+    assert hosts.a.ss(PORT) == "", "host A still knows the connections"
+    assert len(hosts.b.ss(PORT).splitlines()) == CLIENTS + 1  # and the listener
+    streams.wait_progress()
+    back = take_across(hosts, hosts.a, hosts.b, secret, procs)
+    assert moved(back) == CLIENTS
+    back.expect('"event": "serving"')
+    assert on_b.wait() == 0, on_b.output()
+    assert hosts.holder_of_address() == ["A"]
+    assert hosts.b.ss(PORT) == "", "host B still knows the connections"
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+@pytest.mark.parametrize("failure", ["recipient-killed", "release-hook-fails"])
+def test_rollback_after_prepare_leaves_clients_unaware(
+    hosts: Hosts,
+    procs: list[Proc],
+    clients: list[StreamingClients],
+    workdir: str,
+    failure: str,
+) -> None:
+    """The connections frozen on A and rebuilt in repair mode on B, then the move
+    fails before the originator decides: B killed once it has adopted the
+    graph (before READY), or A's release hook fails (after READY; A says ERROR
+    and B discards its copies). A thaws and serves on; the clients saw a pause; the drop is gone.
+    After the kill, a second take moves the service all the same."""
+    secret = secret_file(workdir)
+    release = "echo the address stays >&2; false" if failure == "release-hook-fails" else ""
+    on_a = echo_on(hosts.a, hosts, secret, procs, release=release)
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    if failure == "recipient-killed":
+        fault = {"TAKEOVER_FAULTS": "recipient.adopted=kill"}
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, env=fault)
+        assert on_b.wait(40) != 0
+        on_a.expect("did not move 'echo'")
+    else:
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+        on_b.expect("the address stays")
+        assert on_b.wait(40) != 0
+        on_a.expect("did not move 'echo'")
+    assert hosts.holder_of_address() == ["A"]
+    assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
+    assert hosts.b.ss(PORT) == "", "host B kept a rebuilt connection"
+    streams.wait_progress()
+    if failure == "recipient-killed":
+        again = take_across(hosts, hosts.b, hosts.a, secret, procs)
+        assert moved(again) == CLIENTS
+        assert on_a.wait() == 0, on_a.output()
+        assert hosts.holder_of_address() == ["B"]
+        streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def test_not_root_is_refused_on_either_side(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
+    """Without CAP_NET_ADMIN: a recipient refuses itself before asking anything; an
+    originator answers a clear ERROR and serves on."""
+    secret = secret_file(workdir)
+    os.chmod(workdir, 0o711)  # nobody reaches its own secret file there
+    nobody = pwd.getpwnam("nobody").pw_uid
+    their_secret = secret_file(workdir, "nobody-secret", uid=nobody)
+    refused = take_across(hosts, hosts.b, hosts.a, their_secret, procs, as_user=NOBODY)
+    refused.expect("takeover: error: .*needs CAP_NET_ADMIN")
+    assert refused.wait() != 0
+    on_a = echo_on(hosts.a, hosts, their_secret, procs, as_user=NOBODY)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    line = on_b.expect("takeover: error: ").string
+    assert "cannot move 'echo' to another host from here" in line, line
+    assert "needs CAP_NET_ADMIN" in line, line
+    assert on_b.wait() != 0
+    assert hosts.holder_of_address() == ["A"]
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)) as sock:
+        sock.sendall(b"still here\n")
+        assert sock.recv(100) == b"still here\n"
+    assert on_a.popen.poll() is None
+
+
+def test_client_connecting_during_the_move_reaches_the_new_host(
+    hosts: Hosts, procs: list[Proc], workdir: str
+) -> None:
+    """The originator stops itself once the graph is sent (frozen: its listener's
+    new SYNs dropped); a client connects meanwhile. Its SYN is dropped, not
+    queued on A (where it would be reset with the listener); once the move is
+    over its retransmitted SYN reaches B, which serves it."""
+    secret = secret_file(workdir)
+    stop = {"TAKEOVER_FAULTS": "originator.graph-sent=stop"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=stop)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    wait_until(lambda: process_state(on_a.pid) == "T", what="the originator stopped")
+
+    def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        assert sock.connect_ex((SERVICE_IP, PORT)) == errno.EINPROGRESS
+        return sock
+
+    late = hosts.client.run(connect)
+    with late:
+        # Whatever the wait, the handshake cannot complete while A is frozen.
+        select.select([], [late], [], 0.3)
+        assert late.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2  # SYN_SENT
+        on_a.signal(signal.SIGCONT)
+        assert moved(on_b) == 0
+        assert on_a.wait() == 0, on_a.output()
+        late.setblocking(True)
+        late.settimeout(30)
+        late.sendall(b"late but served\n")
+        assert late.recv(100) == b"late but served\n"
+    assert hosts.holder_of_address() == ["B"]

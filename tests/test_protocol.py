@@ -762,3 +762,79 @@ def test_take_and_check_name_a_service(kind):
         with pytest.raises(ProtocolError, match="'service' must be a string"):
             advance(Message(kind, {"service": 3}))
         assert conversation.state == "idle"
+
+
+# -- a move across hosts (docs/crosshost.md) -------------------------------------------
+
+
+def cross_take(pair: ConversationPair) -> None:
+    pair.handshake()
+    pair.send(Role.RECIPIENT, Message(Kind.TAKE, {"service": "echo", "cross_host": True}))
+    assert pair.originator.move is not None and pair.originator.move.cross_host
+
+
+def cross_graph(fds: int = 0) -> Message:
+    return Message(Kind.GRAPH, {"fds": fds, "ahead": 0, "cross_host": True}, b"\x80\x05blob")
+
+
+def test_move_across_hosts_both_sides_agree():
+    """TAKE (cross_host), GRAPH without descriptors, READY, COMMIT, COMMITTED; then
+    the channel takes another service."""
+    pair = ConversationPair()
+    cross_take(pair)
+    pair.send(Role.ORIGINATOR, cross_graph())
+    assert pair.states() == ("await-ready", "await-ready")
+    pair.send(Role.RECIPIENT, Message(Kind.READY, {"service": "echo", "count": 3}))
+    assert pair.states() == ("ready", "ready")
+    pair.send(Role.ORIGINATOR, Message(Kind.COMMIT, {"service": "echo"}))
+    assert pair.states() == ("await-committed", "await-committed")
+    pair.send(Role.RECIPIENT, Message(Kind.COMMITTED, {"service": "echo"}))
+    assert pair.states() == ("idle", "idle")
+    pair.take(fds=1)  # a same-host move next, on the same channel
+    assert pair.states() == ("await-committed", "await-committed")
+
+
+@pytest.mark.parametrize("refusal", ["refused", "error-after-ready", "error-before-graph"])
+def test_move_across_hosts_rolled_back_returns_to_idle(refusal):
+    pair = ConversationPair()
+    cross_take(pair)
+    if refusal == "error-before-graph":
+        pair.send(Role.ORIGINATOR, error("not-permitted", "needs CAP_NET_ADMIN"))
+    else:
+        pair.send(Role.ORIGINATOR, cross_graph())
+        if refusal == "refused":
+            pair.send(Role.RECIPIENT, Message(Kind.REFUSED, {"reason": "no"}))
+        else:
+            pair.send(Role.RECIPIENT, Message(Kind.READY, {"service": "echo"}))
+            pair.send(Role.ORIGINATOR, error("rolled-back", "the release hook failed"))
+    assert pair.states() == ("idle", "idle")
+
+
+def test_move_across_hosts_carries_no_descriptors():
+    """No FDS frame, no GRAPH announcing descriptors, no arbiter: a ProtocolError."""
+    for message in (arbiter(0), batch(1)):
+        pair = ConversationPair()
+        cross_take(pair)
+        with pytest.raises(ProtocolError):
+            pair.originator.send(message)
+    pair = ConversationPair()
+    cross_take(pair)
+    with pytest.raises(ProtocolError, match="without descriptors"):
+        pair.originator.send(cross_graph(fds=2))
+    with pytest.raises(ProtocolError, match="without descriptors"):
+        pair.originator.send(graph(0))  # not marked cross_host
+
+
+def test_commit_and_ready_only_in_a_move_across_hosts():
+    pair = ConversationPair()
+    pair.handshake()
+    pair.take(fds=0)
+    with pytest.raises(ProtocolError, match="unexpected READY"):
+        pair.recipient.send(Message(Kind.READY, {"service": "echo"}))
+    with pytest.raises(ProtocolError, match="unexpected COMMIT"):
+        pair.originator.send(Message(Kind.COMMIT, {"service": "echo"}))
+    pair = ConversationPair()
+    cross_take(pair)
+    pair.send(Role.ORIGINATOR, cross_graph())
+    with pytest.raises(ProtocolError, match="unexpected COMMIT"):
+        pair.originator.send(Message(Kind.COMMIT, {"service": "echo"}))  # before READY

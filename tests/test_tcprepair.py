@@ -9,11 +9,14 @@ frozen. Every byte of both streams is checked, in order, once.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import select
 import shutil
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -142,3 +145,46 @@ def test_refused_without_net_admin(repair_available: None, workdir: str) -> None
         assert proc.wait() == 0
     finally:
         proc.kill()
+
+
+def test_freeze_drops_new_connections_to_a_listener(
+    repair_available: None, procs: list[Proc]
+) -> None:
+    """A frozen listener's new SYNs are dropped (the client sends them again), the
+    connections already made are not touched; after the thaw the client's retry
+    connects. A table with only a listener in it is still made and lifted."""
+    ns = NetNamespace(procs)
+
+    def scenario() -> tuple[int, bytes]:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            frozen = tcprepair.freeze([], [listener])
+            try:
+                assert (
+                    "tcp flags syn / syn,ack drop"
+                    in subprocess.run(
+                        ["nft", "list", "table", "inet", frozen.table],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                )
+                client = socket.socket()
+                client.setblocking(False)
+                assert client.connect_ex(listener.getsockname()) == errno.EINPROGRESS
+                # Whatever the wait, the handshake cannot complete: its SYN is dropped.
+                select.select([], [client], [], 0.3)
+                state = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            finally:
+                frozen.thaw()
+            with client:
+                client.setblocking(True)
+                client.settimeout(30)
+                listener.settimeout(30)
+                conn, _ = listener.accept()  # the retransmitted SYN got through
+                with conn:
+                    conn.sendall(b"hello")
+                    return state, client.recv(5)
+
+    state, data = ns.run(scenario)
+    assert state == 2  # SYN_SENT
+    assert data == b"hello"

@@ -44,6 +44,7 @@ from ._core.options import (
     add_admission_options,
     add_limit_options,
     add_pid_file_option,
+    add_release_address_option,
     add_security_options,
     admission_options,
     limits,
@@ -231,6 +232,7 @@ async def _take(args: argparse.Namespace) -> int:
             on_serving=on_serving,
             pid_file=args.pid_file,
             drain=args.drain,
+            **_cross_host(args),
         )
     except TakeoverError:
         raise
@@ -243,6 +245,19 @@ async def _take(args: argparse.Namespace) -> int:
     if not result.taken:
         return EXIT_FAILURE
     return EXIT_PARTIAL if result.failed else 0
+
+
+def _cross_host(args: argparse.Namespace) -> dict[str, Any]:
+    """``take``'s options of a move across hosts (only those given)."""
+    options: dict[str, Any] = {}
+    if args.cross_host:
+        options["cross_host"] = True
+        options["acquire_address"] = args.acquire_address
+    elif args.acquire_address:
+        raise CommandError("--acquire-address is for a move across hosts: add --cross-host")
+    if args.release_address:
+        options["release_address"] = args.release_address
+    return options
 
 
 def _report_check(result: CheckResult, as_json: bool) -> None:
@@ -378,6 +393,22 @@ def _take_parser(commands: Any) -> None:
         "an unpicklable protocol) stay and drain in the old process for up to SECONDS; "
         "the listener and the others move",
     )
+    p.add_argument(
+        "--cross-host",
+        action="store_true",
+        help="the originator (CONTROL is tcp:HOST:PORT) runs on another host: established "
+        "TCP connections are rebuilt here by TCP_REPAIR (root or CAP_NET_ADMIN on both "
+        "hosts; see docs/crosshost.md); the services are published again at the same "
+        "port on every address of this host",
+    )
+    p.add_argument(
+        "--acquire-address",
+        metavar="CMD",
+        help="with --cross-host: the shell command that makes the service address this "
+        "host's at the commit, e.g. 'ip addr add 10.0.0.100/24 dev eth0 && "
+        "arping -U -c 1 -I eth0 10.0.0.100'",
+    )
+    add_release_address_option(p)
     p.add_argument(
         "--detach",
         action="store_true",

@@ -120,6 +120,13 @@ class ConnectionMovedError(TakeoverError, ConnectionError):
     code = "moved"
 
 
+class NotPermittedError(TakeoverError, PermissionError):
+    """This process lacks a privilege the operation needs (CAP_NET_ADMIN for a
+    move across hosts); the message says which."""
+
+    code = "not-permitted"
+
+
 ERRORS_BY_CODE: dict[str, type[TakeoverError]] = {
     cls.code: cls
     for cls in (
@@ -134,6 +141,7 @@ ERRORS_BY_CODE: dict[str, type[TakeoverError]] = {
         MigrationTimeoutError,
         RolledBackError,
         ConnectionMovedError,
+        NotPermittedError,
     )
 }
 

@@ -15,6 +15,14 @@ The points, in the order of the conversation (tests/test_faults.py covers each):
   ``ahead-received``, ``ahead-ready-sent``, ``graph-received``, ``fds-received``,
   ``adopted``, ``started`` (committed in the arbiter and started, COMMITTED
   not yet sent), ``committed-sent``.
+
+A move across hosts (``crossmove.py``) has its own after ``take-received``:
+
+* originator: ``quiesced``, ``frozen`` (the connections dropped and in repair
+  mode), ``graph-sent``, ``ready-received``, ``decided`` (the release hook
+  has run: committed), ``commit-sent``;
+* recipient: ``take-sent``, ``graph-received``, ``adopted`` (rebuilt in
+  repair mode), ``ready-sent``, ``commit-received``, ``started``.
 """
 
 from __future__ import annotations

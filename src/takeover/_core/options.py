@@ -138,6 +138,17 @@ def add_control_options(parser: argparse.ArgumentParser, *, required: bool = Tru
     add_limit_options(parser)
 
 
+def add_release_address_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--release-address CMD`` (a move to another host, docs/crosshost.md)."""
+    parser.add_argument(
+        "--release-address",
+        metavar="CMD",
+        help="a move to another host (takeover take --cross-host): the shell command that "
+        "gives up the service address here at its commit, e.g. "
+        "'ip addr del 10.0.0.100/24 dev eth0' (its failure rolls the move back)",
+    )
+
+
 def add_log_format_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--log-format text|json``."""
     parser.add_argument(

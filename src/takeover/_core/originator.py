@@ -167,7 +167,12 @@ async def serve_channel(
             largest = message.body.get("max_graph")
             if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
                 largest = None  # a recipient that does not say (an older one)
-            await _Move(session, message.body["service"], drain, largest).run()
+            if message.body.get("cross_host") is True:
+                from .crossmove import CrossHostMove
+
+                await CrossHostMove(session, message.body["service"], drain, largest).run()
+            else:
+                await _Move(session, message.body["service"], drain, largest).run()
         elif message.kind is Kind.CHECK:
             await _check(session, message.body["service"])
 
@@ -196,8 +201,10 @@ async def _handshake(
         "python": sys.version,
         "implementation": sys.implementation.name,
     }
+    # A recipient on another host cannot reach the descriptor transport: none is offered.
+    fd_transport = not channel.local and peer.get("cross_host") is not True
     if secret is None:
-        if not channel.local:
+        if fd_transport:
             # TLS has authenticated the recipient: say where descriptors go.
             info["fd_transport"] = await channel.offer_fd_transport()
         await session.send(protocol.hello(Role.ORIGINATOR, **info))
@@ -216,7 +223,7 @@ async def _handshake(
     message = await session.receive(timeout)
     check_proof(secret, "recipient", their_nonce, our_nonce, message.body.get("proof"))
     # Only an authenticated recipient learns where descriptors go (same host only).
-    offer = {} if channel.local else {"fd_transport": await channel.offer_fd_transport()}
+    offer = {"fd_transport": await channel.offer_fd_transport()} if fd_transport else {}
     await session.send(Message(Kind.AUTHED, offer))
     return peer
 

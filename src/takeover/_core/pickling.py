@@ -87,6 +87,19 @@ def _socket_ahead(slot: int) -> socket.socket:
     raise _outside_a_load()
 
 
+def _repaired_socket(state: dict[str, Any]) -> socket.socket:
+    """A connection moved to another host, as its TCP_REPAIR state:
+    ``GraphLoad.repaired_socket`` on the recipient."""
+    raise _outside_a_load()
+
+
+def _listening_socket(
+    family: int, address: list[Any], backlog: int, options: dict[str, int]
+) -> socket.socket:
+    """A listener moved to another host, bound again there: ``GraphLoad.listening_socket``."""
+    raise _outside_a_load()
+
+
 def _outside_a_load() -> ProtocolError:
     return ProtocolError("a takeover reconstructor was called outside the load of a service graph")
 
@@ -256,7 +269,10 @@ def dumps(
         SerializationError: something in the graph cannot be pickled.
     """
     buffer = io.BytesIO()
-    pickler = GraphPickler(buffer, protocol, ahead)
+    return _dump(GraphPickler(buffer, protocol, ahead), buffer, graph)
+
+
+def _dump(pickler: GraphPickler, buffer: io.BytesIO, graph: Any) -> Dumped:
     try:
         with gc_paused():
             pickler.dump(graph)
@@ -326,6 +342,18 @@ class GraphLoad:
     def socket_slot(self, slot: int, family: int, kind: int, proto: int) -> socket.socket:
         """The socket around the descriptor in ``slot`` (what ``_socket_slot`` stands for)."""
         return self.unpickler.socket_for(slot, family, kind, proto)
+
+    def repaired_socket(self, state: Any) -> socket.socket:
+        """What ``_repaired_socket`` stands for: see ``crosspickle.repaired_socket``."""
+        from .crosspickle import repaired_socket
+
+        return repaired_socket(self.unpickler, state)
+
+    def listening_socket(self, family: Any, address: Any, backlog: Any, options: Any) -> Any:
+        """What ``_listening_socket`` stands for: see ``crosspickle.listening_socket``."""
+        from .crosspickle import listening_socket
+
+        return listening_socket(self.unpickler, family, address, backlog, options)
 
     def loads(self, blob: bytes) -> Any:
         """Load a graph nested in this one (no descriptors), under the same policy and script."""
@@ -432,6 +460,8 @@ _LOAD_METHODS = {
     "_import_module": "import_module",
     "_bound_method": "bound_method",
     "_socket_slot": "socket_slot",
+    "_repaired_socket": "repaired_socket",
+    "_listening_socket": "listening_socket",
 }
 
 
@@ -458,6 +488,11 @@ class GraphUnpickler(pickle.Unpickler):
         self.persistent_load = _refuse_persistent  # type: ignore[method-assign]
         self.policy = policy if policy is not None else UnpicklePolicy()
         self.load_in_progress: GraphLoad | None = None
+        # A move across hosts: the connections rebuilt in repair mode, with their
+        # state (None: not such a move, whose reconstructors are then refused).
+        self.repaired: list[tuple[socket.socket, dict[str, Any]]] | None = None
+        # Sockets this load made (not received): closed if it fails.
+        self.rebuilt: list[socket.socket] = []
         self.use(fds, ahead)
 
     def use(self, fds: Sequence[int], ahead: Sequence[socket.socket]) -> None:
@@ -514,6 +549,9 @@ class GraphUnpickler(pickle.Unpickler):
             sock.close()
         for sock in self.sockets.values():
             sock.close()
+        for sock in self.rebuilt:
+            sock.close()
+        self.rebuilt = []
         self.close_unused()
 
     def find_class(self, module: str, name: str) -> Any:
@@ -575,8 +613,14 @@ def loads(
     policy: UnpicklePolicy | None = None,
     ahead: Sequence[socket.socket] = (),
     unpickler: GraphUnpickler | None = None,
+    repaired: list[tuple[socket.socket, dict[str, Any]]] | None = None,
 ) -> Any:
     """Rebuild a graph from ``blob`` and the descriptors that came with it.
+
+    ``repaired``: a move across hosts. The graph's connections are rebuilt
+    from their TCP_REPAIR state, in repair mode, and listed there with it
+    (the caller starts them at the commit); its listeners are bound again.
+    Without it, a graph that names those reconstructors is refused.
 
     ``ahead`` are the sockets sent ahead of the graph (its first slots);
     ``fds`` are the descriptors sent with it, in the slots that follow.
@@ -605,6 +649,7 @@ def loads(
         unpickler.use(fds, ahead)
         if policy is not None:
             unpickler.policy = policy
+    unpickler.repaired = repaired
     load = unpickler.load_in_progress = GraphLoad(unpickler, unpickler.policy, main)
     try:
         with gc_paused():

@@ -41,6 +41,17 @@ The recipient connects and speaks first. Written from the originator's side
                                                             adopt it, or found ROLLED_BACK)
     any             --either BYE-->      closed
 
+A move across hosts (TAKE says ``"cross_host": true``; docs/crosshost.md) has
+no descriptors and no arbiter: the originator decides, and says so::
+
+    taking          --out ERROR-->       idle              (not permitted, unpicklable...)
+    taking          --out GRAPH-->       await-ready       (connections as TCP_REPAIR state)
+    await-ready     --in READY-->        ready             (rebuilt in repair mode, adopted)
+    await-ready     --in REFUSED-->      idle              (rolled back: the originator thaws)
+    ready           --out COMMIT-->      await-committed   (the originator has let go)
+    ready           --out ERROR-->       idle              (rolled back after all)
+    await-committed --in COMMITTED-->    idle              (started there)
+
 ERROR may also be sent in ``start`` and ``hello-received`` (authentication
 refused), after which the channel closes. The commit point is not a frame but
 the move's arbiter (``arbiter.py``), a byte both processes share and decide
@@ -125,6 +136,9 @@ class Kind(enum.IntEnum):
     CHECK = 13
     CHECKED = 14
     AHEAD_READY = 15
+    # A move across hosts (TCP_REPAIR, see docs/crosshost.md).
+    READY = 16
+    COMMIT = 17
     AUTH = 20
     AUTHED = 21
 
@@ -239,6 +253,17 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("await-committed", _IN, Kind.REFUSED): "idle",
 }
 
+# The same, for a move across hosts (from TAKE with "cross_host": true to its end).
+_CROSS_TRANSITIONS: dict[tuple[str, str, Kind], str] = {
+    ("taking", _OUT, Kind.ERROR): "idle",
+    ("taking", _OUT, Kind.GRAPH): "await-ready",
+    ("await-ready", _IN, Kind.READY): "ready",
+    ("await-ready", _IN, Kind.REFUSED): "idle",
+    ("ready", _OUT, Kind.COMMIT): "await-committed",
+    ("ready", _OUT, Kind.ERROR): "idle",
+    ("await-committed", _IN, Kind.COMMITTED): "idle",
+}
+
 
 @dataclass
 class Move:
@@ -255,9 +280,11 @@ class Move:
         ahead_sent: how many of those have come.
         twins: the kind of twin the batches sent ahead name (None: none).
         late: descriptors the GRAPH said would follow it, not come yet.
+        cross_host: a move to another host (no descriptors; see _CROSS_TRANSITIONS).
     """
 
     service: str
+    cross_host: bool = False
     ahead: int | None = None
     ahead_sent: int = 0
     twins: str | None = None
@@ -316,7 +343,10 @@ class Conversation:
             self.move = None
             return
         from_originator = outgoing == (self.role is Role.ORIGINATOR)
-        nxt = _TRANSITIONS.get((self.state, _OUT if from_originator else _IN, message.kind))
+        table = _TRANSITIONS
+        if self.move is not None and self.move.cross_host:
+            table = _CROSS_TRANSITIONS
+        nxt = table.get((self.state, _OUT if from_originator else _IN, message.kind))
         if nxt is None and message.kind is Kind.ERROR and from_originator:
             # An originator may give up on any step; the channel then closes.
             nxt = "closed"
@@ -329,7 +359,7 @@ class Conversation:
             # A secret is configured: the recipient must prove it before anything else.
             nxt = "authenticating"
         if message.kind is Kind.TAKE:
-            self.move = Move(_text(message.body, "service"))
+            self.move = Move(_text(message.body, "service"), message.body.get("cross_host") is True)
         elif message.kind is Kind.CHECK:
             _text(message.body, "service")
         elif self.move is not None:
@@ -344,6 +374,15 @@ class Conversation:
         Nothing is changed unless the message is accepted.
         """
         body = message.body
+        if move.cross_host:
+            if message.kind is Kind.GRAPH and (
+                body.get("cross_host") is not True or body.get("fds") != 0
+            ):
+                raise ProtocolError(
+                    f"the graph of {move.service!r} must move across hosts without "
+                    f"descriptors, not {body.get('fds')!r}"
+                )
+            return nxt
         if message.kind is Kind.FDS and self.state == "taking":
             if move.ahead is None:
                 self._check_arbiter(move, body)

@@ -183,8 +183,14 @@ class RecipientSession:
         secret: bytes | None = None,
         policy: UnpicklePolicy | None = None,
         admission: Admission = Admission(),
+        cross_host: bool = False,
+        acquire_address: str | None = None,
     ) -> None:
         self.channel = channel
+        # Moves to this host from another (TCP_REPAIR; see crossmove.py), and the
+        # command that makes the service address this host's at their commit.
+        self.cross_host = cross_host
+        self.acquire_address = acquire_address
         # Originators of other users this side accepts (root and its own user always).
         self.admission = admission
         self.limits = limits
@@ -238,6 +244,8 @@ class RecipientSession:
         extra: dict[str, Any] = {"nonce": nonce}
         if self.secret is not None:
             extra["auth"] = AUTH_SCHEME
+        if self.cross_host:
+            extra["cross_host"] = True  # no descriptor transport: it cannot be reached
         try:
             await self._send(
                 protocol.hello(
@@ -350,6 +358,10 @@ class RecipientSession:
         return taken
 
     async def _take(self, name: str, runtime: Any, drain: float | None) -> Taken:
+        if self.cross_host:
+            from .crossmove import take_across_hosts
+
+            return await take_across_hosts(self, name, runtime, drain)
         if self._fd_transport is not None:
             # Over TCP: connect the local descriptor socket first (same host only).
             await self.channel.connect_fd_transport(self._fd_transport, self.limits.step_timeout)

@@ -89,6 +89,9 @@ class Registry:
         self.successor_pid: int | None = None
         # What a recipient is told to carry on (``pid_file``), see supervision.py.
         self.supervision: dict[str, str] = {}
+        # The command that gives up the service address at the commit of a move
+        # to another host (see crossmove.py); None: moved some other way.
+        self.release_address: str | None = None
 
     def publish(self, service: Service) -> None:
         """Make ``service`` available under its ``service_name``.

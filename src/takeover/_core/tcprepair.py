@@ -42,7 +42,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from takeover._core.errors import TakeoverError
+from takeover._core.errors import NotPermittedError, TakeoverError
 
 # linux/tcp.h
 TCP_REPAIR = 19
@@ -72,6 +72,7 @@ TCPOPT_TIMESTAMP = 8
 TCP_ESTABLISHED = 1
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
+IPV6_FREEBIND = 78
 IPV6_TRANSPARENT = 75
 CAP_NET_ADMIN = 12
 
@@ -86,7 +87,7 @@ class RepairError(TakeoverError):
     code = "tcp-repair"
 
 
-class CapabilityError(RepairError, PermissionError):
+class CapabilityError(RepairError, NotPermittedError):
     """This process may not repair TCP connections (no CAP_NET_ADMIN, no nft)."""
 
     code = "not-permitted"
@@ -334,6 +335,97 @@ def restore(state: dict[str, Any], *, freebind: bool = False) -> socket.socket:
     return sock
 
 
+# -- what else a move across hosts needs -----------------------------------------
+
+SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+_TCP_INFO_BACKLOG = struct.Struct("=24xII")  # tcpi_unacked, tcpi_sacked: a listener's queue
+
+
+def listener_options(sock: socket.socket) -> tuple[int, dict[str, int]]:
+    """A listening TCP socket's backlog and the options rebuilt with it."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
+    _queued, backlog = _TCP_INFO_BACKLOG.unpack(info)
+    options = {
+        "reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+        "reuseport": sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15)),
+    }
+    if sock.family == socket.AF_INET6:
+        options["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    return max(backlog, 1), options
+
+
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN))
+
+
+_TCP_STATES = {
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    11: "CLOSING",
+}
+
+
+def cross_host_refusal(sock: socket.socket) -> str | None:
+    """Why ``sock`` cannot move to another host (None: it can), naming it."""
+    family, kind = int(sock.family), int(sock.type) & ~getattr(socket, "SOCK_NONBLOCK", 0)
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
+        try:
+            name: Any = sock.getsockname()
+        except OSError:
+            name = "?"
+        what = "a UNIX socket" if family == socket.AF_UNIX else "a socket that is not TCP"
+        return (
+            f"cannot move {what} ({name or 'unnamed'}, fd {sock.fileno()}) to another host: "
+            "only TCP listeners and established TCP connections move across hosts"
+        )
+    if is_listening(sock):
+        return None
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    if state != 1:  # TCP_ESTABLISHED
+        try:
+            peer: Any = sock.getpeername()
+        except OSError:
+            peer = "?"
+        return (
+            f"cannot move the connection from {peer} (fd {sock.fileno()}, TCP state "
+            f"{_TCP_STATES.get(state, state)}) to another host: only established "
+            "connections move across hosts (a half-closed one would need a forged FIN)"
+        )
+    return None
+
+
+def listen_again(
+    family: int, address: Sequence[Any], backlog: int, options: dict[str, int]
+) -> socket.socket:
+    """A listener bound with IP_FREEBIND (the address need not be this host's
+    yet), with ``options`` (from :func:`listener_options`), listening, non-blocking."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if options.get("reuseaddr"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if options.get("reuseport"):
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15), 1)
+        if family == socket.AF_INET6:
+            v6only = int(bool(options.get("v6only")))
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind(tuple(address))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 # -- the drop ---------------------------------------------------------------------
 
 _tables = itertools.count()
@@ -351,8 +443,25 @@ def _element(family: int, local: Sequence[Any], peer: Sequence[Any]) -> str:
     return f"{local[0]} . {local[1]} . {peer[0]} . {peer[1]}"
 
 
-def drop_script(table: str, connections: Iterable[tuple[int, list[Any], list[Any]]]) -> str:
-    """An nft table that drops every packet of these connections, both ways."""
+def _syn_rule(family: int, address: Sequence[Any]) -> str:
+    """An nft rule dropping new connections (a SYN without ACK) to a listener."""
+    host, port = address[0], int(address[1])
+    syn = "tcp flags & (syn | ack) == syn drop"
+    if family == socket.AF_INET:
+        match = "" if host in ("", "0.0.0.0") else f"ip daddr {host} "
+        return f"    meta nfproto ipv4 {match}tcp dport {port} {syn}"
+    match = "" if host in ("", "::") else f"ip6 daddr {host} "
+    return f"    meta nfproto ipv6 {match}tcp dport {port} {syn}"
+
+
+def drop_script(
+    table: str,
+    connections: Iterable[tuple[int, list[Any], list[Any]]],
+    listeners: Iterable[tuple[int, Sequence[Any]]] = (),
+) -> str:
+    """An nft table that drops every packet of these connections, both ways, and
+    new connections to these listeners (family, address): their SYNs, which the
+    clients send again (after a second) to whichever host then has the address."""
     v4: list[str] = []
     v6: list[str] = []
     for family, local, peer in connections:
@@ -364,6 +473,7 @@ def drop_script(table: str, connections: Iterable[tuple[int, list[Any], list[Any
         "  chain in { type filter hook prerouting priority -300; policy accept;",
         "    ip daddr . tcp dport . ip saddr . tcp sport @v4 drop",
         "    ip6 daddr . tcp dport . ip6 saddr . tcp sport @v6 drop",
+        *(_syn_rule(family, address) for family, address in listeners),
         "  }",
         "  chain out { type filter hook output priority -300; policy accept;",
         "    ip saddr . tcp sport . ip daddr . tcp dport @v4 drop",
@@ -384,17 +494,20 @@ class Freeze:
     live again here) or :meth:`release` (commit: closed silently) ends it.
     """
 
-    def __init__(self, sockets: Sequence[socket.socket]) -> None:
+    def __init__(
+        self, sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()
+    ) -> None:
         self.sockets = list(sockets)
         self.tuples = [four_tuple(sock) for sock in self.sockets]
+        self.listeners = [(int(s.family), s.getsockname()) for s in listeners]
         self.table = f"takeover_{os.getpid()}_{next(_tables)}"
         self.dropping = False
         self.repaired: list[socket.socket] = []
 
     def drop(self) -> None:
         """Drop every packet of these connections, both ways (one nft table)."""
-        if self.tuples and not self.dropping:
-            _nft(drop_script(self.table, self.tuples))
+        if (self.tuples or self.listeners) and not self.dropping:
+            _nft(drop_script(self.table, self.tuples, self.listeners))
             self.dropping = True
 
     def repair(self) -> None:
@@ -435,10 +548,11 @@ class Freeze:
         self.lift()
 
 
-def freeze(sockets: Sequence[socket.socket]) -> Freeze:
-    """Drop every packet of these connections, both ways, then put each in repair mode."""
-    require_capability(nft=bool(sockets))
-    frozen = Freeze(sockets)
+def freeze(sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()) -> Freeze:
+    """Drop every packet of these connections, both ways, then put each in repair
+    mode; drop new connections to ``listeners`` too (see :func:`drop_script`)."""
+    require_capability(nft=bool(sockets) or bool(listeners))
+    frozen = Freeze(sockets, listeners)
     try:
         frozen.drop()
         frozen.repair()
@@ -446,3 +560,30 @@ def freeze(sockets: Sequence[socket.socket]) -> Freeze:
         frozen.thaw()
         raise
     return frozen
+
+
+# -- the service address's hooks ---------------------------------------------------
+
+HOOK_TIMEOUT = 30.0
+
+
+def run_address_hook(command: str | None, what: str) -> None:
+    """Run an address hook (``sh -c COMMAND``): ``what`` says which ("release",
+    "acquire"). None: nothing to run (the address is moved some other way).
+
+    Raises:
+        RepairError: it failed or timed out; the message has its stderr.
+    """
+    if not command:
+        return
+    try:
+        done = subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, timeout=HOOK_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RepairError(f"the {what} hook {command!r} ran over {HOOK_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise RepairError(f"the {what} hook {command!r} could not run: {exc}") from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        raise RepairError(f"the {what} hook {command!r} failed: {detail}")

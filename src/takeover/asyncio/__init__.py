@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._core import runtimes
+from .._core import runtimes, tcprepair
 from .._core.auth import Admission, TLSConfig, load_secret
 from .._core.channel import Channel
 from .._core.errors import (
@@ -45,7 +45,7 @@ from .._core.errors import (
     TakeoverError,
 )
 from .._core.logs import ensure_move_log
-from .._core.options import add_control_options, control_options
+from .._core.options import add_control_options, add_release_address_option, control_options
 from .._core.policy import UnpicklePolicy
 from .._core.protocol import Limits
 from .._core.recipient import RecipientSession, Taken, select
@@ -70,6 +70,7 @@ __all__ = [
     "Succession",
     "TLSConfig",
     "add_control_options",
+    "add_release_address_option",
     "connect",
     "control_options",
     "hold",
@@ -180,6 +181,8 @@ async def connect(
     trust: bool = False,
     admit_users: Iterable[int | str] = (),
     admit_groups: Iterable[int | str] = (),
+    cross_host: bool = False,
+    acquire_address: str | None = None,
 ) -> RecipientSession:
     """Open a control connection to the migration server at ``control``.
 
@@ -197,6 +200,13 @@ async def connect(
         admit_users, admit_groups: originators running as another user
             that this side accepts (names or ids; see
             :class:`MigrationServer`); its own user and root always are.
+        cross_host: the originator runs on another host: its services'
+            established TCP connections are rebuilt here by TCP_REPAIR
+            (docs/crosshost.md). Needs CAP_NET_ADMIN here and there.
+        acquire_address: with ``cross_host``, the shell command that makes
+            the service address this host's at the commit of each move
+            (say ``ip addr add 10.0.0.100/24 dev eth0 && arping -U -c 1 -I
+            eth0 10.0.0.100``); None: the address moves some other way.
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
@@ -204,13 +214,22 @@ async def connect(
         FileNotFoundError, ConnectionRefusedError: nothing serves ``control``.
         AuthenticationError: the originator runs as another user that is
             not admitted, or the secrets differ, or only one side has one.
+        NotPermittedError: ``cross_host`` without CAP_NET_ADMIN.
         ValueError: a user or group name that this system does not know.
     """
+    if cross_host:
+        tcprepair.require_capability(nft=False)  # before anything is asked of the originator
     policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
     admission = Admission.of(admit_users, admit_groups)
     channel = await _open_channel(control, limits, secret, tls, admission)
     session = RecipientSession(
-        channel, limits=limits, secret=secret, policy=policy, admission=admission
+        channel,
+        limits=limits,
+        secret=secret,
+        policy=policy,
+        admission=admission,
+        cross_host=cross_host,
+        acquire_address=acquire_address,
     )
     try:
         await session.open()
@@ -276,6 +295,8 @@ async def take(
     trust: bool = False,
     admit_users: Iterable[int | str] = (),
     admit_groups: Iterable[int | str] = (),
+    cross_host: bool = False,
+    acquire_address: str | None = None,
 ) -> list[Taken]:
     """Move services from the migration server at ``control`` into this process.
 
@@ -283,8 +304,8 @@ async def take(
         control: the originator's control socket path, or ``tcp:HOST:PORT``.
         services: names to take; every published service when empty.
         runtime: what the services adopt (default: the running event loop).
-        limits, secret, tls, allow, trust, admit_users, admit_groups: as for
-            :func:`connect`.
+        limits, secret, tls, allow, trust, admit_users, admit_groups,
+            cross_host, acquire_address: as for :func:`connect`.
 
     Returns:
         One :class:`~takeover.Taken` per service, each running in this
@@ -304,6 +325,8 @@ async def take(
         trust=trust,
         admit_users=admit_users,
         admit_groups=admit_groups,
+        cross_host=cross_host,
+        acquire_address=acquire_address,
     )
     try:
         names = select(await session.list(), services)
@@ -325,6 +348,7 @@ async def serve_until_moved(
     log_format: str | None = None,
     admit_users: Iterable[int | str] = (),
     admit_groups: Iterable[int | str] = (),
+    release_address: str | None = None,
 ) -> None:
     """Publish ``services`` at ``control`` and return once all have moved away.
 
@@ -354,6 +378,9 @@ async def serve_until_moved(
             if it configured none, every move is logged to stderr in text.
         admit_users, admit_groups: other users and groups whose processes
             may take the services (see :class:`MigrationServer`).
+        release_address: the shell command that gives up the service
+            address at the commit of a move to another host (say ``ip addr
+            del 10.0.0.100/24 dev eth0``; see docs/crosshost.md).
 
     Under a supervisor that set ``$NOTIFY_SOCKET`` (systemd's ``Type=notify``,
     or ``takeover run``), this process sends ``READY=1`` and a ``STATUS=``
@@ -371,6 +398,7 @@ async def serve_until_moved(
         tls=tls,
         admit_users=admit_users,
         admit_groups=admit_groups,
+        release_address=release_address,
     ) as migration:
         for service in services:
             migration.publish(service)
@@ -440,10 +468,10 @@ async def take_and_serve(
         pid_file: the PID file to keep (default: the originator's); see
             :func:`serve_until_moved`, whose notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
-            ``allow``, ``trust``, ``admit_users``, ``admit_groups``);
-            ``limits``, ``secret``, ``tls`` and the admissions apply to the
-            migration server published here too: it admits whom this
-            process admits, not whom the originator did.
+            ``allow``, ``trust``, ``admit_users``, ``admit_groups``, ``cross_host``,
+            ``acquire_address``) and ``release_address`` (:func:`serve_until_moved`);
+            ``limits``, ``secret``, ``tls`` and the admissions apply to the server
+            published here too: it admits whom this process admits.
 
     Raises:
         NoSuchServiceError: the originator publishes nothing, or not a
@@ -454,19 +482,20 @@ async def take_and_serve(
     ensure_move_log()
     # Used twice (by connect() and by the server published here): no iterator.
     options.update({k: tuple(options[k]) for k in ("admit_users", "admit_groups") if k in options})
+    release = options.pop("release_address", None)  # (for the server published here)
     session = await connect(control, **options)
     result = Succession()
     supervisor = Supervisor(pid_file)
     try:
         listed = await session.list()
-        if pid_file is None and "pid_file" in session.supervision:
+        if pid_file is None and "pid_file" in session.supervision and not session.cross_host:
             supervisor = Supervisor(session.supervision["pid_file"])
         names = _to_take(control, listed, services)
         await _take_each(session, names, (runtime, drain), result, supervisor, on_taken, on_failed)
         if not result.taken:
             return result
         everything = {t.name for t in result.taken} == {str(s.get("name")) for s in listed}
-        migration = _republish(control, everything, result.taken, options)
+        migration = _republish(control, everything, result.taken, options, release)
         migration.registry.supervision = supervisor.handed_on()
         if not migration.path.startswith("tcp:"):
             # Publish (rename over CONTROL) before BYE, so that the originator,
@@ -552,15 +581,23 @@ def _to_take(control: str, listed: Sequence[dict[str, Any]], services: Sequence[
 
 
 def _republish(
-    control: str, everything: bool, taken: Sequence[Taken], options: dict[str, Any]
+    control: str,
+    everything: bool,
+    taken: Sequence[Taken],
+    options: dict[str, Any],
+    release_address: str | None = None,
 ) -> MigrationServer:
     """The migration server for the services taken (not started yet).
 
     At ``control`` itself if they are ``everything`` the originator had;
     otherwise at a path (or a port) of this process's own, since the
-    originator still serves the rest at ``control``.
+    originator still serves the rest at ``control``. From another host
+    (``cross_host``): at the same port on every address of this host.
     """
-    if everything:
+    if options.get("cross_host"):
+        port = control.rpartition(":")[2] if everything else "0"
+        where = f"tcp:0.0.0.0:{port}"
+    elif everything:
         where = control
     elif control.startswith("tcp:"):
         where = control.rpartition(":")[0] + ":0"
@@ -568,7 +605,9 @@ def _republish(
         where = f"{control}.{os.getpid()}"
     keys = ("limits", "secret", "tls", "admit_users", "admit_groups")
     security = {key: options[key] for key in keys if key in options}
-    migration = MigrationServer(where, replace=everything, **security)
+    migration = MigrationServer(
+        where, replace=everything, release_address=release_address, **security
+    )
     for result in taken:
         migration.publish(result.service)
     return migration

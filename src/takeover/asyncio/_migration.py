@@ -186,6 +186,9 @@ class MigrationServer:
             supplementary group is one of them is accepted. With exactly one
             group and no user, the socket file goes to that group, mode
             0660. Either way nothing of a service is sent before the check.
+        release_address: the shell command that gives up the service
+            address at the commit of a move to another host (see
+            docs/crosshost.md); None: the address moves some other way.
 
     Raises:
         ValueError: a user or group name that this system does not know.
@@ -201,6 +204,7 @@ class MigrationServer:
         tls: TLSConfig | None = None,
         admit_users: Iterable[int | str] = (),
         admit_groups: Iterable[int | str] = (),
+        release_address: str | None = None,
     ) -> None:
         self.admission = Admission.of(admit_users, admit_groups)
         self._kind, address = parse_control(control)
@@ -214,6 +218,7 @@ class MigrationServer:
         self.secret = secret
         self.tls = tls
         self.registry = Registry()
+        self.registry.release_address = release_address
         self._replace = replace
         self._sock: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None

@@ -481,6 +481,15 @@ class MigratableServer:
             self.protocol_factory, [t._protocol for t in self._transports], "takeover_quiesce"
         )
 
+    def takeover_unsent(self, unsent: dict[socket.socket, bytes]) -> None:
+        """A move across hosts, recipient, before start: the bytes each
+        connection's old kernel had never sent go out first, before the
+        output the transport carried (see ``takeover._core.crossmove``)."""
+        for transport in self._transports:
+            data = unsent.get(transport._sock)
+            if data:
+                transport._buffer[:0] = data
+
     def takeover_seal(self, late_call: Callable[[str], bool]) -> None:
         """Make calls from outside that change a connection ask ``late_call``
         first, until resume() or release() (see ``_transport._may_change``)."""
