@@ -19,7 +19,7 @@ import select
 import shutil
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 
@@ -29,6 +29,7 @@ from harness.procs import APPS, PYTHON, ROOT, Proc, process_state
 from harness.waiting import wait_until
 from streaming import StreamingClients
 from takeover._core import tcprepair
+from users import Sandbox, user_command
 
 APP = os.path.join(APPS, "repair_host.py")
 ENV = {"PYTHONPATH": os.path.join(ROOT, "src")}
@@ -166,22 +167,17 @@ def echo_on(
     secret: str,
     procs: list[Proc],
     release: str = "",
-    as_user: Sequence[str] = (),
+    as_nobody: Sandbox | None = None,
     env: dict[str, str] | None = None,
 ) -> Proc:
     """examples/echo.py on ``host``, on the service address, its control on the host's own."""
-    proc = Proc(
-        host.command(
-            [
-                *as_user,
-                *(PYTHON, ECHO, "--host", SERVICE_IP, "--port", str(PORT)),
-                *("--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
-                *("--secret-file", secret),
-                *("--release-address", release or hosts.del_address_script()),
-            ]
-        ),
-        {**ENV, **(env or {})},
-    )
+    argv = [
+        *(as_nobody.script("echo") if as_nobody else ECHO, "--host", SERVICE_IP),
+        *("--port", str(PORT), "--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
+        *("--secret-file", secret),
+        *("--release-address", release or hosts.del_address_script()),
+    ]
+    proc = Proc(host.command(python_argv(argv, as_nobody)), {**ENV, **(env or {})})
     procs.append(proc)
     proc.expect("control")
     return proc
@@ -195,23 +191,27 @@ def take_across(
     procs: list[Proc],
     *extra: str,
     env: dict[str, str] | None = None,
-    as_user: Sequence[str] = (),
+    as_nobody: Sandbox | None = None,
 ) -> Proc:
     """``takeover take --cross-host`` run on ``into``, from the process on ``origin``."""
-    proc = Proc(
-        into.command(
-            [
-                *as_user,
-                *(PYTHON, "-m", "takeover", "take", "--json", "--cross-host"),
-                *(f"tcp:{host_ip(origin, hosts)}:{CONTROL_PORT}", "--secret-file", secret),
-                *("--acquire-address", ACQUIRE),
-                *("--release-address", hosts.del_address_script(), *extra),
-            ]
-        ),
-        {**ENV, **(env or {})},
-    )
+    argv = [
+        *("-m", "takeover", "take", "--json", "--cross-host"),
+        *(f"tcp:{host_ip(origin, hosts)}:{CONTROL_PORT}", "--secret-file", secret),
+        *("--acquire-address", ACQUIRE),
+        *("--release-address", hosts.del_address_script(), *extra),
+    ]
+    proc = Proc(into.command(python_argv(argv, as_nobody)), {**ENV, **(env or {})})
     procs.append(proc)
     return proc
+
+
+def python_argv(argv: list[str], as_nobody: Sandbox | None) -> list[str]:
+    """``python ARGV`` as root, or as nobody with the sandbox's copy of takeover (and
+    the interpreter made reachable: pyenv's lies behind /root, see users.py)."""
+    if as_nobody is None:
+        return [PYTHON, *argv]
+    root = as_nobody.root
+    return user_command("nobody", "nogroup", argv, env=as_nobody.env, cwd=root, stages=root)
 
 
 def moved(take: Proc) -> int:
@@ -299,20 +299,16 @@ def test_rollback_after_prepare_leaves_clients_unaware(
     assert not outcome.incomplete, outcome.incomplete
 
 
-NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-
-
 def test_not_root_is_refused_on_either_side(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
     """Without CAP_NET_ADMIN: a recipient refuses itself before asking anything; an
     originator answers a clear ERROR and serves on."""
     secret = secret_file(workdir)
-    os.chmod(workdir, 0o711)  # nobody reaches its own secret file there
-    nobody = pwd.getpwnam("nobody").pw_uid
-    their_secret = secret_file(workdir, "nobody-secret", uid=nobody)
-    refused = take_across(hosts, hosts.b, hosts.a, their_secret, procs, as_user=NOBODY)
+    sandbox = Sandbox(workdir)  # nobody's interpreter view and copy of takeover
+    their_secret = secret_file(sandbox.root, "nobody-secret", uid=pwd.getpwnam("nobody").pw_uid)
+    refused = take_across(hosts, hosts.b, hosts.a, their_secret, procs, as_nobody=sandbox)
     refused.expect("takeover: error: .*needs CAP_NET_ADMIN")
     assert refused.wait() != 0
-    on_a = echo_on(hosts.a, hosts, their_secret, procs, as_user=NOBODY)
+    on_a = echo_on(hosts.a, hosts, their_secret, procs, as_nobody=sandbox)
     on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
     line = on_b.expect("takeover: error: ").string
     assert "cannot move 'echo' to another host from here" in line, line

@@ -24,7 +24,7 @@ import pytest
 import pythons
 from harness.procs import APPS, PYTHON, ROOT, Proc
 from takeover._core import tcprepair
-from users import NetNamespace
+from users import NetNamespace, Sandbox, user_command
 
 PEER = os.path.join(APPS, "repair_peer.py")
 ENV = {"PYTHONPATH": os.path.join(ROOT, "src")}
@@ -136,9 +136,10 @@ def test_refused_without_net_admin(repair_available: None, workdir: str) -> None
         "except tcprepair.CapabilityError as exc:\n"
         "    print(exc)\n"
     )
+    sandbox = Sandbox(workdir)  # the interpreter made reachable (pyenv's lies behind /root)
+    root = sandbox.root
     proc = Proc(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", PYTHON, "-c", script],
-        ENV,
+        user_command("nobody", "nogroup", ["-c", script], env=sandbox.env, cwd=root, stages=root)
     )
     try:
         proc.expect("needs CAP_NET_ADMIN")
