@@ -34,7 +34,6 @@ time out or reset). It is the price of having no arbiter both hosts share.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,7 +50,7 @@ from .errors import (
 from .pickling import gc_paused, loads
 from .protocol import Kind, Message
 from .registry import Service
-from .script import main_reference, preload_main
+from .script import preload_main
 from .tcprepair import cross_host_refusal, is_listening
 
 if TYPE_CHECKING:
@@ -166,21 +165,15 @@ class CrossHostMove(_Move):
             refusal = self._too_big(len(dumped.blob))
             if refusal is not None:
                 return await self._refuse("limit", refusal)
-            meta = {
-                "service": name,
-                "cross_host": True,
-                "fds": 0,
-                "ahead": 0,
-                "twins": False,
-                "connections": len(dumped.sockets),
-                "size": len(dumped.blob),
-                "main": main_reference(),
-                "quiesced_at": quiesced_at,
-                "pickle_protocol": session.pickle_protocol,
-                "originator_pid": os.getpid(),
-                "draining": self.left,
-                "drain_seconds": self.drain if self.left else None,
-            }
+            meta = self._graph_meta(
+                dumped,
+                quiesced_at,
+                cross_host=True,
+                fds=0,
+                ahead=0,
+                twins=False,
+                connections=len(dumped.sockets),
+            )
             await session.send(Message(Kind.GRAPH, meta, dumped.blob))
             faults.checkpoint("originator.graph-sent")
         return True

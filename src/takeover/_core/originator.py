@@ -459,25 +459,33 @@ class _Move:
                 refusal = self._too_big(len(dumped.blob))
             if refusal is not None:
                 return await self._refuse("limit", refusal)
-            meta = {
-                "service": name,
-                "fds": len(fds),
-                "ahead": len(self.ahead.sockets),
-                "twins": self.ahead.twin_kind is not None,
-                "size": len(dumped.blob),
-                "main": main_reference(),
-                "quiesced_at": quiesced_at,
-                "pickle_protocol": session.pickle_protocol,
-                "originator_pid": os.getpid(),
-                "draining": self.left,
-                "drain_seconds": self.drain if self.left else None,
-            }
+            meta = self._graph_meta(
+                dumped,
+                quiesced_at,
+                fds=len(fds),
+                ahead=len(self.ahead.sockets),
+                twins=self.ahead.twin_kind is not None,
+            )
             await session.send(Message(Kind.GRAPH, meta, dumped.blob))
             faults.checkpoint("originator.graph-sent")
             for batch in batches(fds):
                 await session.send(Message(Kind.FDS, {"count": len(batch)}), batch)
             faults.checkpoint("originator.fds-sent")
         return True
+
+    def _graph_meta(self, dumped: Dumped, quiesced_at: float, **how: Any) -> dict[str, Any]:
+        """The body of GRAPH: what every move says of its graph, and ``how`` it travels."""
+        return {
+            "service": self.name,
+            **how,
+            "size": len(dumped.blob),
+            "main": main_reference(),
+            "quiesced_at": quiesced_at,
+            "pickle_protocol": self.session.pickle_protocol,
+            "originator_pid": os.getpid(),
+            "draining": self.left,
+            "drain_seconds": self.drain if self.left else None,
+        }
 
     def _too_big(self, size: int) -> str | None:
         """Why a graph of ``size`` bytes cannot go to this recipient (None: it can)."""
