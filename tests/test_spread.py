@@ -116,12 +116,17 @@ async def take_and_check(
                 await loop.sock_sendall(client, b"after\n")
                 assert await loop.sock_recv(client, 100) == b"after\n"
     finally:
-        for client in clients:
-            client.close()
-        new.close_connections()
-        new.close()
-        await wait_until_async(lambda: not new.connections, what="the closes")
-        await migration.aclose()
+        await shut(new, migration, clients)
+
+
+async def shut(server: Any, migration: MigrationServer, clients: list[socket.socket]) -> None:
+    """Close the clients, the server's connections and itself, and the migration server."""
+    for client in clients:
+        client.close()
+    server.close_connections()
+    server.close()
+    await wait_until_async(lambda: not server.connections, what="the closes")
+    await migration.aclose()
 
 
 def recorded_failures(monkeypatch: pytest.MonkeyPatch) -> list[Exception]:
@@ -325,12 +330,7 @@ def test_the_slices_find_what_the_whole_graph_does(control: str, factory: Any) -
             assert isinstance(problem, Unpicklable)
             assert str(problem) == f"echo.connections[57].protocol.on_done: {LAMBDA}"
         finally:
-            for client in clients:
-                client.close()
-            server.close_connections()
-            server.close()
-            await wait_until_async(lambda: not server.connections, what="the closes")
-            await migration.aclose()
+            await shut(server, migration, clients)
             Member.room.members.clear()
 
     asyncio.run(main())
@@ -351,12 +351,7 @@ def test_a_closed_socket_still_in_the_graph_fails_the_slices(control: str) -> No
             assert check.failed is not None
             assert "closed socket" in str(check.failed)
         finally:
-            for client in clients:
-                client.close()
-            server.close_connections()
-            server.close()
-            await wait_until_async(lambda: not server.connections, what="the closes")
-            await migration.aclose()
+            await shut(server, migration, clients)
 
     asyncio.run(main())
 
