@@ -353,3 +353,123 @@ def test_client_connecting_during_the_move_reaches_the_new_host(
         late.sendall(b"late but served\n")
         assert late.recv(100) == b"late but served\n"
     assert hosts.holder_of_address() == ["B"]
+
+
+# -- faults across hosts: in doubt, an originator killed, the accept queue ----------------
+
+
+def no_drop_left(host: Host) -> None:
+    assert "takeover_" not in host.sh("nft list tables"), "a drop table was left"
+
+
+def test_commit_lost_the_recipient_asks_and_starts(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    """The originator decides (its release hook has run) and stops before COMMIT
+    leaves; the recipient's step timeout (2 s) runs out, so it is in doubt: it
+    keeps its copies silent and asks, on new connections, what was decided.
+    Once the originator runs again it answers COMMIT; the recipient starts.
+    The clients saw a longer pause and nothing else. A drop table that a dead
+    process left on A (a stale one) is deleted by the move."""
+    secret = secret_file(workdir)
+    hosts.a.sh("nft add table inet takeover_999999_0")  # no process 999999
+    stop = {"TAKEOVER_FAULTS": "originator.decided=stop"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=stop)
+    streams = hosts.client.run(
+        lambda: StreamingClients(PORT, CLIENTS, 32 * 1024, 60.0, host=SERVICE_IP)
+    )
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, "--step-timeout", "2")
+    wait_until(lambda: process_state(on_a.pid) == "T", what="the originator stopped")
+    on_b.expect("in doubt: the channel failed after READY")
+    on_a.signal(signal.SIGCONT)
+    on_b.expect("the originator says it committed; starting it here")
+    assert moved(on_b) == CLIENTS
+    assert on_a.wait() == 0, on_a.output()
+    assert "the recipient asked and was told it committed" in on_a.output()
+    assert hosts.holder_of_address() == ["B"]
+    no_drop_left(hosts.a)
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+def test_originator_killed_after_deciding(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
+    """The originator is killed once it has decided, before COMMIT: the recipient
+    asks for its in-doubt wait (2 s), finds nobody, presumes a rollback, says so
+    and discards its copies (B holds nothing). The guard deletes the drop table
+    the dead originator left on A. (Those connections are lost: the one process
+    that could say it committed is gone.)"""
+    secret = secret_file(workdir)
+    kill = {"TAKEOVER_FAULTS": "originator.decided=kill"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=kill)
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)) as sock:
+        sock.sendall(b"one\n")
+        assert sock.recv(100) == b"one\n"
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, "--in-doubt-wait", "2")
+        assert on_a.wait(40) == -signal.SIGKILL
+        line = on_b.expect("takeover: error: ").string
+        assert "could not be asked within 2 s" in line, line
+        assert "presumed rolled back" in line, line
+        assert on_b.wait(40) != 0
+    assert hosts.b.ss(PORT) == "", "host B kept a rebuilt connection"
+    wait_until(lambda: "takeover_" not in hosts.a.sh("nft list tables"), what="the guard")
+
+
+def test_originator_killed_while_frozen_leaves_no_drop(
+    hosts: Hosts, procs: list[Proc], workdir: str
+) -> None:
+    """The originator is killed with its connections frozen: its guard deletes
+    the drop table, so a service started again on A is reached at once (the
+    listener's SYN drop would otherwise leave the port a black hole); the
+    recipient says the channel closed and keeps nothing."""
+    secret = secret_file(workdir)
+    kill = {"TAKEOVER_FAULTS": "originator.frozen=kill"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=kill)
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)):
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+        assert on_a.wait(40) == -signal.SIGKILL
+        on_b.expect("takeover: error: ")
+        assert on_b.wait(40) != 0
+    wait_until(lambda: "takeover_" not in hosts.a.sh("nft list tables"), what="the guard")
+    assert hosts.b.ss(PORT) == ""
+    echo_on(hosts.a, hosts, secret, procs)
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 2)) as sock:
+        sock.sendall(b"served again\n")
+        assert sock.recv(100) == b"served again\n"
+
+
+def test_connections_queued_before_the_pause_move(
+    hosts: Hosts, procs: list[Proc], workdir: str
+) -> None:
+    """Clients connect after the dry run, while the originator does not run
+    (stopped at ``originator.checked``): the kernel completes their handshakes
+    into the listener's accept queue. Before pausing, the move drops new SYNs
+    and lets the service accept what is queued, so those connections move as
+    any other and are served on B (the accept queue itself cannot move: they
+    would be lost with the listener)."""
+    secret = secret_file(workdir)
+    stop = {"TAKEOVER_FAULTS": "originator.checked=stop"}
+    on_a = echo_on(hosts.a, hosts, secret, procs, env=stop)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    wait_until(lambda: process_state(on_a.pid) == "T", what="the originator stopped")
+    queued = [
+        hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)) for _ in range(5)
+    ]
+    try:
+        listening = hosts.a.sh(f"ss -Hltn 'sport = :{PORT}'").split()
+        assert listening[1] == str(len(queued)), listening  # Recv-Q: the accept queue
+        on_a.signal(signal.SIGCONT)
+        assert moved(on_b) == len(queued)
+        assert on_a.wait() == 0, on_a.output()
+        assert hosts.holder_of_address() == ["B"]
+        for index, sock in enumerate(queued):
+            sock.settimeout(30)
+            sock.sendall(b"queued %d\n" % index)
+            assert sock.recv(100) == b"queued %d\n" % index
+    finally:
+        for sock in queued:
+            sock.close()

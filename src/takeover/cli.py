@@ -50,6 +50,7 @@ from ._core.options import (
     limits,
     security_options,
 )
+from ._core.protocol import DEFAULT_IN_DOUBT_WAIT
 from ._core.recipient import CheckResult, Taken, select
 
 if TYPE_CHECKING:
@@ -253,6 +254,7 @@ def _cross_host(args: argparse.Namespace) -> dict[str, Any]:
     if args.cross_host:
         options["cross_host"] = True
         options["acquire_address"] = args.acquire_address
+        options["in_doubt_wait"] = args.in_doubt_wait
     elif args.acquire_address:
         raise CommandError("--acquire-address is for a move across hosts: add --cross-host")
     if args.release_address:
@@ -407,6 +409,16 @@ def _take_parser(commands: Any) -> None:
         help="with --cross-host: the shell command that makes the service address this "
         "host's at the commit, e.g. 'ip addr add 10.0.0.100/24 dev eth0 && "
         "arping -U -c 1 -I eth0 10.0.0.100'",
+    )
+    p.add_argument(
+        "--in-doubt-wait",
+        type=float,
+        default=DEFAULT_IN_DOUBT_WAIT,
+        metavar="SECONDS",
+        help="with --cross-host: if the control channel fails after this side is ready and "
+        "before the originator's COMMIT arrives, ask the originator again (new connections) "
+        "what it decided for up to SECONDS, then presume it rolled back "
+        f"(default {DEFAULT_IN_DOUBT_WAIT:g})",
     )
     add_release_address_option(p)
     p.add_argument(

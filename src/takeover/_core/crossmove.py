@@ -33,7 +33,9 @@ time out or reset). It is the price of having no arbiter both hosts share.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,44 +45,63 @@ from .crosspickle import dumps_cross_host
 from .errors import (
     ChannelClosedError,
     MigrationRefusedError,
+    MigrationTimeoutError,
     RolledBackError,
     SerializationError,
     TakeoverError,
 )
 from .pickling import gc_paused, loads
-from .protocol import Kind, Message
-from .registry import Service
+from .protocol import DEFAULT_IN_DOUBT_WAIT, Kind, Message
+from .registry import Outcomes, Service
 from .script import preload_main
 from .tcprepair import cross_host_refusal, is_listening
 
 if TYPE_CHECKING:
+    from .originator import _Session
     from .recipient import RecipientSession, Taken
 
 from .originator import _Move
 
 log = logging.getLogger("takeover.crosshost")
 
+DOOR_WAIT = 0.5
+"""At most this long, new connections dropped, the service accepts what its
+listeners had queued before it is paused (see ``CrossHostMove._close_door``)."""
+_DOOR_POLL = 0.002
+
 
 class CrossHostMove(_Move):
     """One service in transit to another host, from TAKE to commit or rollback."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, in_doubt_wait: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.freezes: list[tcprepair.Freeze] = []
-        self.frozen: set[socket.socket] = set()
+        self.freeze: tcprepair.Freeze | None = None
+        self.guard: tcprepair.DropGuard | None = None
         self.found: list[socket.socket] = []
         self.decided = False
+        # Names this move to a recipient that lost the channel and asks (OUTCOME).
+        self.move_id = secrets.token_hex(8)
+        self.in_doubt_wait = DEFAULT_IN_DOUBT_WAIT if in_doubt_wait is None else in_doubt_wait
 
     async def run(self) -> None:
         session, name = self.session, self.name
         try:
             tcprepair.require_capability()
-        except tcprepair.CapabilityError as exc:
+            # Tables an originator killed while frozen left here.
+            for table in tcprepair.sweep_stale_tables():
+                log.warning("deleted the drop table %s of a process that is gone", table)
+            self.guard = tcprepair.DropGuard()
+        except (tcprepair.RepairError, OSError) as exc:
             text = f"cannot move {name!r} to another host from here: {exc}"
             log.warning("%s", text)
-            await session.send(protocol.error(exc.code, text))
+            code = exc.code if isinstance(exc, TakeoverError) else tcprepair.RepairError.code
+            await session.send(protocol.error(code, text))
             return
-        await super().run()
+        guard = self.guard
+        try:
+            await super().run()
+        finally:
+            guard.stop()
 
     async def _send_ahead(self, service: Service) -> bool:
         """The dry run, and the checks only a move across hosts makes; nothing
@@ -112,20 +133,49 @@ class CrossHostMove(_Move):
         too_big = self._too_big(self.sizes[-1] if self.sizes else 0)
         if too_big is not None:
             return await self._refuse("limit", too_big + "; nothing was paused")
+        faults.checkpoint("originator.checked")
+        try:
+            await self._close_door([s for s in self.found if is_listening(s)])
+        except (tcprepair.RepairError, OSError) as exc:
+            text = f"cannot close the listeners of {name!r} to new connections: {exc}"
+            text += "; nothing was paused"
+            log.warning("%s", text)
+            return await self._refuse(tcprepair.RepairError.code, text)
         return True
 
-    def _freeze(
-        self, sockets: list[socket.socket], listeners: list[socket.socket] | None = None
-    ) -> None:
-        if not sockets and not listeners:
-            return
-        self.freezes.append(tcprepair.freeze(sockets, listeners or ()))
-        self.frozen.update(sockets)
+    async def _close_door(self, listeners: list[socket.socket]) -> None:
+        """Drop new connections to the listeners (their clients send the SYN
+        again a second later, to whichever host has the address by then), and
+        let the service accept what the kernel had queued for it, so that
+        those connections move too: the accept queue itself cannot (a
+        connection completed there after this is lost with the listener)."""
+        self.freeze = tcprepair.Freeze([], listeners)
+        self.freeze.drop()
+        deadline = time.monotonic() + DOOR_WAIT
+        empty = 0
+        while empty < 2 and time.monotonic() < deadline:
+            # Twice empty a turn apart: a handshake answered just before the
+            # drop completes within a round trip.
+            await asyncio.sleep(_DOOR_POLL)
+            queued = sum(tcprepair.queued(s) for s in listeners if s.fileno() >= 0)
+            empty = empty + 1 if queued == 0 else 0
+        if empty < 2:
+            log.warning(
+                "move of %r: the listeners still had connections queued after %g s; "
+                "those are lost if the move commits",
+                self.name,
+                DOOR_WAIT,
+            )
+
+    def _freeze(self, sockets: list[socket.socket]) -> None:
+        if self.freeze is None:
+            self.freeze = tcprepair.Freeze([], [])
+        self.freeze.add(sockets)
 
     def _checkpoint(self, sock: socket.socket) -> dict[str, Any]:
-        """The reduction's checkpoint: a connection that appeared since the dry
-        run is frozen on its own first."""
-        if sock not in self.frozen:
+        """The reduction's checkpoint: a connection that appeared since the
+        freeze is frozen on its own first."""
+        if self.freeze is None or sock not in self.freeze.sockets:
             self._freeze([sock])
         return tcprepair.checkpoint(sock)
 
@@ -143,10 +193,13 @@ class CrossHostMove(_Move):
                 return await self._refuse(TakeoverError.code, text)
             faults.checkpoint("originator.quiesced")
             try:
-                live = [s for s in self.found if s.fileno() >= 0]
-                listeners = [s for s in live if is_listening(s)]
-                # New connections are dropped too: their clients send the SYN again.
-                self._freeze([s for s in live if s not in listeners], listeners)
+                # The connections of the dry run, and those accepted since
+                # (the door closing), in one drop table with the listeners'.
+                live = {s: None for s in self.found if s.fileno() >= 0}
+                sockets = getattr(service, "sockets", None)
+                if callable(sockets):
+                    live.update((s, None) for s in sockets() if s.fileno() >= 0)
+                self._freeze([s for s in live if not is_listening(s)])
                 faults.checkpoint("originator.frozen")
                 dumped = dumps_cross_host(service, session.pickle_protocol, self._checkpoint)
             except TakeoverError as exc:
@@ -169,11 +222,13 @@ class CrossHostMove(_Move):
                 dumped,
                 quiesced_at,
                 cross_host=True,
+                move=self.move_id,
                 fds=0,
                 ahead=0,
                 twins=False,
                 connections=len(dumped.sockets),
             )
+            session.registry.outcomes.record(self.move_id, Outcomes.PENDING)
             await session.send(Message(Kind.GRAPH, meta, dumped.blob))
             faults.checkpoint("originator.graph-sent")
         return True
@@ -217,38 +272,64 @@ class CrossHostMove(_Move):
             return
         # The decision: the connections are the recipient's from here.
         self.decided = self.committed = True
+        session.registry.outcomes.record(self.move_id, Outcomes.COMMITTED)
         faults.checkpoint("originator.decided")
-        for frozen in self.freezes:
+        frozen, self.freeze = self.freeze, None
+        if frozen is not None:
             frozen.close_sockets()
-        for frozen in self.freezes:
             try:
                 frozen.lift()
             except tcprepair.RepairError as exc:
                 log.error("move of %r: the drop could not be lifted: %s", name, exc)
-        self.freezes = []
         try:
-            await session.send(Message(Kind.COMMIT, {"service": name}))
+            await session.send(Message(Kind.COMMIT, {"service": name, "move": self.move_id}))
             faults.checkpoint("originator.commit-sent")
             reply = await session.receive(timeout)
-        except TakeoverError as exc:
-            log.error(
-                "move of %r: decided and let go here, but the recipient did not confirm "
-                "(%s): if COMMIT did not reach it, the connections are lost",
-                name,
-                exc,
-            )
+        except (TakeoverError, OSError) as exc:
+            if await self._told_elsewhere(exc):
+                return
             raise
         pause = reply.body.get("pause_ms")
         self.pause_ms = round(pause, 3) if isinstance(pause, (int, float)) else None
 
+    async def _told_elsewhere(self, exc: BaseException) -> bool:
+        """Decided, but the channel failed before COMMITTED: wait, as long as the
+        recipient said it would ask, for it to ask (OUTCOME, on a new connection)
+        and be told. True once it was; False if it never asked: then, if COMMIT
+        did not reach it either, the connections are lost."""
+        outcomes, name = self.session.registry.outcomes, self.name
+        log.warning(
+            "move of %r: decided and let go here, but the channel failed before the "
+            "recipient confirmed (%s); waiting up to %g s for it to ask what was decided",
+            name,
+            exc,
+            self.in_doubt_wait,
+        )
+        deadline = time.monotonic() + self.in_doubt_wait + 5.0
+        while time.monotonic() < deadline:
+            if outcomes.told(self.move_id):
+                log.warning("move of %r: the recipient asked and was told it committed", name)
+                return True
+            await asyncio.sleep(0.05)
+        log.error(
+            "move of %r: committed here, and the recipient neither confirmed nor asked within "
+            "%g s: if COMMIT did not reach it, the connections are lost",
+            name,
+            self.in_doubt_wait,
+        )
+        return False
+
     def _settle(self, service: Service) -> None:
+        outcomes = self.session.registry.outcomes
         if not self.committed:
-            for frozen in self.freezes:
+            frozen, self.freeze = self.freeze, None
+            if frozen is not None:
                 try:
                     frozen.thaw()
                 except Exception:
                     log.exception("move of %r: thawing its connections failed", self.name)
-            self.freezes = []
+            if outcomes.get(self.move_id) is not None:
+                outcomes.record(self.move_id, Outcomes.ROLLED_BACK)
         super()._settle(service)
         if self.committed:
             # Its pid means nothing on this host: no MAINPID, no PID file for it.
@@ -265,7 +346,12 @@ async def take_across_hosts(
     limits = session.limits
     if session._main is not None:
         preload_main(session._main, session.policy)
-    body: dict[str, Any] = {"service": name, "max_graph": limits.max_frame_size, "cross_host": True}
+    body: dict[str, Any] = {
+        "service": name,
+        "max_graph": limits.max_frame_size,
+        "cross_host": True,
+        "in_doubt_wait": session.in_doubt_wait,
+    }
     if drain is not None:
         body["drain"] = drain
     await session._send(Message(Kind.TAKE, body))
@@ -277,12 +363,21 @@ async def take_across_hosts(
     repaired: list[tuple[socket.socket, dict[str, Any]]] = []
     service = await _rebuild(session, name, runtime, graph, repaired)
     faults.checkpoint("recipient.adopted")
+    move = graph.body.get("move")
+    in_doubt = False
     try:
         await session._send(Message(Kind.READY, {"service": name, "count": len(repaired)}))
         faults.checkpoint("recipient.ready-sent")
         await session._receive(limits.step_timeout)  # COMMIT; an ERROR raises
+    except (ChannelClosedError, MigrationTimeoutError, OSError) as exc:
+        # In doubt: COMMIT may have been sent. Ask, on a new connection.
+        in_doubt = True
+        why = await _ask_outcome(session, name, move, exc)
+        if why is not None:
+            service.discard()
+            raise RolledBackError(f"{why}; {name!r} not started here") from exc
     except BaseException as exc:
-        # Rolled back (or the channel broke before COMMIT: see the in-doubt window).
+        # Rolled back: the originator said so (ERROR), or this side failed.
         service.discard()
         if isinstance(exc, RolledBackError):
             raise RolledBackError(
@@ -313,7 +408,8 @@ async def take_across_hosts(
     pause = (time.monotonic() - received_at) * 1000
     faults.checkpoint("recipient.started")
     try:
-        await session._send(Message(Kind.COMMITTED, {"service": name, "pause_ms": pause}))
+        if not in_doubt:  # else the originator learnt it was told, when it answered OUTCOME
+            await session._send(Message(Kind.COMMITTED, {"service": name, "pause_ms": pause}))
     except (TakeoverError, OSError) as exc:
         log.warning("could not answer COMMITTED for %r (%s); serving it anyway", name, exc)
     return Taken(
@@ -364,3 +460,102 @@ async def _rebuild(
             service.discard()
         raise
     return service
+
+
+async def _ask_outcome(
+    session: RecipientSession, name: str, move: Any, lost: BaseException
+) -> str | None:
+    """The channel failed after READY: ask the originator, on new connections,
+    what it decided for ``move``, for up to the session's ``in_doubt_wait``.
+    None: it committed (start the copies). Otherwise why they are discarded:
+    it rolled back, or does not know the move, or could not be asked in time
+    (presumed rolled back: if it had committed, the connections are lost).
+    Until then the copies stay silent in repair mode and the clients' TCP
+    retransmits into the drop."""
+    wait = session.in_doubt_wait
+    reopen = session.reopen
+    session.abort()  # the old channel is of no use now; the originator sees it end
+    if reopen is None or wait <= 0 or not isinstance(move, str):
+        why = f"the move of {name!r} is in doubt ({lost}) and cannot be asked about"
+        log.error("%s: presumed rolled back", why)
+        return why + ": presumed rolled back"
+    log.warning(
+        "move of %r in doubt: the channel failed after READY (%s); asking the originator "
+        "what it decided, for up to %g s",
+        name,
+        lost,
+        wait,
+    )
+    deadline = time.monotonic() + wait
+    last: BaseException = lost
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        asker: RecipientSession | None = None
+        try:
+            asker = await asyncio.wait_for(_asker(session, reopen), left)
+            await asker._send(Message(Kind.OUTCOME, {"service": name, "move": move}))
+            await asker._receive(max(deadline - time.monotonic(), 0.1))  # COMMIT, or ERROR raises
+        except RolledBackError as exc:
+            log.warning("move of %r: the originator says %s", name, exc)
+            return f"the originator says {exc}"
+        except (TakeoverError, OSError, asyncio.TimeoutError) as exc:
+            last = exc
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+            continue
+        finally:
+            if asker is not None:
+                await asker.close()
+        log.warning("move of %r: the originator says it committed; starting it here", name)
+        return None
+    why = (
+        f"the move of {name!r} was in doubt ({lost}) and the originator could not be asked "
+        f"within {wait:g} s (last: {last}): presumed rolled back; if it had committed, "
+        "those connections are lost"
+    )
+    log.error("%s", why)
+    return why
+
+
+async def _asker(session: RecipientSession, reopen: Any) -> RecipientSession:
+    from .recipient import RecipientSession
+
+    asker = RecipientSession(
+        await reopen(),
+        limits=session.limits,
+        secret=session.secret,
+        policy=session.policy,
+        admission=session.admission,
+        cross_host=True,
+    )
+    try:
+        await asker.open()
+    except BaseException:
+        asker.abort()
+        raise
+    return asker
+
+
+async def answer_outcome(session: _Session, body: dict[str, Any]) -> None:
+    """OUTCOME: tell a recipient in doubt what this originator decided for a move
+    (waiting, if the move is still being decided, for the decision)."""
+    move, name = str(body["move"]), str(body["service"])
+    outcomes = session.registry.outcomes
+    while outcomes.get(move) == Outcomes.PENDING:
+        await asyncio.sleep(0.02)
+    outcome = outcomes.get(move)
+    if outcome == Outcomes.COMMITTED:
+        await session.send(Message(Kind.COMMIT, {"service": name, "move": move}))
+        outcomes.tell(move)
+        log.info("told a recipient in doubt that the move of %r committed", name)
+        return
+    if outcome == Outcomes.ROLLED_BACK:
+        text = f"the move of {name!r} ({move}) was rolled back here"
+    else:
+        text = (
+            f"no move {move} of {name!r} is known here (this process did not decide it): "
+            "presumed rolled back"
+        )
+    log.info("told a recipient in doubt: %s", text)
+    await session.send(protocol.error(RolledBackError.code, text))

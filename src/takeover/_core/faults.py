@@ -18,7 +18,8 @@ The points, in the order of the conversation (tests/test_faults.py covers each):
 
 A move across hosts (``crossmove.py``) has its own after ``take-received``:
 
-* originator: ``quiesced``, ``frozen`` (the connections dropped and in repair
+* originator: ``checked`` (the dry run passed; the listeners not closed to
+  new connections yet), ``quiesced``, ``frozen`` (the connections dropped and in repair
   mode), ``graph-sent``, ``ready-received``, ``decided`` (the release hook
   has run: committed), ``commit-sent``;
 * recipient: ``take-sent``, ``graph-received``, ``adopted`` (rebuilt in

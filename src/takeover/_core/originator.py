@@ -170,11 +170,21 @@ async def serve_channel(
             if message.body.get("cross_host") is True:
                 from .crossmove import CrossHostMove
 
-                await CrossHostMove(session, message.body["service"], drain, largest).run()
+                wait = message.body.get("in_doubt_wait")
+                if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
+                    wait = None
+                move = CrossHostMove(
+                    session, message.body["service"], drain, largest, in_doubt_wait=wait
+                )
+                await move.run()
             else:
                 await _Move(session, message.body["service"], drain, largest).run()
         elif message.kind is Kind.CHECK:
             await _check(session, message.body["service"])
+        elif message.kind is Kind.OUTCOME:
+            from .crossmove import answer_outcome
+
+            await answer_outcome(session, message.body)
 
 
 async def _handshake(

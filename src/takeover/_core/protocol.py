@@ -52,6 +52,13 @@ no descriptors and no arbiter: the originator decides, and says so::
     ready           --out ERROR-->       idle              (rolled back after all)
     await-committed --in COMMITTED-->    idle              (started there)
 
+A recipient that lost the channel after READY (before COMMIT reached it)
+asks the originator what it decided, on a new, authenticated connection::
+
+    idle            --in OUTCOME-->      outcome           (which move: GRAPH's "move")
+    outcome         --out COMMIT-->      idle              (committed: start the copies)
+    outcome         --out ERROR-->       idle              (rolled back, or not known here)
+
 ERROR may also be sent in ``start`` and ``hello-received`` (authentication
 refused), after which the channel closes. The commit point is not a frame but
 the move's arbiter (``arbiter.py``), a byte both processes share and decide
@@ -98,6 +105,11 @@ DEFAULT_STEP_TIMEOUT = 30.0
 HANDSHAKE_FRAME_LIMIT = 64 * 1024
 """The largest frame accepted before the peer has authenticated."""
 DEFAULT_MAX_FDS = 1_000_000
+DEFAULT_IN_DOUBT_WAIT = 60.0
+"""Seconds a recipient that lost the channel after READY in a move across hosts
+keeps asking the originator what it decided (OUTCOME) before it presumes a
+rollback; TAKE says it, and the originator waits as long to be asked. The
+clients' TCP retransmits meanwhile: they see a longer pause, not an error."""
 
 _HEADER = struct.Struct("!BI")
 _JSON_LENGTH = struct.Struct("!I")
@@ -139,6 +151,7 @@ class Kind(enum.IntEnum):
     # A move across hosts (TCP_REPAIR, see docs/crosshost.md).
     READY = 16
     COMMIT = 17
+    OUTCOME = 18
     AUTH = 20
     AUTHED = 21
 
@@ -251,6 +264,10 @@ _TRANSITIONS: dict[tuple[str, str, Kind], str] = {
     ("sending-fds", _OUT, Kind.FDS): "sending-fds",
     ("await-committed", _IN, Kind.COMMITTED): "idle",
     ("await-committed", _IN, Kind.REFUSED): "idle",
+    # A move across hosts in doubt (see the module's docstring).
+    ("idle", _IN, Kind.OUTCOME): "outcome",
+    ("outcome", _OUT, Kind.COMMIT): "idle",
+    ("outcome", _OUT, Kind.ERROR): "idle",
 }
 
 # The same, for a move across hosts (from TAKE with "cross_host": true to its end).
@@ -360,8 +377,10 @@ class Conversation:
             nxt = "authenticating"
         if message.kind is Kind.TAKE:
             self.move = Move(_text(message.body, "service"), message.body.get("cross_host") is True)
-        elif message.kind is Kind.CHECK:
+        elif message.kind in (Kind.CHECK, Kind.OUTCOME):
             _text(message.body, "service")
+            if message.kind is Kind.OUTCOME:
+                _text(message.body, "move")
         elif self.move is not None:
             nxt = self._check_move(self.move, message, nxt)
         self.state = nxt

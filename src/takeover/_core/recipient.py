@@ -20,7 +20,7 @@ import pickle
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from .fds import close_all
 from .logs import MOVES, move_event
 from .pickling import gc_paused, loads
 from .policy import TRUST_WARNING, UnpicklePolicy
-from .protocol import Conversation, Kind, Limits, Message, Role
+from .protocol import DEFAULT_IN_DOUBT_WAIT, Conversation, Kind, Limits, Message, Role
 from .registry import Service
 from .script import preload_main
 
@@ -185,12 +185,17 @@ class RecipientSession:
         admission: Admission = Admission(),
         cross_host: bool = False,
         acquire_address: str | None = None,
+        in_doubt_wait: float = DEFAULT_IN_DOUBT_WAIT,
     ) -> None:
         self.channel = channel
         # Moves to this host from another (TCP_REPAIR; see crossmove.py), and the
         # command that makes the service address this host's at their commit.
         self.cross_host = cross_host
         self.acquire_address = acquire_address
+        # A move across hosts in doubt (the channel failed after READY): how to
+        # reach the originator again to ask what it decided, and for how long.
+        self.reopen: Callable[[], Awaitable[Channel]] | None = None
+        self.in_doubt_wait = in_doubt_wait
         # Originators of other users this side accepts (root and its own user always).
         self.admission = admission
         self.limits = limits

@@ -73,6 +73,40 @@ class Service(Protocol):
     def discard(self) -> None: ...
 
 
+class Outcomes:
+    """What this originator decided for its moves across hosts, by move id,
+    for a recipient that lost the channel before COMMIT reached it and asks
+    (``crossmove.answer_outcome``). The last :attr:`KEEP` are kept."""
+
+    PENDING = "pending"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled-back"
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self._decided: dict[str, str] = {}
+        self._told: set[str] = set()
+
+    def record(self, move: str, outcome: str) -> None:
+        """``move`` is now ``outcome`` (PENDING from GRAPH to the decision)."""
+        self._decided.pop(move, None)
+        self._decided[move] = outcome
+        while len(self._decided) > self.KEEP:
+            oldest = next(iter(self._decided))
+            del self._decided[oldest]
+            self._told.discard(oldest)
+
+    def get(self, move: str) -> str | None:
+        return self._decided.get(move)
+
+    def tell(self, move: str) -> None:
+        """The recipient has been told the move committed."""
+        self._told.add(move)
+
+    def told(self, move: str) -> bool:
+        return move in self._told
+
+
 class ServiceState(enum.Enum):
     AVAILABLE = "available"
     IN_TRANSIT = "in-transit"
@@ -92,6 +126,8 @@ class Registry:
         # The command that gives up the service address at the commit of a move
         # to another host (see crossmove.py); None: moved some other way.
         self.release_address: str | None = None
+        # What its moves across hosts came to, for a recipient in doubt.
+        self.outcomes = Outcomes()
 
     def publish(self, service: Service) -> None:
         """Make ``service`` available under its ``service_name``.

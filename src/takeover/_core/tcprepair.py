@@ -35,6 +35,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import socket
 import struct
@@ -462,10 +463,6 @@ def drop_script(
     """An nft table that drops every packet of these connections, both ways, and
     new connections to these listeners (family, address): their SYNs, which the
     clients send again (after a second) to whichever host then has the address."""
-    v4: list[str] = []
-    v6: list[str] = []
-    for family, local, peer in connections:
-        (v4 if family == socket.AF_INET else v6).append(_element(family, local, peer))
     lines = [f"table inet {table} {{"]
     for name, kind in (("v4", "ipv4_addr"), ("v6", "ipv6_addr")):
         lines.append(f"  set {name} {{ type {kind} . inet_service . {kind} . inet_service; }}")
@@ -481,17 +478,30 @@ def drop_script(
         "  }",
         "}",
     ]
+    return "\n".join(lines) + "\n" + add_script(table, connections)
+
+
+def add_script(table: str, connections: Iterable[tuple[int, list[Any], list[Any]]]) -> str:
+    """The nft commands that add connections to the sets of :func:`drop_script`'s table."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for family, local, peer in connections:
+        (v4 if family == socket.AF_INET else v6).append(_element(family, local, peer))
+    lines = []
     for name, elements in (("v4", v4), ("v6", v6)):
         if elements:
-            lines.append(f"add element inet {table} {name} {{ {', '.join(elements)} }}")
-    return "\n".join(lines) + "\n"
+            lines.append(f"add element inet {table} {name} {{ {', '.join(elements)} }}\n")
+    return "".join(lines)
 
 
 class Freeze:
     """Connections the kernel is silent about: dropped both ways, in repair mode.
 
-    Made by :func:`freeze`. Exactly one of :meth:`thaw` (rollback: the sockets
-    live again here) or :meth:`release` (commit: closed silently) ends it.
+    Made by :func:`freeze`, or in two steps by a move: :meth:`drop` with the
+    listeners only (the door closed to new connections while the service
+    still accepts what is queued), then :meth:`add` with the connections.
+    Exactly one of :meth:`thaw` (rollback: the sockets live again here) or
+    :meth:`release` (commit: closed silently) ends it.
     """
 
     def __init__(
@@ -500,7 +510,7 @@ class Freeze:
         self.sockets = list(sockets)
         self.tuples = [four_tuple(sock) for sock in self.sockets]
         self.listeners = [(int(s.family), s.getsockname()) for s in listeners]
-        self.table = f"takeover_{os.getpid()}_{next(_tables)}"
+        self.table = f"{table_prefix()}{next(_tables)}"
         self.dropping = False
         self.repaired: list[socket.socket] = []
 
@@ -513,8 +523,23 @@ class Freeze:
     def repair(self) -> None:
         """Put every socket in repair mode (after :meth:`drop`: no ACK leaves)."""
         for sock in self.sockets:
-            repair_on(sock)
-            self.repaired.append(sock)
+            if sock not in self.repaired:
+                repair_on(sock)
+                self.repaired.append(sock)
+
+    def add(self, sockets: Sequence[socket.socket]) -> None:
+        """Freeze more connections in the same table: their drop, then repair mode."""
+        new = [sock for sock in sockets if sock not in self.sockets]
+        if not new:
+            return
+        tuples = [four_tuple(sock) for sock in new]
+        if self.dropping:
+            _nft(add_script(self.table, tuples))
+        self.sockets += new
+        self.tuples += tuples
+        if not self.dropping:
+            self.drop()
+        self.repair()
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return [checkpoint(sock) for sock in self.sockets]
@@ -560,6 +585,97 @@ def freeze(sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] 
         frozen.thaw()
         raise
     return frozen
+
+
+def queued(listener: socket.socket) -> int:
+    """How many connections the kernel has completed that ``listener`` has not
+    accepted yet (its accept queue: TCP_INFO's tcpi_unacked on a listener)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
+    return int(_TCP_INFO_BACKLOG.unpack(info)[0])
+
+
+# -- the drop tables of a process that dies -----------------------------------------
+
+
+def table_prefix(pid: int | None = None) -> str:
+    """The name every drop table of process ``pid`` (default: this one) starts with."""
+    return f"takeover_{os.getpid() if pid is None else pid}_"
+
+
+_TABLE_NAME = re.compile(r"^table inet (takeover_(\d+)_\d+)$", re.MULTILINE)
+
+
+def sweep_stale_tables() -> list[str]:
+    """Delete the drop tables left by processes that are gone (an originator
+    killed while its connections were frozen); the names deleted."""
+    listed = subprocess.run(
+        ["nft", "list", "tables"], capture_output=True, text=True, timeout=30, check=False
+    )
+    stale = []
+    for match in _TABLE_NAME.finditer(listed.stdout):
+        pid = int(match.group(2))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            stale.append(match.group(1))
+        except PermissionError:
+            pass  # alive, another user's
+    if stale:
+        _nft("".join(f"delete table inet {name}\n" for name in stale))
+    return stale
+
+
+# The guard: ``read`` returns at the end of its input, which comes when the
+# process that holds the pipe's other end goes, however it goes. "done" on it
+# says every table was lifted already.
+_GUARD_SCRIPT = (
+    'read said; [ "$said" = done ] && exit 0; '
+    "for t in $(nft list tables 2>/dev/null | sed -n 's/^table inet \\({prefix}[0-9]*\\)$/\\1/p'); "
+    'do nft delete table inet "$t"; done'
+)
+
+
+class DropGuard:
+    """A watchdog process that deletes this process's drop tables if it dies
+    before lifting them (killed while frozen), so that the clients are not
+    left talking to a black hole on this host, nor new connections to the port.
+
+    ``sh`` reading a pipe whose write end only this process holds (close on
+    exec; a plain fork would share it). :meth:`stop` tells it all is lifted.
+    """
+
+    def __init__(self) -> None:
+        script = _GUARD_SCRIPT.format(prefix=table_prefix())
+        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            ["sh", "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a signal to this process group spares it
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def stop(self) -> None:
+        """Every table is lifted: the guard leaves without touching anything."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        try:
+            process.stdin.write(b"done\n")
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # -- the service address's hooks ---------------------------------------------------

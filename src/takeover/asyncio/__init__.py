@@ -47,7 +47,7 @@ from .._core.errors import (
 from .._core.logs import ensure_move_log
 from .._core.options import add_control_options, add_release_address_option, control_options
 from .._core.policy import UnpicklePolicy
-from .._core.protocol import Limits
+from .._core.protocol import DEFAULT_IN_DOUBT_WAIT, Limits
 from .._core.recipient import RecipientSession, Taken, select
 from .._core.registry import Registry, Service
 from .._core.retire import retire
@@ -183,6 +183,7 @@ async def connect(
     admit_groups: Iterable[int | str] = (),
     cross_host: bool = False,
     acquire_address: str | None = None,
+    in_doubt_wait: float = DEFAULT_IN_DOUBT_WAIT,
 ) -> RecipientSession:
     """Open a control connection to the migration server at ``control``.
 
@@ -207,6 +208,10 @@ async def connect(
             the service address this host's at the commit of each move
             (say ``ip addr add 10.0.0.100/24 dev eth0 && arping -U -c 1 -I
             eth0 10.0.0.100``); None: the address moves some other way.
+        in_doubt_wait: with ``cross_host``, if the channel fails after this
+            side said READY, for how many seconds to ask the originator
+            again (new connections) what it decided, before presuming a
+            rollback; the clients' TCP retransmits meanwhile.
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
@@ -230,7 +235,14 @@ async def connect(
         admission=admission,
         cross_host=cross_host,
         acquire_address=acquire_address,
+        in_doubt_wait=in_doubt_wait,
     )
+    if cross_host:
+
+        async def reopen() -> Channel:
+            return await _open_channel(control, limits, secret, tls, admission)
+
+        session.reopen = reopen
     try:
         await session.open()
     except ChannelClosedError as exc:
@@ -297,6 +309,7 @@ async def take(
     admit_groups: Iterable[int | str] = (),
     cross_host: bool = False,
     acquire_address: str | None = None,
+    in_doubt_wait: float = DEFAULT_IN_DOUBT_WAIT,
 ) -> list[Taken]:
     """Move services from the migration server at ``control`` into this process.
 
@@ -305,7 +318,7 @@ async def take(
         services: names to take; every published service when empty.
         runtime: what the services adopt (default: the running event loop).
         limits, secret, tls, allow, trust, admit_users, admit_groups,
-            cross_host, acquire_address: as for :func:`connect`.
+            cross_host, acquire_address, in_doubt_wait: as for :func:`connect`.
 
     Returns:
         One :class:`~takeover.Taken` per service, each running in this
@@ -327,6 +340,7 @@ async def take(
         admit_groups=admit_groups,
         cross_host=cross_host,
         acquire_address=acquire_address,
+        in_doubt_wait=in_doubt_wait,
     )
     try:
         names = select(await session.list(), services)
@@ -469,7 +483,8 @@ async def take_and_serve(
             :func:`serve_until_moved`, whose notifications this sends too.
         options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
             ``allow``, ``trust``, ``admit_users``, ``admit_groups``, ``cross_host``,
-            ``acquire_address``) and ``release_address`` (:func:`serve_until_moved`);
+            ``acquire_address``, ``in_doubt_wait``) and ``release_address``
+            (:func:`serve_until_moved`);
             ``limits``, ``secret``, ``tls`` and the admissions apply to the server
             published here too: it admits whom this process admits.
 
