@@ -473,3 +473,52 @@ def test_connections_queued_before_the_pause_move(
     finally:
         for sock in queued:
             sock.close()
+
+
+def test_hooks_run_while_the_loop_serves(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
+    """The release hook runs in a thread: while it runs (2 s), the originator's
+    loop still answers its control channel (`takeover list` from another host
+    shows the service in transit), and the move then completes."""
+    secret = secret_file(workdir)
+    marker = os.path.join(workdir, "hook-running")
+    release = f"touch {marker}; sleep 2; rm {marker}; {hosts.del_address_script()}"
+    on_a = echo_on(hosts.a, hosts, secret, procs, release=release)
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs)
+    wait_until(lambda: os.path.exists(marker), what="the release hook running")
+    control = f"tcp:{host_ip(hosts.a, hosts)}:{CONTROL_PORT}"
+    listing = Proc(
+        hosts.client.command([PYTHON, "-m", "takeover", "list", control, "--secret-file", secret]),
+        ENV,
+    )
+    procs.append(listing)
+    assert listing.wait(10) == 0, listing.output()
+    assert os.path.exists(marker), "the listing waited for the hook"
+    assert "in-transit" in listing.output(), listing.output()
+    assert moved(on_b) == 0
+    assert on_a.wait() == 0, on_a.output()
+    assert hosts.holder_of_address() == ["B"]
+
+
+@pytest.mark.parametrize("point", ["recipient.ready-sent", "recipient.commit-received"])
+def test_recipient_killed_after_ready(
+    hosts: Hosts, procs: list[Proc], workdir: str, point: str
+) -> None:
+    """The recipient is killed after READY (before or after COMMIT reached it):
+    the originator has decided, waits as long as the recipient said it would ask
+    (--in-doubt-wait 1, plus 5 s), nobody asks, and it says the connections are
+    lost if COMMIT did not arrive. It leaves no drop table and exits (the service
+    was committed away). A recipient that dies holding connections loses them,
+    across hosts as on one."""
+    secret = secret_file(workdir)
+    on_a = echo_on(hosts.a, hosts, secret, procs)
+    with hosts.client.run(lambda: socket.create_connection((SERVICE_IP, PORT), 10)) as sock:
+        sock.sendall(b"one\n")
+        assert sock.recv(100) == b"one\n"
+        kill = {"TAKEOVER_FAULTS": f"{point}=kill"}
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, "--in-doubt-wait", "1", env=kill)
+        assert on_b.wait(40) == -signal.SIGKILL
+        on_a.expect("waiting up to 1 s for it to ask what was decided")
+        on_a.expect("neither confirmed nor asked within 1 s", timeout=20)
+        assert on_a.wait(20) == 0, on_a.output()
+    no_drop_left(hosts.a)
+    assert hosts.a.ss(PORT) == ""

@@ -4,16 +4,19 @@ Both halves of a move whose TAKE says ``"cross_host": true`` (docs/crosshost.md)
 No descriptor travels and there is no shared arbiter: the originator decides.
 
 Originator (:class:`CrossHostMove`): refuses unless it may repair connections
-(CAP_NET_ADMIN, ``nft``); the dry run, which also refuses a socket that
-cannot move across hosts (a UNIX socket, a connection that is not
-established), naming it; quiesce; freeze the connections (an nft drop of
-their 4-tuples, then repair mode); pickle the graph with each connection's
-checkpoint in place of its descriptor and each listener's address and
-backlog in place of its own; GRAPH; wait for READY. Then the decision: the
-release hook (``ip addr del``; the last step that may still fail, and then
-roll back), then, committed: the frozen sockets closed (in repair mode:
-nothing sent), the drop lifted, COMMIT. Any failure before the decision
-thaws the connections and resumes the service: the clients saw a pause.
+(CAP_NET_ADMIN, ``nft``); sweeps the drop tables of dead processes and starts
+a guard that deletes its own if it dies; the dry run, which also refuses a
+socket that cannot move across hosts (a UNIX socket, a connection that is
+not established), naming it; the door: new SYNs to the listeners dropped,
+and what they had queued accepted by the service; quiesce; freeze every
+connection (an nft drop of their 4-tuples, then repair mode); pickle the
+graph with each connection's checkpoint in place of its descriptor and each
+listener's address and backlog in place of its own; GRAPH (naming the
+move); wait for READY. Then the decision: the release hook (``ip addr
+del``; the last step that may still fail, and then roll back), then,
+committed: the frozen sockets closed (in repair mode: nothing sent), the
+drop lifted, COMMIT. Any failure before the decision thaws the connections
+and resumes the service: the clients saw a pause.
 
 Recipient (:func:`take_across_hosts`): checks its own capability before
 TAKE; rebuilds the graph, each connection in repair mode bound to the
@@ -22,13 +25,15 @@ service address with IP_TRANSPARENT and each listener with IP_FREEBIND
 COMMIT: the acquire hook (``ip addr add``, ``arping -U``), each connection
 out of repair mode, the bytes the originator's kernel had never sent put in
 front of its transport's output, the service started, COMMITTED. On ERROR
-(the originator rolled back) or a broken channel before COMMIT, the copies
-are discarded (closed in repair mode: silently).
+(the originator rolled back) the copies are discarded (closed in repair
+mode: silently).
 
-The in-doubt window: the originator has decided (its sockets closed, the
-address released) but COMMIT does not reach the recipient, which then
-discards its copies: those connections are lost (their clients see them
-time out or reset). It is the price of having no arbiter both hosts share.
+In doubt: if the channel fails after READY, before COMMIT, the recipient asks
+the originator on new connections (OUTCOME) what it decided, for its
+``in_doubt_wait``; the originator, if it decided and lost the channel,
+waits as long to be asked (:func:`answer_outcome`). Only if the originator
+cannot be asked in time (it died) does the recipient presume a rollback:
+if it had committed, those connections are lost (docs/crosshost.md).
 """
 
 from __future__ import annotations
@@ -264,7 +269,7 @@ class CrossHostMove(_Move):
             return
         try:
             # The last step that may fail and still roll back.
-            tcprepair.run_address_hook(session.registry.release_address, "release")
+            await _hook(session.registry.release_address, "release")
         except tcprepair.RepairError as exc:
             self.reason = str(exc)
             log.error("move of %r rolled back: %s", name, exc)
@@ -336,6 +341,14 @@ class CrossHostMove(_Move):
             self.session.registry.successor_pid = None
 
 
+async def _hook(command: str | None, what: str) -> None:
+    """An address hook, run in a thread: the loop serves the process's other
+    services meanwhile (this one is paused)."""
+    if command:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, tcprepair.run_address_hook, command, what)
+
+
 async def take_across_hosts(
     session: RecipientSession, name: str, runtime: Any, drain: float | None
 ) -> Taken:
@@ -386,7 +399,7 @@ async def take_across_hosts(
         raise
     faults.checkpoint("recipient.commit-received")
     try:
-        tcprepair.run_address_hook(session.acquire_address, "acquire")
+        await _hook(session.acquire_address, "acquire")
     except tcprepair.RepairError as exc:
         # Committed: the connections are ours whatever happens; say it loudly.
         log.error("service %r: %s; starting it anyway", name, exc)
