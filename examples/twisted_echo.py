@@ -54,6 +54,7 @@ def main(args: argparse.Namespace) -> None:
     done = takeover.serve_until_moved(
         port,
         **takeover.control_options(args),
+        release_address=args.release_address,  # a move to another host (docs/crosshost.md)
         ready=lambda m: print(f"echo on {where}, control {m.path}", flush=True),
     )
     done.addErrback(lambda failure: print(failure.getTraceback(), flush=True))
@@ -67,4 +68,5 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8007)
     parser.add_argument("--unix", metavar="PATH", help="listen on this AF_UNIX path instead")
     takeover.add_control_options(parser)
+    takeover.add_release_address_option(parser)
     main(parser.parse_args())

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -140,6 +141,7 @@ def test_rollback_after_freeze_leaves_clients_unaware(
 # -- the move through the library: examples/echo.py and `takeover take --cross-host` -------
 
 ECHO = os.path.join(ROOT, "examples", "echo.py")
+TWISTED_ECHO = os.path.join(ROOT, "examples", "twisted_echo.py")
 CONTROL_PORT = 9007
 # The acquire hook: the address, then a gratuitous ARP in the background (arping
 # waits a second after its one announcement; the pause need not).
@@ -169,10 +171,11 @@ def echo_on(
     release: str = "",
     as_nobody: Sandbox | None = None,
     env: dict[str, str] | None = None,
+    script: str = ECHO,
 ) -> Proc:
     """examples/echo.py on ``host``, on the service address, its control on the host's own."""
     argv = [
-        *(as_nobody.script("echo") if as_nobody else ECHO, "--host", SERVICE_IP),
+        *(as_nobody.script("echo") if as_nobody else script, "--host", SERVICE_IP),
         *("--port", str(PORT), "--control", f"tcp:{host_ip(host, hosts)}:{CONTROL_PORT}"),
         *("--secret-file", secret),
         *("--release-address", release or hosts.del_address_script()),
@@ -522,3 +525,72 @@ def test_recipient_killed_after_ready(
         assert on_a.wait(20) == 0, on_a.output()
     no_drop_left(hosts.a)
     assert hosts.a.ss(PORT) == ""
+
+
+def test_twisted_echo_moves_to_another_host_and_back(
+    hosts: Hosts, procs: list[Proc], clients: list[StreamingClients], workdir: str
+) -> None:
+    """examples/twisted_echo.py (a Twisted port and its connections) moves A -> B
+    -> A with 20 checksummed streams, the recipients serving in a Twisted
+    reactor (`take --runtime twisted`): nothing lost or duplicated, the bytes
+    A's kernel had never sent go out first on B."""
+    secret = secret_file(workdir)
+    on_a = echo_on(hosts.a, hosts, secret, procs, script=TWISTED_ECHO)
+    streams = hosts.client.run(lambda: StreamingClients(PORT, 20, 32 * 1024, 60.0, host=SERVICE_IP))
+    clients.append(streams)
+    streams.wait_all_echoing()
+    on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, "--runtime", "twisted")
+    assert moved(on_b) == 20
+    on_b.expect('"event": "serving"')
+    assert on_a.wait() == 0, on_a.output()
+    assert hosts.holder_of_address() == ["B"]
+    assert hosts.a.ss(PORT) == ""
+    streams.wait_progress()
+    back = take_across(hosts, hosts.a, hosts.b, secret, procs, "--runtime", "twisted")
+    assert moved(back) == 20
+    assert on_b.wait() == 0, on_b.output()
+    assert hosts.holder_of_address() == ["A"]
+    streams.wait_progress()
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
+@pytest.mark.parametrize("script", [ECHO, TWISTED_ECHO], ids=["asyncio", "twisted"])
+def test_bytes_never_sent_go_out_first(
+    hosts: Hosts, procs: list[Proc], workdir: str, script: str
+) -> None:
+    """A client sends 4 MB of lines and reads nothing until after the move: A's
+    kernel holds echoed bytes it has never sent (its window is full) and the
+    transport holds more. Those bytes travel in the checkpoint and go out on B
+    before the transport's own output: the client reads its 4 MB back, in order."""
+    secret = secret_file(workdir)
+    on_a = echo_on(hosts.a, hosts, secret, procs, script=script)
+    payload = b"".join(b"%07d %s\n" % (i, os.urandom(24).hex().encode()) for i in range(70_000))
+
+    def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect((SERVICE_IP, PORT))
+        return sock
+
+    with hosts.client.run(connect) as sock:
+        sock.sendall(payload)
+
+        def unsent_on_a() -> int:
+            found = re.search(r"notsent:(\d+)", hosts.a.sh(f"ss -Htin 'sport = :{PORT}'"))
+            return int(found.group(1)) if found else 0
+
+        wait_until(lambda: unsent_on_a() > 0, what="bytes A's kernel has not sent")
+        runtime = ("--runtime", "twisted") if script == TWISTED_ECHO else ()
+        on_b = take_across(hosts, hosts.b, hosts.a, secret, procs, *runtime)
+        assert moved(on_b) == 1
+        assert on_a.wait() == 0, on_a.output()
+        sock.settimeout(30)
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {len(received)} of {len(payload)} bytes"
+            received += chunk
+        assert bytes(received) == payload

@@ -117,7 +117,7 @@ class CrossHostMove(_Move):
                 SerializationError.code,
                 f"service {name!r} ({type(service).__name__}) cannot move to another host: "
                 "it does not take back the bytes a connection had not sent "
-                "(takeover_unsent); asyncio's MigratableServer does",
+                "(takeover_unsent); takeover's asyncio and Twisted servers do",
             )
         if self.drain is not None:
             return await self._refuse(

@@ -50,7 +50,7 @@ from .. import asyncio as aio
 from .._core import runtimes
 from .._core.auth import TLSConfig, load_secret
 from .._core.errors import TakeoverError
-from .._core.options import add_control_options, control_options
+from .._core.options import add_control_options, add_release_address_option, control_options
 from .._core.registry import Service
 from ._transport import (
     MigratablePort,
@@ -69,6 +69,7 @@ __all__ = [
     "MigratableUNIXServer",
     "TLSConfig",
     "add_control_options",
+    "add_release_address_option",
     "control_options",
     "install_reactor",
     "listen_tcp",

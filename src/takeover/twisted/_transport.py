@@ -245,6 +245,18 @@ class _MigratableConnection(_Gate):
     def _tko_discard(self) -> None:
         self.socket.close()
 
+    def _tko_put_first(self, data: bytes) -> None:
+        """Queue ``data`` before everything the protocol has written (Twisted's
+        ``dataBuffer`` from ``offset``, then ``_tempDataBuffer``)."""
+        buffer: bytes = getattr(self, "dataBuffer", b"")
+        offset: int = getattr(self, "offset", 0)
+        temp: list[bytes] = getattr(self, "_tempDataBuffer", [])
+        self.dataBuffer = b"".join([data, buffer[offset:], *temp])
+        self.offset = 0
+        self._tempDataBuffer: list[bytes] = []
+        self._tempDataLen = 0
+        self.startWriting()
+
     def _tko_pending(self) -> int:
         """Bytes written by the protocol and not yet sent."""
         data_buffer: bytes = getattr(self, "dataBuffer", b"")
@@ -370,6 +382,15 @@ class MigratablePort:
         """Make calls from outside that change a connection ask ``late_call``
         first, until resume() or release() (see ``_tko_may_change``)."""
         self.port._tko_seal = late_call
+
+    def takeover_unsent(self, unsent: dict[socket.socket, bytes]) -> None:
+        """A move across hosts, recipient, before start: the bytes each
+        connection's old kernel had never sent go out first, before the
+        output the transport carried (see ``takeover._core.crossmove``)."""
+        for connection in self.connections:
+            data = unsent.get(connection.socket)
+            if data:
+                connection._tko_put_first(data)
 
     def resume(self) -> None:
         self.port.__dict__.pop("_tko_seal", None)
