@@ -22,7 +22,7 @@ import gc
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import _common
 
@@ -165,30 +165,30 @@ def _trace(path: str, first: Any, blocks: int, taken: list[Any]) -> None:
             stats.sort(key=lambda s: s.size_diff)
             total = sum(s.size_diff for s in stats if s.size_diff < 0)
             freed = total / connections
-            print(f"== alive after the load, freed since: {freed:.1f} B/conn", file=out)
-            for stat in stats[:25]:
-                print(
-                    f"{stat.size_diff / connections:8.1f} B/conn "
-                    f"{stat.count_diff / connections:6.2f} blocks/conn",
-                    file=out,
-                )
-                for line in stat.traceback.format()[-12:]:
-                    print("    " + line, file=out)
+            heading = f"== alive after the load, freed since: {freed:.1f} B/conn"
+            _print_stats(out, heading, stats, connections, 12)
         for key in ("lineno", "traceback"):
             stats = second.compare_to(first, key)
             total = sum(s.size_diff for s in stats)
-            print(f"== by {key}: {total} B, {total / connections:.1f} B/conn", file=out)
-            for stat in stats[:25]:
-                print(
-                    f"{stat.size_diff / connections:8.1f} B/conn "
-                    f"{stat.count_diff / connections:6.2f} blocks/conn",
-                    file=out,
-                )
-                frames = (
-                    stat.traceback.format()[-16:] if key == "traceback" else [str(stat.traceback)]
-                )
-                for line in frames:
-                    print("    " + line, file=out)
+            heading = f"== by {key}: {total} B, {total / connections:.1f} B/conn"
+            _print_stats(out, heading, stats, connections, 16 if key == "traceback" else None)
+
+
+def _print_stats(
+    out: TextIO, heading: str, stats: list[Any], connections: int, depth: int | None
+) -> None:
+    """``heading``, then the first 25 of ``stats`` per connection, each with the
+    last ``depth`` lines of its traceback (None: its one frame as ``file:line``)."""
+    print(heading, file=out)
+    for stat in stats[:25]:
+        print(
+            f"{stat.size_diff / connections:8.1f} B/conn "
+            f"{stat.count_diff / connections:6.2f} blocks/conn",
+            file=out,
+        )
+        frames = stat.traceback.format()[-depth:] if depth is not None else [str(stat.traceback)]
+        for line in frames:
+            print("    " + line, file=out)
 
 
 if __name__ == "__main__":

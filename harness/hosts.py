@@ -68,27 +68,7 @@ class Host:
     def run(self, function: Callable[[], T]) -> T:
         """Call ``function`` in a thread that entered this namespace: the sockets it
         opens belong here, whichever thread uses them afterwards."""
-        outcome: list[Any] = []
-
-        def enter_and_call() -> None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(fd, CLONE_NEWNET)
-                finally:
-                    os.close(fd)
-                outcome.append((True, function()))
-            except BaseException as exc:
-                outcome.append((False, exc))
-
-        thread = threading.Thread(target=enter_and_call)
-        thread.start()
-        thread.join()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        result: T = value
-        return result
+        return run_in_namespace(self.path, function)
 
     def ss(self, port: int) -> str:
         """``ss -tan`` lines of this namespace for TCP port ``port`` (either end)."""
@@ -156,6 +136,34 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_in_namespace(path: str, function: Callable[[], T]) -> T:
+    """Call ``function`` in a thread that has entered the network namespace at
+    ``path`` (``/proc/PID/ns/net``), and return its result or raise its exception:
+    the sockets it opens belong to the namespace, whichever thread uses them
+    afterwards. The calling thread stays where it is."""
+    outcome: list[Any] = []
+
+    def enter_and_call() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            outcome.append((True, function()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=enter_and_call)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: T = value
+    return result
 
 
 def _setns(fd: int, kind: int) -> None:

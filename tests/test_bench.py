@@ -16,13 +16,20 @@ import resource
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from harness.procs import ROOT
 
-SCALE = os.path.join(ROOT, "benchmarks", "scale.py")
 SIZES = (1, 10)
+# The rows of sidebyside.py's results, one a way of replacing the server, in order.
+STRATEGIES = [
+    "stop and restart",
+    "overlapped restart (SO_REUSEPORT)",
+    "listener hand-off + drain",
+    "takeover",
+]
 
 
 def _number(text: str) -> float:
@@ -62,18 +69,8 @@ def _processes_tagged(tag: str) -> list[int]:
 
 def test_scale_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
-    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
     sizes = ",".join(map(str, SIZES))
-    result = subprocess.run(
-        [sys.executable, SCALE, "--sizes", sizes, "--repeats", "1", "--out", workdir],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not _processes_tagged(tag), "the benchmark left processes running"
+    _run("scale.py", ["--sizes", sizes, "--repeats", "1", "--out", workdir], tag)
 
     with open(os.path.join(workdir, "scale.md")) as f:
         markdown = f.read()
@@ -176,16 +173,13 @@ def test_scale_refuses_a_size_no_process_may_hold(workdir: str) -> None:
     limit named; with --skip-unfit the size is skipped and the report says why."""
     with open("/proc/sys/fs/nr_open") as f:
         nr_open = int(f.read())
-    args = [SCALE, "--sizes", str(nr_open), "--repeats", "1", "--out", workdir]
-    result = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 2
+    args = ["--sizes", str(nr_open), "--repeats", "1", "--out", workdir]
+    result = _run("scale.py", args, status=2, timeout=60)
     assert f"/proc/sys/fs/nr_open = {nr_open}" in result.stderr
     assert not os.listdir(workdir)
 
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
-    _run("scale.py", [*args[1:], "--skip-unfit", "--quiet-wait", "0"], tag)
+    _run("scale.py", [*args, "--skip-unfit", "--quiet-wait", "0"], tag)
     with open(os.path.join(workdir, "scale.json")) as f:
         data = json.load(f)
     assert data["runs"] == [] and "nr_open" in data["skipped"][str(nr_open)]
@@ -196,17 +190,13 @@ def test_scale_runs_an_unfit_size_at_the_largest_that_fits(workdir: str) -> None
     at the largest whole thousand that fits, and the report says so, its goals too."""
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     args = ["--sizes", "100,100000", "--repeats", "1", "--probes", "2", "--out", workdir]
-    result = subprocess.run(
-        [sys.executable, SCALE, *args, "--shrink-unfit", "--quiet-wait", "0"],
-        env={**os.environ, tag.split("=")[0]: tag.split("=")[1]},
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1300, 1300)),
-        capture_output=True,
-        text=True,
+    _run(
+        "scale.py",
+        [*args, "--shrink-unfit", "--quiet-wait", "0"],
+        tag,
         timeout=180,
-        check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1300, 1300)),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not _processes_tagged(tag), "the benchmark left processes running"
     with open(os.path.join(workdir, "scale.json")) as f:
         data = json.load(f)
     assert data["shrunk"] == {"100000": 1000}
@@ -218,18 +208,35 @@ def test_scale_runs_an_unfit_size_at_the_largest_that_fits(workdir: str) -> None
     assert "| 1,000 (for 100,000, which does not fit here) |" in report
 
 
-def _run(script: str, args: list[str], tag: str) -> None:
-    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+def _run(
+    script: str,
+    args: list[str],
+    tag: str | None = None,
+    *,
+    status: int = 0,
+    timeout: float = 120,
+    preexec_fn: Callable[[], object] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/SCRIPT`` with this interpreter and check that it exits with
+    ``status``; given ``tag`` (``NAME=VALUE``, put in its environment), check too
+    that it left none of its processes running."""
+    env = dict(os.environ)
+    if tag is not None:
+        name, value = tag.split("=")
+        env[name] = value
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
         env=env,
+        preexec_fn=preexec_fn,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not _processes_tagged(tag), "the benchmark left processes running"
+    assert result.returncode == status, result.stdout + result.stderr
+    if tag is not None:
+        assert not _processes_tagged(tag), "the benchmark left processes running"
+    return result
 
 
 def _plots(workdir: str, option: str, name: str) -> None:
@@ -360,12 +367,7 @@ def test_sidebyside_quick_path(workdir: str) -> None:
     with open(os.path.join(workdir, "sidebyside.md")) as f:
         markdown = f.read()
     header, rows = _table(markdown, "Results")
-    assert [row[0] for row in rows] == [
-        "stop and restart",
-        "overlapped restart (SO_REUSEPORT)",
-        "listener hand-off + drain",
-        "takeover",
-    ]
+    assert [row[0] for row in rows] == STRATEGIES
     broken = header.index("long-lived connections broken")
     for row in rows:
         assert len(row) == len(header)
@@ -392,12 +394,7 @@ def test_sidebyside_streams_quick_path(workdir: str) -> None:
         markdown = f.read()
     assert "a coroutine (asyncio streams) server" in markdown.splitlines()[0]
     header, rows = _table(markdown, "Results")
-    assert [row[0] for row in rows] == [
-        "stop and restart",
-        "overlapped restart (SO_REUSEPORT)",
-        "listener hand-off + drain",
-        "takeover",
-    ]
+    assert [row[0] for row in rows] == STRATEGIES
     for row in rows:
         assert len(row) == len(header)
         assert row[header.index("wrong answers")] == "0"

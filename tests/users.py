@@ -29,7 +29,6 @@ groups set before ``exec``: it never runs as root, and holds no capability.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import grp
 import os
@@ -40,17 +39,16 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pythons
+from harness.hosts import run_in_namespace
 from harness.procs import EXAMPLES, ROOT, Proc
 
 T = TypeVar("T")
 
 TOOLS = ("unshare", "nsenter", "setpriv", "mount", "ip")
-CLONE_NEWNET = 0x40000000
 
 
 def unavailable(message: str) -> None:
@@ -144,27 +142,7 @@ class NetNamespace:
         """Call ``function`` in a thread that has entered this namespace, and return
         its result: the sockets it opens belong to the namespace, whichever thread
         uses them afterwards."""
-        outcome: list[Any] = []
-
-        def enter_and_call() -> None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(fd, CLONE_NEWNET)
-                finally:
-                    os.close(fd)
-                outcome.append((True, function()))
-            except BaseException as exc:
-                outcome.append((False, exc))
-
-        thread = threading.Thread(target=enter_and_call)
-        thread.start()
-        thread.join()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        result: T = value
-        return result
+        return run_in_namespace(self.path, function)
 
     def tcp_sockets(self, port: int, *, listening: bool = False) -> set[str]:
         """Sockets (``socket:[N]``) in this namespace whose local port is ``port``."""
@@ -179,17 +157,6 @@ class NetNamespace:
                     continue  # inode 0: a connection closed (TIME_WAIT), nobody's
                 found.add(f"socket:[{fields[9]}]")
         return found
-
-
-def _setns(fd: int, kind: int) -> None:
-    setns = getattr(os, "setns", None)  # Python 3.12
-    if setns is not None:
-        setns(fd, kind)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, kind) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
 
 
 # -- the code and the interpreter, for another user ------------------------------
