@@ -375,7 +375,9 @@ def test_commit_lost_the_recipient_asks_and_starts(
     The clients saw a longer pause and nothing else. A drop table that a dead
     process left on A (a stale one) is deleted by the move."""
     secret = secret_file(workdir)
-    hosts.a.sh("nft add table inet takeover_999999_0")  # no process 999999
+    stale = f"{tcprepair.table_prefix(999999)}0"  # no process 999999 here
+    other = f"takeover_1_{os.getpid()}_0"  # another PID namespace's: not judged
+    hosts.a.sh(f"nft add table inet {stale}; nft add table inet {other}")
     stop = {"TAKEOVER_FAULTS": "originator.decided=stop"}
     on_a = echo_on(hosts.a, hosts, secret, procs, env=stop)
     streams = hosts.client.run(
@@ -392,6 +394,9 @@ def test_commit_lost_the_recipient_asks_and_starts(
     assert on_a.wait() == 0, on_a.output()
     assert "the recipient asked and was told it committed" in on_a.output()
     assert hosts.holder_of_address() == ["B"]
+    tables = hosts.a.sh("nft list tables")
+    assert stale not in tables and other in tables, tables
+    hosts.a.sh(f"nft delete table inet {other}")
     no_drop_left(hosts.a)
     streams.wait_progress()
     outcome = streams.finish()

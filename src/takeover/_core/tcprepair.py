@@ -597,24 +597,36 @@ def queued(listener: socket.socket) -> int:
 # -- the drop tables of a process that dies -----------------------------------------
 
 
+def pid_namespace() -> int:
+    """This process's PID namespace (its inode): a pid means something only there."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def table_prefix(pid: int | None = None) -> str:
-    """The name every drop table of process ``pid`` (default: this one) starts with."""
-    return f"takeover_{os.getpid() if pid is None else pid}_"
+    """The name every drop table of process ``pid`` (default: this one) starts
+    with: ``takeover_PIDNS_PID_``. Processes in other PID namespaces may share
+    the network namespace (a pod's containers): their tables are not ours to judge."""
+    return f"takeover_{pid_namespace()}_{os.getpid() if pid is None else pid}_"
 
 
-_TABLE_NAME = re.compile(r"^table inet (takeover_(\d+)_\d+)$", re.MULTILINE)
+_TABLE_NAME = re.compile(r"^table inet (takeover_(\d+)_(\d+)_\d+)$", re.MULTILINE)
 
 
 def sweep_stale_tables() -> list[str]:
-    """Delete the drop tables left by processes that are gone (an originator
-    killed while its connections were frozen); the names deleted."""
+    """Delete the drop tables left by processes of this PID namespace that are
+    gone (an originator killed while its connections were frozen, its guard
+    with it); the names deleted."""
     listed = subprocess.run(
         ["nft", "list", "tables"], capture_output=True, text=True, timeout=30, check=False
     )
     stale = []
+    namespace = pid_namespace()
     for match in _TABLE_NAME.finditer(listed.stdout):
-        pid = int(match.group(2))
-        if pid == os.getpid():
+        pid = int(match.group(3))
+        if int(match.group(2)) != namespace or pid == os.getpid():
             continue
         try:
             os.kill(pid, 0)
