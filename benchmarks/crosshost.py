@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,100,1000")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="crosshost")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory")
     parser.add_argument("--command", default="python benchmarks/crosshost.py")
     args = parser.parse_args()
     if os.environ.get("TAKEOVER_BENCH_NETNS") != "1":
@@ -133,7 +134,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    path = os.path.join(HERE, "results", f"{args.name}.json")
+    path = os.path.join(args.out, f"{args.name}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import pytest
 
+import pythons
 from harness.procs import ROOT
 
 SIZES = (1, 10)
@@ -419,3 +420,46 @@ def test_sidebyside_streams_quick_path(workdir: str) -> None:
     assert moved["moved"] == 0 and moved["draining"] >= connections
     assert moved["old_exit"] == 0
     _plots(workdir, "--sidebyside", "s")
+
+
+def _needs_net_admin() -> None:
+    from takeover._core import tcprepair
+
+    if os.geteuid() != 0 or not tcprepair.has_net_admin():
+        pythons.skip_or_fail("the cross-host benchmarks need root (CAP_NET_ADMIN)")
+
+
+def test_crosshost_quick_path(workdir: str) -> None:
+    """benchmarks/crosshost.py at 1 and 20 connections: both ways of moving them
+    timed, every step of the repair path there."""
+    _needs_net_admin()
+    _run("crosshost.py", ["--sizes", "1,20", "--repeats", "1", "--out", workdir, "--name", "x"])
+    with open(os.path.join(workdir, "x.json")) as f:
+        data = json.load(f)
+    assert [r["connections"] for r in data["results"]] == [1, 20]
+    for row in data["results"]:
+        steps = row["repair"]["per_connection_us"]
+        assert set(steps) == {
+            "freeze", "checkpoint", "pickle", "close_prepare", "lift", "start", "total"
+        }  # fmt: skip
+        assert all(value > 0 for value in steps.values()), steps
+        assert row["scm_rights"]["per_connection_us"]["total"] > 0
+
+
+def test_crosshost_move_quick_path(workdir: str) -> None:
+    """benchmarks/crosshost_move.py with 20 idle connections on the simulated hosts:
+    a move across hosts then one on one host, both felt by the probes, the report's
+    row filled in."""
+    _needs_net_admin()
+    args = ["--sizes", "20", "--repeats", "1", "--quiet-wait", "0", "--out", workdir]
+    _run("crosshost_move.py", [*args, "--name", "x"], timeout=300)
+    with open(os.path.join(workdir, "x.json")) as f:
+        data = json.load(f)
+    (row,) = data["results"]
+    for side in ("across", "here"):
+        assert row[side]["pause_ms"] > 0, row
+        assert row[side]["worst_probe_ms"] > 0, row
+    with open(os.path.join(workdir, "x.md")) as f:
+        text = f.read()
+    number = r" [0-9.]+ \|"
+    assert re.search(rf"^\| 20 \|{number * 6}$", text, re.M), text

@@ -50,7 +50,6 @@ from .crosspickle import dumps_cross_host
 from .errors import (
     ChannelClosedError,
     MigrationRefusedError,
-    MigrationTimeoutError,
     RolledBackError,
     SerializationError,
     TakeoverError,
@@ -379,23 +378,28 @@ async def take_across_hosts(
     move = graph.body.get("move")
     in_doubt = False
     try:
-        await session._send(Message(Kind.READY, {"service": name, "count": len(repaired)}))
-        faults.checkpoint("recipient.ready-sent")
-        await session._receive(limits.step_timeout)  # COMMIT; an ERROR raises
-    except (ChannelClosedError, MigrationTimeoutError, OSError) as exc:
-        # In doubt: COMMIT may have been sent. Ask, on a new connection.
-        in_doubt = True
-        why = await _ask_outcome(session, name, move, exc)
-        if why is not None:
-            service.discard()
-            raise RolledBackError(f"{why}; {name!r} not started here") from exc
-    except BaseException as exc:
-        # Rolled back: the originator said so (ERROR), or this side failed.
+        try:
+            await session._send(Message(Kind.READY, {"service": name, "count": len(repaired)}))
+            faults.checkpoint("recipient.ready-sent")
+            reply = await session.channel.receive(limits.step_timeout)
+            session.conversation.receive(reply)
+            if reply.kind is Kind.BYE:
+                raise ChannelClosedError("the originator ended the conversation")
+        except (TakeoverError, OSError) as exc:
+            # In doubt: COMMIT may have been sent (the channel broke or timed
+            # out, or said something out of turn). Ask, on a new connection.
+            in_doubt = True
+            why = await _ask_outcome(session, name, move, exc)
+            if why is not None:
+                raise RolledBackError(f"{why}; {name!r} not started here") from exc
+        else:
+            if reply.kind is not Kind.COMMIT:  # ERROR: the originator rolled back
+                said = reply.body.get("message", "no reason given")
+                raise RolledBackError(
+                    f"the originator rolled {name!r} back ({said}); not started here"
+                )
+    except BaseException:
         service.discard()
-        if isinstance(exc, RolledBackError):
-            raise RolledBackError(
-                f"the originator rolled {name!r} back ({exc}); not started here"
-            ) from exc
         raise
     faults.checkpoint("recipient.commit-received")
     try:
