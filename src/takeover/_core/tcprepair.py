@@ -508,11 +508,12 @@ class Freeze:
         self, sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()
     ) -> None:
         self.sockets = list(sockets)
+        self.members = set(self.sockets)
         self.tuples = [four_tuple(sock) for sock in self.sockets]
         self.listeners = [(int(s.family), s.getsockname()) for s in listeners]
         self.table = f"{table_prefix()}{next(_tables)}"
         self.dropping = False
-        self.repaired: list[socket.socket] = []
+        self.repaired: dict[socket.socket, None] = {}
 
     def drop(self) -> None:
         """Drop every packet of these connections, both ways (one nft table)."""
@@ -525,17 +526,18 @@ class Freeze:
         for sock in self.sockets:
             if sock not in self.repaired:
                 repair_on(sock)
-                self.repaired.append(sock)
+                self.repaired[sock] = None
 
     def add(self, sockets: Sequence[socket.socket]) -> None:
         """Freeze more connections in the same table: their drop, then repair mode."""
-        new = [sock for sock in sockets if sock not in self.sockets]
+        new = [sock for sock in dict.fromkeys(sockets) if sock not in self.members]
         if not new:
             return
         tuples = [four_tuple(sock) for sock in new]
         if self.dropping:
             _nft(add_script(self.table, tuples))
         self.sockets += new
+        self.members.update(new)
         self.tuples += tuples
         if not self.dropping:
             self.drop()
