@@ -152,6 +152,8 @@ bench: $(BENCH_STAMP) network-tools bytecode
 		--sidebyside $(RESULTS)/sidebyside-streams.json
 	$(BIN)/python benchmarks/crosshost.py --sizes 1,10,100,1000,5000 --repeats 5 \
 		--name crosshost --command "make bench"
+	$(BIN)/python benchmarks/crosshost_move.py --sizes 100,1000,5000,10000 --repeats 3 \
+		--name crosshost-move --command "make bench"
 	$(BIN)/python benchmarks/websocket.py --connections 1000 --clients 4 --duration 10 --repeats 3 \
 		--compression deflate,deflate-full,none --name websocket --command "make bench" && \
 		$(BIN)/python benchmarks/plots.py --websocket $(RESULTS)/websocket.json
