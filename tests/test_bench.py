@@ -21,6 +21,7 @@ from collections.abc import Callable
 import pytest
 
 import pythons
+from benchreports import number, processes_tagged, table
 from harness.procs import ROOT
 
 SIZES = (1, 10)
@@ -33,41 +34,6 @@ STRATEGIES = [
 ]
 
 
-def _number(text: str) -> float:
-    """The median at the start of a cell such as ``1.234 (1.100..1.400)``."""
-    match = re.match(r"\s*(-?\d+(?:\.\d+)?)", text)
-    assert match, f"not a number: {text!r}"
-    return float(match.group(1))
-
-
-def _table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the first table after ``## heading``."""
-    section = markdown.split(f"## {heading}\n", 1)[1].splitlines()
-    start = next(i for i, line in enumerate(section) if line.startswith("|"))
-    lines = []
-    for line in section[start:]:
-        if not line.startswith("|"):
-            break
-        lines.append(line)
-    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return split[0], split[2:]
-
-
-def _processes_tagged(tag: str) -> list[int]:
-    """Processes whose environment carries ``tag`` (the benchmark's children)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(int(name))
-        except OSError:
-            pass
-    return found
-
-
 def test_scale_quick_path(workdir: str) -> None:
     tag = f"TAKEOVER_BENCH_TEST={uuid.uuid4().hex}"
     sizes = ",".join(map(str, SIZES))
@@ -77,33 +43,33 @@ def test_scale_quick_path(workdir: str) -> None:
         markdown = f.read()
     assert "Produced by `" in markdown and "CPU:" in markdown and "Kernel:" in markdown
 
-    header, rows = _table(markdown, "Results")
+    header, rows = table(markdown, "Results")
     assert "pause ms" in header
     assert [int(row[0]) for row in rows] == list(SIZES)
     for row in rows:
         assert len(row) == len(header)
-        values = [_number(cell) for cell in row[1:]]
+        values = [number(cell) for cell in row[1:]]
         assert values[header.index("pause ms") - 1] > 0
         for floor in ("same graph", "app objects"):
             assert values[header.index(f"floor ms, {floor}") - 1] > 0
             assert values[header.index(f"pause/floor, {floor}") - 1] > 0
 
-    header, rows = _table(markdown, "What a client feels")
+    header, rows = table(markdown, "What a client feels")
     assert "worst probe ms" in header and "originator stall ms" in header
     assert [int(row[0]) for row in rows] == list(SIZES)
     for row in rows:
         assert len(row) == len(header)
-        assert _number(row[header.index("worst probe ms")]) > 0  # every line takes some time
+        assert number(row[header.index("worst probe ms")]) > 0  # every line takes some time
         # A column "before quiesce" is n/a when no probe line was answered in that
         # short a time (a millisecond or less at small N, on a busy machine).
         for name in ("pause ms", "originator stall ms", "dry run ms", "recipient stall ms"):
-            assert _number(row[header.index(name)]) >= 0
+            assert number(row[header.index(name)]) >= 0
 
-    header, rows = _table(markdown, "The floor")
+    header, rows = table(markdown, "The floor")
     assert "take/floor" in header and "SCM_RIGHTS ms" in header
     assert [int(row[0]) for row in rows] == list(SIZES)
     for row in rows:
-        assert all(_number(cell) >= 0 for cell in row[1:])
+        assert all(number(cell) >= 0 for cell in row[1:])
 
     with open(os.path.join(workdir, "scale.json")) as f:
         data = json.load(f)
@@ -143,10 +109,10 @@ def test_scale_client_processes_rss_and_loop(workdir: str, loop: str) -> None:
         markdown = f.read()
     assert f"Event loop of the originator and the recipient: **{loop}**" in markdown
     assert "## Goals" not in markdown
-    header, rows = _table(markdown, "Memory")
+    header, rows = table(markdown, "Memory")
     assert [row[0] for row in rows] == ["200"]
     for name in ("originator RSS/conn B", "recipient RSS/conn B", "recipient/originator"):
-        assert _number(rows[0][header.index(name)]) > 0
+        assert number(rows[0][header.index(name)]) > 0
 
     # The goals at 10,000 and 100,000 connections, on this run's figures as if
     # it had been of those sizes: one row each, with a verdict, met or not.
@@ -164,7 +130,7 @@ def test_scale_client_processes_rss_and_loop(workdir: str, loop: str) -> None:
         goals = report.goals(data)
         assert [g["connections"] for g in goals] == [size, size]
         assert all(g["value"] > 0 and g["met"] == (g["value"] <= g["target"]) for g in goals)
-        header, rows = _table(report.render(data), "Goals")
+        header, rows = table(report.render(data), "Goals")
         assert len(rows) == 2
         assert {row[header.index("verdict")] for row in rows} <= {"met", "**not met**"}
 
@@ -236,7 +202,7 @@ def _run(
     )
     assert result.returncode == status, result.stdout + result.stderr
     if tag is not None:
-        assert not _processes_tagged(tag), "the benchmark left processes running"
+        assert not processes_tagged(tag), "the benchmark left processes running"
     return result
 
 
@@ -265,7 +231,7 @@ def test_load_quick_path(workdir: str) -> None:
     with open(os.path.join(workdir, "load.md")) as f:
         markdown = f.read()
     assert "Produced by `" in markdown and "CPU:" in markdown
-    header, rows = _table(markdown, "Errors and integrity")
+    header, rows = table(markdown, "Errors and integrity")
     assert [(row[0], row[1]) for row in rows] == [
         (app, mode)
         for app in ("echo", "http")
@@ -275,15 +241,15 @@ def test_load_quick_path(workdir: str) -> None:
         assert row[header.index("errors (all runs)")] == "0"
         assert row[header.index("bytes or requests lost or duplicated (all runs)")] == "0"
         assert row[header.index("failed moves (all runs)")] == "0"
-        assert _number(row[header.index("requests per run")]) > 0
-    header, rows = _table(markdown, "Latency: moving against steady")
+        assert number(row[header.index("requests per run")]) > 0
+    header, rows = table(markdown, "Latency: moving against steady")
     assert "moving / steady" in header and "moving + starts / starts only" in header
     assert [(row[0], row[1]) for row in rows][:3] == [
         ("echo", "p50"),
         ("echo", "p99"),
         ("echo", "max"),
     ]
-    assert all(_number(row[header.index("moving / steady")]) > 0 for row in rows)
+    assert all(number(row[header.index("moving / steady")]) > 0 for row in rows)
 
     with open(os.path.join(workdir, "load.json")) as f:
         data = json.load(f)
@@ -317,7 +283,7 @@ def test_load_loops_goals_and_cpu_split(workdir: str) -> None:
     with open(os.path.join(workdir, "lu.md")) as f:
         markdown = f.read()
     assert "Event loop of the servers and recipients: asyncio's own; uvloop" in markdown
-    header, rows = _table(markdown, "Errors and integrity")
+    header, rows = table(markdown, "Errors and integrity")
     assert [(row[0], row[1]) for row in rows] == [
         ("echo", "steady"),
         ("echo", "moving"),
@@ -327,7 +293,7 @@ def test_load_loops_goals_and_cpu_split(workdir: str) -> None:
     for row in rows:
         assert row[header.index("errors (all runs)")] == "0"
         assert row[header.index("failed moves (all runs)")] == "0"
-    header, rows = _table(markdown, "Goals")
+    header, rows = table(markdown, "Goals")
     assert header == ["app", "goal", "measured", "target", "met"]
     assert [(row[0], row[1], row[3]) for row in rows] == [
         (app, goal, target)
@@ -337,11 +303,11 @@ def test_load_loops_goals_and_cpu_split(workdir: str) -> None:
             ("requests/s moving / steady", ">= 0.9"),
         )
     ]
-    assert all(row[4] in ("met", "**not met**") and _number(row[2]) > 0 for row in rows)
-    header, rows = _table(markdown, "Where the server CPUs' time goes")
+    assert all(row[4] in ("met", "**not met**") and number(row[2]) > 0 for row in rows)
+    header, rows = table(markdown, "Where the server CPUs' time goes")
     assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
     moving = rows[1]
-    assert _number(moving[header.index("recipient take ms / move")]) > 0
+    assert number(moving[header.index("recipient take ms / move")]) > 0
 
     with open(os.path.join(workdir, "lu.json")) as f:
         data = json.load(f)
@@ -367,17 +333,17 @@ def test_sidebyside_quick_path(workdir: str) -> None:
 
     with open(os.path.join(workdir, "sidebyside.md")) as f:
         markdown = f.read()
-    header, rows = _table(markdown, "Results")
+    header, rows = table(markdown, "Results")
     assert [row[0] for row in rows] == STRATEGIES
     broken = header.index("long-lived connections broken")
     for row in rows:
         assert len(row) == len(header)
         assert row[header.index("wrong answers")] == "0"
-        assert _number(row[header.index("old process gone after ms")]) > 0
+        assert number(row[header.index("old process gone after ms")]) > 0
     # Only takeover keeps the long-lived connections; the others close them.
-    counts = [_number(row[broken]) for row in rows]
+    counts = [number(row[broken]) for row in rows]
     assert all(count >= 3 for count in counts[:3]) and counts[3] == 0, counts
-    header, rows = _table(markdown, "Against takeover, same repeat")
+    header, rows = table(markdown, "Against takeover, same repeat")
     assert len(rows) == 3
     _plots(workdir, "--sidebyside", "sidebyside")
 
@@ -394,7 +360,7 @@ def test_sidebyside_streams_quick_path(workdir: str) -> None:
     with open(os.path.join(workdir, "s.md")) as f:
         markdown = f.read()
     assert "a coroutine (asyncio streams) server" in markdown.splitlines()[0]
-    header, rows = _table(markdown, "Results")
+    header, rows = table(markdown, "Results")
     assert [row[0] for row in rows] == STRATEGIES
     for row in rows:
         assert len(row) == len(header)
@@ -403,7 +369,7 @@ def test_sidebyside_streams_quick_path(workdir: str) -> None:
     takeover_row = rows[3]
     assert takeover_row[header.index("new connections refused")] == "0"
     assert takeover_row[header.index("new connections reset")] == "0"
-    header, rows = _table(markdown, "Long-lived connections closed by the server")
+    header, rows = table(markdown, "Long-lived connections closed by the server")
     assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
 
     with open(os.path.join(workdir, "s.json")) as f:
@@ -461,5 +427,5 @@ def test_crosshost_move_quick_path(workdir: str) -> None:
         assert row[side]["worst_probe_ms"] > 0, row
     with open(os.path.join(workdir, "x.md")) as f:
         text = f.read()
-    number = r" [0-9.]+ \|"
-    assert re.search(rf"^\| 20 \|{number * 6}$", text, re.M), text
+    cell = r" [0-9.]+ \|"
+    assert re.search(rf"^\| 20 \|{cell * 6}$", text, re.M), text

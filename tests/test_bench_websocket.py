@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import uuid
 
 import pytest
 
+from benchreports import number, processes_tagged, table
 from harness.procs import ROOT
 
 pytest.importorskip("wsproto")
@@ -24,41 +24,6 @@ pytest.importorskip("websockets.asyncio.client")  # websockets >= 13
 
 BENCH = os.path.join(ROOT, "benchmarks", "websocket.py")
 CONNECTIONS = 20
-
-
-def _number(text: str) -> float:
-    """The median at the start of a cell such as ``1.234 (1.100..1.400)``."""
-    match = re.match(r"\s*(-?\d+(?:\.\d+)?)", text)
-    assert match, f"not a number: {text!r}"
-    return float(match.group(1))
-
-
-def _table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the first table after ``## heading``."""
-    section = markdown.split(f"## {heading}\n", 1)[1].splitlines()
-    start = next(i for i, line in enumerate(section) if line.startswith("|"))
-    lines = []
-    for line in section[start:]:
-        if not line.startswith("|"):
-            break
-        lines.append(line)
-    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return split[0], split[2:]
-
-
-def _processes_tagged(tag: str) -> list[int]:
-    """Processes whose environment carries ``tag`` (the benchmark's children)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if tag.encode() in f.read():
-                    found.append(int(name))
-        except OSError:
-            pass
-    return found
 
 
 @pytest.mark.slow
@@ -77,12 +42,12 @@ def test_websocket_quick_path(workdir: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not _processes_tagged(f"{key}={value}"), "the benchmark left processes running"
+    assert not processes_tagged(f"{key}={value}"), "the benchmark left processes running"
 
     with open(os.path.join(workdir, "ws.md")) as f:
         markdown = f.read()
     assert "Produced by `" in markdown and "CPU:" in markdown and "websockets" in markdown
-    header, rows = _table(markdown, "Integrity")
+    header, rows = table(markdown, "Integrity")
     assert [(row[0], row[1]) for row in rows] == [
         (compression, phase)
         for compression in ("deflate", "deflate-full", "none")
@@ -100,15 +65,15 @@ def test_websocket_quick_path(workdir: str) -> None:
             "server tracebacks",
         ):
             assert row[header.index(column)] == "0", (column, row)
-        assert _number(row[header.index("messages measured per run")]) > 0
+        assert number(row[header.index("messages measured per run")]) > 0
     agreed = header.index("permessage-deflate agreed (connections, all runs)")
     assert all("permessage-deflate" in row[agreed] for row in rows[:4])
     assert rows[4][agreed] == rows[5][agreed] == f"none: {CONNECTIONS}"
-    header, rows = _table(markdown, "Latency: moving against steady")
+    header, rows = table(markdown, "Latency: moving against steady")
     assert [row[1] for row in rows[:4]] == ["p50", "p99", "p99.9", "max"]
-    assert all(_number(row[header.index("moving / steady")]) > 0 for row in rows)
-    header, rows = _table(markdown, "The moves")
-    assert all(_number(row[header.index("pause ms (`pause_ms`)")]) > 0 for row in rows)
+    assert all(number(row[header.index("moving / steady")]) > 0 for row in rows)
+    header, rows = table(markdown, "The moves")
+    assert all(number(row[header.index("pause ms (`pause_ms`)")]) > 0 for row in rows)
 
     with open(os.path.join(workdir, "ws.json")) as f:
         data = json.load(f)
@@ -152,7 +117,7 @@ def test_websocket_catches_faults(workdir: str, fault: str, count: str) -> None:
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stderr
-    assert not _processes_tagged(f"{key}={value}"), "the benchmark left processes running"
+    assert not processes_tagged(f"{key}={value}"), "the benchmark left processes running"
     with open(os.path.join(workdir, "ws.json")) as f:
         data = json.load(f)
     assert [r["phase"] for r in data["runs"]] == ["steady", "moving"]

@@ -29,7 +29,7 @@ from harness.hosts import SERVICE_IP, SUBNET, Host, Hosts
 from harness.procs import APPS, PYTHON, ROOT, Proc, process_state
 from harness.waiting import wait_until
 from streaming import StreamingClients
-from takeover._core import tcprepair
+from takeover._core import dropguard, tcprepair
 from users import Sandbox, user_command
 
 APP = os.path.join(APPS, "repair_host.py")
@@ -375,7 +375,7 @@ def test_commit_lost_the_recipient_asks_and_starts(
     The clients saw a longer pause and nothing else. A drop table that a dead
     process left on A (a stale one) is deleted by the move."""
     secret = secret_file(workdir)
-    stale = f"{tcprepair.table_prefix(999999)}0"  # no process 999999 here
+    stale = f"{dropguard.table_prefix(999999)}0"  # no process 999999 here
     other = f"takeover_1_{os.getpid()}_0"  # another PID namespace's: not judged
     hosts.a.sh(f"nft add table inet {stale}; nft add table inet {other}")
     stop = {"TAKEOVER_FAULTS": "originator.decided=stop"}

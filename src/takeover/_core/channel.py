@@ -7,11 +7,13 @@ implementation that moves frames and descriptors for its event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from .auth import PeerCredentials
 from .protocol import Message
+
+T = TypeVar("T")
 
 
 class Channel(Protocol):
@@ -47,6 +49,16 @@ class Channel(Protocol):
         """Let the event loop run what is ready (the service's connections)
         before going on: a move's long steps before the pause are cut in
         slices, so that clients do not wait for the whole of them."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, the event loop running meanwhile (whether or not
+        the channel is still open: its runtime's clock)."""
+        ...
+
+    async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread, the event loop running meanwhile
+        (a blocking step, such as a shell hook, that must not hold the loop)."""
         ...
 
     async def receive(self, timeout: float | None) -> Message:

@@ -38,14 +38,14 @@ if it had committed, those connections are lost (docs/crosshost.md).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import faults, protocol, tcprepair
+from . import dropguard, faults, protocol, tcprepair
+from .channel import Channel
 from .crosspickle import dumps_cross_host
 from .errors import (
     ChannelClosedError,
@@ -80,7 +80,7 @@ class CrossHostMove(_Move):
     def __init__(self, *args: Any, in_doubt_wait: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.freeze: tcprepair.Freeze | None = None
-        self.guard: tcprepair.DropGuard | None = None
+        self.guard: dropguard.DropGuard | None = None
         self.found: list[socket.socket] = []
         self.decided = False
         # Names this move to a recipient that lost the channel and asks (OUTCOME).
@@ -92,9 +92,9 @@ class CrossHostMove(_Move):
         try:
             tcprepair.require_capability()
             # Tables an originator killed while frozen left here.
-            for table in tcprepair.sweep_stale_tables():
+            for table in dropguard.sweep_stale_tables():
                 log.warning("deleted the drop table %s of a process that is gone", table)
-            self.guard = tcprepair.DropGuard()
+            self.guard = dropguard.DropGuard()
         except (tcprepair.RepairError, OSError) as exc:
             text = f"cannot move {name!r} to another host from here: {exc}"
             log.warning("%s", text)
@@ -160,7 +160,7 @@ class CrossHostMove(_Move):
         while empty < 2 and time.monotonic() < deadline:
             # Twice empty a turn apart: a handshake answered just before the
             # drop completes within a round trip.
-            await asyncio.sleep(_DOOR_POLL)
+            await self.session.channel.sleep(_DOOR_POLL)
             queued = sum(tcprepair.queued(s) for s in listeners if s.fileno() >= 0)
             empty = empty + 1 if queued == 0 else 0
         if empty < 2:
@@ -268,7 +268,7 @@ class CrossHostMove(_Move):
             return
         try:
             # The last step that may fail and still roll back.
-            await _hook(session.registry.release_address, "release")
+            await _hook(session.channel, session.registry.release_address, "release")
         except tcprepair.RepairError as exc:
             self.reason = str(exc)
             log.error("move of %r rolled back: %s", name, exc)
@@ -314,7 +314,7 @@ class CrossHostMove(_Move):
             if outcomes.told(self.move_id):
                 log.warning("move of %r: the recipient asked and was told it committed", name)
                 return True
-            await asyncio.sleep(0.05)
+            await self.session.channel.sleep(0.05)
         log.error(
             "move of %r: committed here, and the recipient neither confirmed nor asked within "
             "%g s: if COMMIT did not reach it, the connections are lost",
@@ -340,12 +340,11 @@ class CrossHostMove(_Move):
             self.session.registry.successor_pid = None
 
 
-async def _hook(command: str | None, what: str) -> None:
+async def _hook(channel: Channel, command: str | None, what: str) -> None:
     """An address hook, run in a thread: the loop serves the process's other
     services meanwhile (this one is paused)."""
     if command:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, tcprepair.run_address_hook, command, what)
+        await channel.in_thread(tcprepair.run_address_hook, command, what)
 
 
 async def take_across_hosts(
@@ -375,35 +374,10 @@ async def take_across_hosts(
     repaired: list[tuple[socket.socket, dict[str, Any]]] = []
     service = await _rebuild(session, name, runtime, graph, repaired)
     faults.checkpoint("recipient.adopted")
-    move = graph.body.get("move")
-    in_doubt = False
-    try:
-        try:
-            await session._send(Message(Kind.READY, {"service": name, "count": len(repaired)}))
-            faults.checkpoint("recipient.ready-sent")
-            reply = await session.channel.receive(limits.step_timeout)
-            session.conversation.receive(reply)
-            if reply.kind is Kind.BYE:
-                raise ChannelClosedError("the originator ended the conversation")
-        except (TakeoverError, OSError) as exc:
-            # In doubt: COMMIT may have been sent (the channel broke or timed
-            # out, or said something out of turn). Ask, on a new connection.
-            in_doubt = True
-            why = await _ask_outcome(session, name, move, exc)
-            if why is not None:
-                raise RolledBackError(f"{why}; {name!r} not started here") from exc
-        else:
-            if reply.kind is not Kind.COMMIT:  # ERROR: the originator rolled back
-                said = reply.body.get("message", "no reason given")
-                raise RolledBackError(
-                    f"the originator rolled {name!r} back ({said}); not started here"
-                )
-    except BaseException:
-        service.discard()
-        raise
+    in_doubt = await _ready(session, name, service, len(repaired), graph.body.get("move"))
     faults.checkpoint("recipient.commit-received")
     try:
-        await _hook(session.acquire_address, "acquire")
+        await _hook(session.channel, session.acquire_address, "acquire")
     except tcprepair.RepairError as exc:
         # Committed: the connections are ours whatever happens; say it loudly.
         log.error("service %r: %s; starting it anyway", name, exc)
@@ -437,6 +411,36 @@ async def take_across_hosts(
         graph_bytes=len(blob),
         fds=0,
     )
+
+
+async def _ready(
+    session: RecipientSession, name: str, service: Service, count: int, move: Any
+) -> bool:
+    """READY, then COMMIT: True if the channel failed and the originator, asked
+    (in doubt), said it committed. Any other end discards the copies and raises:
+    :class:`RolledBackError` if the originator rolled back or was presumed to."""
+    try:
+        try:
+            await session._send(Message(Kind.READY, {"service": name, "count": count}))
+            faults.checkpoint("recipient.ready-sent")
+            reply = await session.channel.receive(session.limits.step_timeout)
+            session.conversation.receive(reply)
+            if reply.kind is Kind.BYE:
+                raise ChannelClosedError("the originator ended the conversation")
+        except (TakeoverError, OSError) as exc:
+            # In doubt: COMMIT may have been sent (the channel broke or timed
+            # out, or said something out of turn). Ask, on a new connection.
+            why = await _ask_outcome(session, name, move, exc)
+            if why is not None:
+                raise RolledBackError(f"{why}; {name!r} not started here") from exc
+            return True
+        if reply.kind is not Kind.COMMIT:  # ERROR: the originator rolled back
+            said = reply.body.get("message", "no reason given")
+            raise RolledBackError(f"the originator rolled {name!r} back ({said}); not started here")
+    except BaseException:
+        service.discard()
+        raise
+    return False
 
 
 async def _rebuild(
@@ -491,6 +495,7 @@ async def _ask_outcome(
     retransmits into the drop."""
     wait = session.in_doubt_wait
     reopen = session.reopen
+    old = session.channel
     session.abort()  # the old channel is of no use now; the originator sees it end
     if reopen is None or wait <= 0 or not isinstance(move, str):
         why = f"the move of {name!r} is in doubt ({lost}) and cannot be asked about"
@@ -511,15 +516,15 @@ async def _ask_outcome(
             break
         asker: RecipientSession | None = None
         try:
-            asker = await asyncio.wait_for(_asker(session, reopen), left)
+            asker = await _asker(session, reopen, left)
             await asker._send(Message(Kind.OUTCOME, {"service": name, "move": move}))
             await asker._receive(max(deadline - time.monotonic(), 0.1))  # COMMIT, or ERROR raises
         except RolledBackError as exc:
             log.warning("move of %r: the originator says %s", name, exc)
             return f"the originator says {exc}"
-        except (TakeoverError, OSError, asyncio.TimeoutError) as exc:
+        except (TakeoverError, OSError) as exc:
             last = exc
-            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+            await old.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
             continue
         finally:
             if asker is not None:
@@ -535,11 +540,11 @@ async def _ask_outcome(
     return why
 
 
-async def _asker(session: RecipientSession, reopen: Any) -> RecipientSession:
+async def _asker(session: RecipientSession, reopen: Any, timeout: float) -> RecipientSession:
     from .recipient import RecipientSession
 
     asker = RecipientSession(
-        await reopen(),
+        await reopen(timeout),
         limits=session.limits,
         secret=session.secret,
         policy=session.policy,
@@ -560,7 +565,7 @@ async def answer_outcome(session: _Session, body: dict[str, Any]) -> None:
     move, name = str(body["move"]), str(body["service"])
     outcomes = session.registry.outcomes
     while outcomes.get(move) == Outcomes.PENDING:
-        await asyncio.sleep(0.02)
+        await session.channel.sleep(0.02)
     outcome = outcomes.get(move)
     if outcome == Outcomes.COMMITTED:
         await session.send(Message(Kind.COMMIT, {"service": name, "move": move}))

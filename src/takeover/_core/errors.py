@@ -88,6 +88,13 @@ class MigrationRefusedError(TakeoverError):
     code = "refused"
 
 
+class RepairError(TakeoverError):
+    """A connection could not be checkpointed, restored, frozen or thawed
+    (a move across hosts, ``tcprepair``)."""
+
+    code = "tcp-repair"
+
+
 class MigrationTimeoutError(TakeoverError, TimeoutError):
     """A step of the conversation took longer than its timeout."""
 

@@ -186,6 +186,7 @@ class RecipientSession:
         cross_host: bool = False,
         acquire_address: str | None = None,
         in_doubt_wait: float = DEFAULT_IN_DOUBT_WAIT,
+        reopen: Callable[[float], Awaitable[Channel]] | None = None,
     ) -> None:
         self.channel = channel
         # Moves to this host from another (TCP_REPAIR; see crossmove.py), and the
@@ -194,7 +195,7 @@ class RecipientSession:
         self.acquire_address = acquire_address
         # A move across hosts in doubt (the channel failed after READY): how to
         # reach the originator again to ask what it decided, and for how long.
-        self.reopen: Callable[[], Awaitable[Channel]] | None = None
+        self.reopen = reopen
         self.in_doubt_wait = in_doubt_wait
         # Originators of other users this side accepts (root and its own user always).
         self.admission = admission

@@ -35,7 +35,6 @@ import errno
 import fcntl
 import itertools
 import os
-import re
 import shutil
 import socket
 import struct
@@ -43,7 +42,10 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from takeover._core.errors import NotPermittedError, TakeoverError
+from takeover._core.dropguard import nft as _nft
+from takeover._core.dropguard import table_prefix
+from takeover._core.errors import NotPermittedError
+from takeover._core.errors import RepairError as RepairError  # where callers look for it
 
 # linux/tcp.h
 TCP_REPAIR = 19
@@ -80,12 +82,6 @@ CAP_NET_ADMIN = 12
 STATE_VERSION = 1
 _WINDOW = struct.Struct("=5I")
 _INT = struct.Struct("=i")
-
-
-class RepairError(TakeoverError):
-    """A connection could not be checkpointed, restored, frozen or thawed."""
-
-    code = "tcp-repair"
 
 
 class CapabilityError(RepairError, NotPermittedError):
@@ -432,14 +428,6 @@ def listen_again(
 _tables = itertools.count()
 
 
-def _nft(script: str) -> None:
-    result = subprocess.run(
-        ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
-    )
-    if result.returncode != 0:
-        raise RepairError(f"nft failed: {result.stderr.strip() or result.returncode}")
-
-
 def _element(family: int, local: Sequence[Any], peer: Sequence[Any]) -> str:
     return f"{local[0]} . {local[1]} . {peer[0]} . {peer[1]}"
 
@@ -594,102 +582,6 @@ def queued(listener: socket.socket) -> int:
     accepted yet (its accept queue: TCP_INFO's tcpi_unacked on a listener)."""
     info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
     return int(_TCP_INFO_BACKLOG.unpack(info)[0])
-
-
-# -- the drop tables of a process that dies -----------------------------------------
-
-
-def pid_namespace() -> int:
-    """This process's PID namespace (its inode): a pid means something only there."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def table_prefix(pid: int | None = None) -> str:
-    """The name every drop table of process ``pid`` (default: this one) starts
-    with: ``takeover_PIDNS_PID_``. Processes in other PID namespaces may share
-    the network namespace (a pod's containers): their tables are not ours to judge."""
-    return f"takeover_{pid_namespace()}_{os.getpid() if pid is None else pid}_"
-
-
-_TABLE_NAME = re.compile(r"^table inet (takeover_(\d+)_(\d+)_\d+)$", re.MULTILINE)
-
-
-def sweep_stale_tables() -> list[str]:
-    """Delete the drop tables left by processes of this PID namespace that are
-    gone (an originator killed while its connections were frozen, its guard
-    with it); the names deleted."""
-    listed = subprocess.run(
-        ["nft", "list", "tables"], capture_output=True, text=True, timeout=30, check=False
-    )
-    stale = []
-    namespace = pid_namespace()
-    for match in _TABLE_NAME.finditer(listed.stdout):
-        pid = int(match.group(3))
-        if int(match.group(2)) != namespace or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            stale.append(match.group(1))
-        except PermissionError:
-            pass  # alive, another user's
-    if stale:
-        _nft("".join(f"delete table inet {name}\n" for name in stale))
-    return stale
-
-
-# The guard: ``read`` returns at the end of its input, which comes when the
-# process that holds the pipe's other end goes, however it goes. "done" on it
-# says every table was lifted already.
-_GUARD_SCRIPT = (
-    'read said; [ "$said" = done ] && exit 0; '
-    "for t in $(nft list tables 2>/dev/null | sed -n 's/^table inet \\({prefix}[0-9]*\\)$/\\1/p'); "
-    'do nft delete table inet "$t"; done'
-)
-
-
-class DropGuard:
-    """A watchdog process that deletes this process's drop tables if it dies
-    before lifting them (killed while frozen), so that the clients are not
-    left talking to a black hole on this host, nor new connections to the port.
-
-    ``sh`` reading a pipe whose write end only this process holds (close on
-    exec; a plain fork would share it). :meth:`stop` tells it all is lifted.
-    """
-
-    def __init__(self) -> None:
-        script = _GUARD_SCRIPT.format(prefix=table_prefix())
-        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            ["sh", "-c", script],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a signal to this process group spares it
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def stop(self) -> None:
-        """Every table is lifted: the guard leaves without touching anything."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        assert process.stdin is not None
-        try:
-            process.stdin.write(b"done\n")
-            process.stdin.close()
-        except OSError:
-            pass
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # -- the service address's hooks ---------------------------------------------------

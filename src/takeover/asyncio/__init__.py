@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from .._core.channel import Channel
 from .._core.errors import (
     AuthenticationError,
     ChannelClosedError,
+    MigrationTimeoutError,
     NoSuchServiceError,
     TakeoverError,
 )
@@ -201,17 +202,14 @@ async def connect(
         admit_users, admit_groups: originators running as another user
             that this side accepts (names or ids; see
             :class:`MigrationServer`); its own user and root always are.
-        cross_host: the originator runs on another host: its services'
-            established TCP connections are rebuilt here by TCP_REPAIR
-            (docs/crosshost.md). Needs CAP_NET_ADMIN here and there.
+        cross_host: the originator runs on another host: its services' TCP
+            connections are rebuilt here by TCP_REPAIR (docs/crosshost.md).
         acquire_address: with ``cross_host``, the shell command that makes
             the service address this host's at the commit of each move
             (say ``ip addr add 10.0.0.100/24 dev eth0 && arping -U -c 1 -I
             eth0 10.0.0.100``); None: the address moves some other way.
-        in_doubt_wait: with ``cross_host``, if the channel fails after this
-            side said READY, for how many seconds to ask the originator
-            again (new connections) what it decided, before presuming a
-            rollback; the clients' TCP retransmits meanwhile.
+        in_doubt_wait: with ``cross_host``, how long to ask what was decided if
+            the channel fails after READY (docs/crosshost.md).
 
     Returns an opened :class:`~takeover.recipient.RecipientSession`.
 
@@ -222,8 +220,8 @@ async def connect(
         NotPermittedError: ``cross_host`` without CAP_NET_ADMIN.
         ValueError: a user or group name that this system does not know.
     """
-    if cross_host:
-        tcprepair.require_capability(nft=False)  # before anything is asked of the originator
+    if cross_host:  # refused before anything is asked of the originator
+        tcprepair.require_capability(nft=False)
     policy = UnpicklePolicy(tuple(allow), trust)  # a bad --allow fails before connecting
     admission = Admission.of(admit_users, admit_groups)
     channel = await _open_channel(control, limits, secret, tls, admission)
@@ -236,13 +234,8 @@ async def connect(
         cross_host=cross_host,
         acquire_address=acquire_address,
         in_doubt_wait=in_doubt_wait,
+        reopen=_reopener(control, limits, secret, tls, admission) if cross_host else None,
     )
-    if cross_host:
-
-        async def reopen() -> Channel:
-            return await _open_channel(control, limits, secret, tls, admission)
-
-        session.reopen = reopen
     try:
         await session.open()
     except ChannelClosedError as exc:
@@ -259,6 +252,22 @@ async def connect(
         session.abort()
         raise
     return session
+
+
+def _reopener(
+    control: str, limits: Limits, secret: bytes | None, tls: TLSConfig | None, admission: Admission
+) -> Callable[[float], Coroutine[Any, Any, Channel]]:
+    """How a recipient in doubt reaches the originator again (``timeout`` s at most)."""
+
+    async def reopen(timeout: float) -> Channel:
+        try:
+            return await asyncio.wait_for(
+                _open_channel(control, limits, secret, tls, admission), timeout
+            )
+        except asyncio.TimeoutError:
+            raise MigrationTimeoutError(f"{control} did not answer within {timeout:g} s") from None
+
+    return reopen
 
 
 async def _open_channel(
@@ -481,12 +490,9 @@ async def take_and_serve(
             for up to this many seconds (see :meth:`RecipientSession.take`).
         pid_file: the PID file to keep (default: the originator's); see
             :func:`serve_until_moved`, whose notifications this sends too.
-        options: those of :func:`connect` (``limits``, ``secret``, ``tls``,
-            ``allow``, ``trust``, ``admit_users``, ``admit_groups``, ``cross_host``,
-            ``acquire_address``, ``in_doubt_wait``) and ``release_address``
-            (:func:`serve_until_moved`);
-            ``limits``, ``secret``, ``tls`` and the admissions apply to the server
-            published here too: it admits whom this process admits.
+        options: those of :func:`connect`, and ``release_address``
+            (:func:`serve_until_moved`); ``limits``, ``secret``, ``tls`` and the
+            admissions apply to the server published here too.
 
     Raises:
         NoSuchServiceError: the originator publishes nothing, or not a

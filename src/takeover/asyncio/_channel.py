@@ -18,8 +18,8 @@ import collections
 import hmac
 import secrets
 import socket
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from .._core import fds as _fds
 from .._core.auth import Admission, PeerCredentials, check_peer, peer_credentials
@@ -31,6 +31,8 @@ from .._core.errors import (
 )
 from .._core.protocol import HANDSHAKE_FRAME_LIMIT, FrameDecoder, Limits, Message
 from ._transport import READ_SIZE
+
+T = TypeVar("T")
 
 _TOKEN_BYTES = 32
 
@@ -158,7 +160,20 @@ class _FdSocket:
         self.sock.close()
 
 
-class AsyncioChannel:
+class _LoopTime:
+    """What both channels do with asyncio's loop itself (see ``Channel``)."""
+
+    async def pass_turn(self) -> None:
+        await asyncio.sleep(0)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+class AsyncioChannel(_LoopTime):
     """A control channel over a non-blocking AF_UNIX stream socket."""
 
     local = True
@@ -187,9 +202,6 @@ class AsyncioChannel:
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         await self._io.send(message.encode(), fds)
-
-    async def pass_turn(self) -> None:
-        await asyncio.sleep(0)
 
     async def receive(self, timeout: float | None) -> Message:
         if self._messages:
@@ -230,7 +242,7 @@ class AsyncioChannel:
         self._io.close()
 
 
-class StreamChannel:
+class StreamChannel(_LoopTime):
     """A control channel over TCP (optionally TLS), descriptors aside.
 
     Args:
@@ -269,9 +281,6 @@ class StreamChannel:
 
     def limit_frames(self, size: int) -> None:
         self._decoder.max_frame_size = size
-
-    async def pass_turn(self) -> None:
-        await asyncio.sleep(0)
 
     async def send(self, message: Message, fds: Sequence[int] = ()) -> None:
         if fds:
