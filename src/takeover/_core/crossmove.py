@@ -153,6 +153,8 @@ class CrossHostMove(_Move):
         let the service accept what the kernel had queued for it, so that
         those connections move too: the accept queue itself cannot (a
         connection completed there after this is lost with the listener)."""
+        if not listeners:
+            return
         self.freeze = tcprepair.Freeze([], listeners)
         self.freeze.drop()
         deadline = time.monotonic() + DOOR_WAIT
