@@ -838,3 +838,38 @@ def test_commit_and_ready_only_in_a_move_across_hosts():
     pair.send(Role.ORIGINATOR, cross_graph())
     with pytest.raises(ProtocolError, match="unexpected COMMIT"):
         pair.originator.send(Message(Kind.COMMIT, {"service": "echo"}))  # before READY
+
+
+@pytest.mark.parametrize("answer", ["commit", "error"])
+def test_outcome_asked_on_a_new_connection(answer):
+    """A recipient in doubt asks OUTCOME {service, move} on a fresh, authenticated
+    conversation; the originator answers COMMIT or ERROR, and both are idle again
+    (the same connection may ask again)."""
+    pair = ConversationPair()
+    pair.handshake()
+    ask = Message(Kind.OUTCOME, {"service": "echo", "move": "0123abcd"})
+    pair.send(Role.RECIPIENT, ask)
+    assert pair.states() == ("outcome", "outcome")
+    if answer == "commit":
+        pair.send(Role.ORIGINATOR, Message(Kind.COMMIT, {"service": "echo", "move": "0123abcd"}))
+    else:
+        pair.send(Role.ORIGINATOR, error("rolled-back", "the move was rolled back here"))
+    assert pair.states() == ("idle", "idle")
+    pair.send(Role.RECIPIENT, ask)
+    assert pair.states() == ("outcome", "outcome")
+
+
+def test_outcome_names_its_move_and_comes_only_when_idle():
+    pair = ConversationPair()
+    pair.handshake()
+    with pytest.raises(ProtocolError, match="'move' must be a string"):
+        pair.recipient.send(Message(Kind.OUTCOME, {"service": "echo"}))
+    with pytest.raises(ProtocolError, match="unexpected COMMIT"):
+        pair.originator.send(Message(Kind.COMMIT, {"service": "echo"}))  # nobody asked
+    pair = ConversationPair()
+    cross_take(pair)
+    with pytest.raises(ProtocolError, match="unexpected OUTCOME"):
+        pair.recipient.send(Message(Kind.OUTCOME, {"service": "echo", "move": "x"}))
+    pair = ConversationPair()
+    with pytest.raises(ProtocolError, match="unexpected OUTCOME"):
+        pair.recipient.send(Message(Kind.OUTCOME, {"service": "echo", "move": "x"}))  # no HELLO

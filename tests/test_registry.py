@@ -217,3 +217,25 @@ def test_when_empty_is_not_fired_by_rollback():
     registry.begin_transit("echo")
     registry.end_transit("echo")
     assert called == []
+
+
+def test_outcomes_of_moves_across_hosts_keep_the_last_256():
+    """What an originator decided, by move id, for a recipient in doubt: a move
+    is PENDING until decided, told once the recipient asked, and only the last
+    256 are kept (the oldest forgotten first)."""
+    from takeover._core.registry import Outcomes
+
+    outcomes = Registry().outcomes
+    outcomes.record("first", Outcomes.PENDING)
+    assert outcomes.get("first") == Outcomes.PENDING
+    outcomes.record("first", Outcomes.COMMITTED)
+    assert outcomes.get("first") == Outcomes.COMMITTED and not outcomes.told("first")
+    outcomes.tell("first")
+    assert outcomes.told("first")
+    for n in range(Outcomes.KEEP - 1):
+        outcomes.record(f"m{n}", Outcomes.ROLLED_BACK)
+    assert outcomes.get("first") == Outcomes.COMMITTED
+    outcomes.record("one more", Outcomes.ROLLED_BACK)
+    assert outcomes.get("first") is None and not outcomes.told("first")
+    assert outcomes.get("m0") == Outcomes.ROLLED_BACK
+    assert outcomes.get("unknown") is None
