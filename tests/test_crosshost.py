@@ -65,6 +65,14 @@ def clients(hosts: Hosts) -> Iterator[list[StreamingClients]]:
         streams.close()
 
 
+def finished_whole(streams: StreamingClients) -> None:
+    """The streams end with no error, every byte echoed once and in order."""
+    outcome = streams.finish()
+    assert not outcome.errors, outcome.errors
+    assert not outcome.corrupted, outcome.corrupted
+    assert not outcome.incomplete, outcome.incomplete
+
+
 def move(hosts: Hosts, old: Proc, new: Proc, old_host: Host, new_host: Host, path: str) -> None:
     """The cross-host sequence, each step on the host it belongs to."""
     old.send_line(f"freeze {path}")
@@ -104,10 +112,7 @@ def test_fifty_clients_move_to_another_host_and_back(
     assert hosts.holder_of_address() == ["A"]
     assert hosts.b.ss(PORT) == ""
     streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
 
 
 def test_rollback_after_freeze_leaves_clients_unaware(
@@ -131,10 +136,7 @@ def test_rollback_after_freeze_leaves_clients_unaware(
     on_a.send_line("thaw")
     on_a.expect("^thawed$")
     streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
     assert "takeover_" not in hosts.a.sh("nft list tables"), "the drop was not lifted"
 
 
@@ -249,10 +251,7 @@ def test_echo_moves_to_another_host_and_back_through_the_library(
     assert hosts.holder_of_address() == ["A"]
     assert hosts.b.ss(PORT) == "", "host B still knows the connections"
     streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
 
 
 @pytest.mark.parametrize("failure", ["recipient-killed", "release-hook-fails"])
@@ -296,10 +295,7 @@ def test_rollback_after_prepare_leaves_clients_unaware(
         assert on_a.wait() == 0, on_a.output()
         assert hosts.holder_of_address() == ["B"]
         streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
 
 
 def test_not_root_is_refused_on_either_side(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
@@ -399,10 +395,7 @@ def test_commit_lost_the_recipient_asks_and_starts(
     hosts.a.sh(f"nft delete table inet {other}")
     no_drop_left(hosts.a)
     streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
 
 
 def test_originator_killed_after_deciding(hosts: Hosts, procs: list[Proc], workdir: str) -> None:
@@ -556,10 +549,7 @@ def test_twisted_echo_moves_to_another_host_and_back(
     assert on_b.wait() == 0, on_b.output()
     assert hosts.holder_of_address() == ["A"]
     streams.wait_progress()
-    outcome = streams.finish()
-    assert not outcome.errors, outcome.errors
-    assert not outcome.corrupted, outcome.corrupted
-    assert not outcome.incomplete, outcome.incomplete
+    finished_whole(streams)
 
 
 @pytest.mark.parametrize("script", [ECHO, TWISTED_ECHO], ids=["asyncio", "twisted"])

@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 import weakref
 from typing import Any
 
 import pytest
 
+import pythons
 from takeover._core import heap, recipient
 from takeover._core.ahead import Twins
 from test_spread import CONNECTIONS, serving, take_and_check
 
 
-@pytest.mark.skipif(
-    sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info < (3, 13),
-    reason="CPython 3.11 and 3.12's instance values: before 3.11 every instance has a "
-    "dict object, and on 3.13 a class under asyncio.BaseTransport's __slots__ gets no "
-    "inline values, so every transport has one, the originator's as the twins (304 bytes "
-    "each)",
-)
+@pythons.instance_values
 def test_the_move_keeps_nothing_of_its_own_and_gives_the_heap_back(
     control: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

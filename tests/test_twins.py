@@ -306,13 +306,7 @@ for sock in sockets:
 """
 
 
-@pytest.mark.skipif(
-    sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info < (3, 13),
-    reason="CPython 3.11 and 3.12's instance values: before 3.11 every instance has a "
-    "dict object, and on 3.13 a class under asyncio.BaseTransport's __slots__ gets no "
-    "inline values, so every transport has one, the originator's as the twins (304 bytes "
-    "each)",
-)
+@pythons.instance_values
 def test_twins_share_their_attribute_names_as_the_originators_transports_do() -> None:
     """Twins built before any transport has attributes still get CPython's
     key-sharing instance dicts, not one dict each (about 270 bytes more per
@@ -329,13 +323,7 @@ def test_twins_share_their_attribute_names_as_the_originators_transports_do() ->
     assert shared < own, (shared, own)  # values only: the names are the class's
 
 
-@pytest.mark.skipif(
-    sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info < (3, 13),
-    reason="CPython 3.11 and 3.12's instance values: before 3.11 every instance has a "
-    "dict object, and on 3.13 a class under asyncio.BaseTransport's __slots__ gets no "
-    "inline values, so every transport has one, the originator's as the twins (304 bytes "
-    "each)",
-)
+@pythons.instance_values
 def test_asking_whether_a_twin_was_claimed_builds_it_no_dict() -> None:
     """Reading ``__dict__`` makes CPython give an instance a dict object it then
     keeps (64 bytes per connection): what a recipient asks of each twin after
