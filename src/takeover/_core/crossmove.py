@@ -181,7 +181,7 @@ class CrossHostMove(_Move):
     def _checkpoint(self, sock: socket.socket) -> dict[str, Any]:
         """The reduction's checkpoint: a connection that appeared since the
         freeze is frozen on its own first."""
-        if self.freeze is None or sock not in self.freeze.members:
+        if self.freeze is None or sock not in self.freeze.sockets:
             self._freeze([sock])
         return tcprepair.checkpoint(sock)
 

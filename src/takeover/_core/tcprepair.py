@@ -338,10 +338,16 @@ SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
 _TCP_INFO_BACKLOG = struct.Struct("=24xII")  # tcpi_unacked, tcpi_sacked: a listener's queue
 
 
+def _accept_queue(listener: socket.socket) -> tuple[int, int]:
+    """A listener's accept queue: how many it holds, and its backlog (TCP_INFO)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
+    queued, backlog = _TCP_INFO_BACKLOG.unpack(info)
+    return int(queued), int(backlog)
+
+
 def listener_options(sock: socket.socket) -> tuple[int, dict[str, int]]:
     """A listening TCP socket's backlog and the options rebuilt with it."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
-    _queued, backlog = _TCP_INFO_BACKLOG.unpack(info)
+    _queued, backlog = _accept_queue(sock)
     options = {
         "reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
         "reuseport": sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15)),
@@ -495,9 +501,8 @@ class Freeze:
     def __init__(
         self, sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] = ()
     ) -> None:
-        self.sockets = list(sockets)
-        self.members = set(self.sockets)
-        self.tuples = [four_tuple(sock) for sock in self.sockets]
+        # Each socket with its 4-tuple, in the order frozen.
+        self.sockets = {sock: four_tuple(sock) for sock in sockets}
         self.listeners = [(int(s.family), s.getsockname()) for s in listeners]
         self.table = f"{table_prefix()}{next(_tables)}"
         self.dropping = False
@@ -505,31 +510,29 @@ class Freeze:
 
     def drop(self) -> None:
         """Drop every packet of these connections, both ways (one nft table)."""
-        if (self.tuples or self.listeners) and not self.dropping:
-            _nft(drop_script(self.table, self.tuples, self.listeners))
+        if (self.sockets or self.listeners) and not self.dropping:
+            _nft(drop_script(self.table, self.sockets.values(), self.listeners))
             self.dropping = True
 
-    def repair(self) -> None:
-        """Put every socket in repair mode (after :meth:`drop`: no ACK leaves)."""
-        for sock in self.sockets:
+    def repair(self, sockets: Iterable[socket.socket] | None = None) -> None:
+        """Put the sockets (default: every one) in repair mode (after :meth:`drop`:
+        no ACK leaves)."""
+        for sock in self.sockets if sockets is None else sockets:
             if sock not in self.repaired:
                 repair_on(sock)
                 self.repaired[sock] = None
 
     def add(self, sockets: Sequence[socket.socket]) -> None:
         """Freeze more connections in the same table: their drop, then repair mode."""
-        new = [sock for sock in dict.fromkeys(sockets) if sock not in self.members]
+        new = {sock: four_tuple(sock) for sock in sockets if sock not in self.sockets}
         if not new:
             return
-        tuples = [four_tuple(sock) for sock in new]
         if self.dropping:
-            _nft(add_script(self.table, tuples))
-        self.sockets += new
-        self.members.update(new)
-        self.tuples += tuples
+            _nft(add_script(self.table, new.values()))
+        self.sockets.update(new)
         if not self.dropping:
             self.drop()
-        self.repair()
+        self.repair(new)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return [checkpoint(sock) for sock in self.sockets]
@@ -580,8 +583,7 @@ def freeze(sockets: Sequence[socket.socket], listeners: Sequence[socket.socket] 
 def queued(listener: socket.socket) -> int:
     """How many connections the kernel has completed that ``listener`` has not
     accepted yet (its accept queue: TCP_INFO's tcpi_unacked on a listener)."""
-    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BACKLOG.size)
-    return int(_TCP_INFO_BACKLOG.unpack(info)[0])
+    return _accept_queue(listener)[0]
 
 
 # -- the service address's hooks ---------------------------------------------------
