@@ -55,10 +55,7 @@ CONTROL = 9007
 PROBES = 4
 ECHO = os.path.join(ROOT, "examples", "echo.py")
 ENV = {"PYTHONPATH": os.path.join(ROOT, "src")}
-ACQUIRE = (
-    f"ip addr add {SERVICE_IP}/24 dev eth0 && "
-    f"{{ arping -q -U -c 1 -I eth0 {SERVICE_IP} >/dev/null 2>&1 & }}"
-)
+ACQUIRE = Hosts.acquire_hook()
 
 
 class Probe(threading.Thread):

@@ -119,6 +119,16 @@ class Hosts:
         )
 
     @staticmethod
+    def acquire_hook(address: str = SERVICE_IP) -> str:
+        """``takeover take --acquire-address``: the address, then a gratuitous ARP
+        in the background (arping waits a second after its one announcement; the
+        pause need not)."""
+        return (
+            f"ip addr add {address}/{PREFIX} dev eth0 && "
+            f"{{ arping -q -U -c 1 -I eth0 {address} >/dev/null 2>&1 & }}"
+        )
+
+    @staticmethod
     def del_address_script(address: str = SERVICE_IP) -> str:
         """The releasing host's hook."""
         return f"ip addr del {address}/{PREFIX} dev eth0"

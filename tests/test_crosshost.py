@@ -145,12 +145,7 @@ def test_rollback_after_freeze_leaves_clients_unaware(
 ECHO = os.path.join(ROOT, "examples", "echo.py")
 TWISTED_ECHO = os.path.join(ROOT, "examples", "twisted_echo.py")
 CONTROL_PORT = 9007
-# The acquire hook: the address, then a gratuitous ARP in the background (arping
-# waits a second after its one announcement; the pause need not).
-ACQUIRE = (
-    f"ip addr add {SERVICE_IP}/24 dev eth0 && "
-    f"{{ arping -q -U -c 1 -I eth0 {SERVICE_IP} >/dev/null 2>&1 & }}"
-)
+ACQUIRE = Hosts.acquire_hook()
 
 
 def host_ip(host: Host, hosts: Hosts) -> str:
